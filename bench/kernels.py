@@ -1,0 +1,91 @@
+"""Kernel benchmark: every vhist op against PyTorch eager and torch.compile.
+
+On a CUDA machine each case is timed for every provider in the same run (median of
+triton.testing.do_bench after warm-up, cudnn.benchmark on), printed as a table and
+written to bench/results/ as JSON and CSV with the device, versions, git sha and date.
+Without a GPU it runs a correctness-only pass at tiny shapes through Triton's
+interpreter; timings need a GPU.
+
+    python bench/kernels.py [--ops batch_norm] [--dtype bf16] [--layout channels_last]
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import device_peaks, measure, metadata, print_table, write_results  # noqa: E402
+from suites import batch_norm  # noqa: E402
+
+SUITES = {
+    "batch_norm": batch_norm.cases,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps",
+           "pct_peak_bw", "tflops", "pct_peak_flops", "speedup_vs_torch", "speedup_vs_torch_compile", "error"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="only this dtype")
+    parser.add_argument("--layout", choices=["channels_last", "contiguous"], help="only this layout")
+    parser.add_argument("--mode", help="only modes containing this text (e.g. 'fwd+bwd')")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in SUITES]
+    if unknown:
+        parser.error(f"unknown ops {unknown}; choose from {', '.join(SUITES)}")
+
+    def selected(case):
+        return ((args.dtype is None or case.dtype == DTYPES[args.dtype])
+                and (args.layout is None or case.layout == args.layout)
+                and (args.mode is None or args.mode in case.mode))
+
+    if not torch.cuda.is_available():
+        return correctness_pass(ops, selected)
+
+    torch.backends.cudnn.benchmark = True
+    meta = metadata()
+    peaks = device_peaks(meta["device"])
+    rows = []
+    for op in ops:
+        for case in SUITES[op]("cuda"):
+            if selected(case):
+                rows.extend(measure(case, peaks))
+                print_table(rows[-len(case.providers):], COLUMNS)
+                torch.cuda.empty_cache()
+    print()
+    print_table(rows, COLUMNS)
+    for path in write_results("kernels", meta, rows, args.out):
+        print("wrote", path)
+    return 0
+
+
+def correctness_pass(ops, selected):
+    print("No CUDA device: correctness-only pass through Triton's interpreter at tiny shapes.")
+    print("Timings need a GPU; none are measured or written here.\n")
+    failures, rows = 0, []
+    for op in ops:
+        for case in SUITES[op]("cpu", small=True):
+            if not selected(case) or case.check is None:
+                continue
+            err = case.check()
+            ok = err <= case.tolerance
+            failures += not ok
+            rows.append({"op": case.op, "layer": case.layer, "shape": "x".join(map(str, case.shape)),
+                         "dtype": str(case.dtype).replace("torch.", ""), "layout": case.layout,
+                         "mode": case.mode, "max_abs_err": err, "status": "ok" if ok else "FAIL"})
+    print_table(rows, ["op", "layer", "shape", "dtype", "layout", "mode", "max_abs_err", "status"])
+    print(f"\n{len(rows) - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Batch Normalization kernels (Ioffe & Szegedy, 2015).
+
+Every kernel sees the activation as a 3-D view (N, C, S) with arbitrary strides: S is
+the flattened spatial extent. The launcher collapses N into S when the two are
+contiguous together (channels_last, or a 2-D (N, C) input), so that one loop covers
+both memory formats. The reduction space N*S is split into chunks; a chunk is a range
+of rows n and a segment [s0, s0 + SEG_LEN) of each row. Programs form a grid of
+(channel blocks, chunks), and every reduction writes per-chunk partials that a second,
+tiny kernel merges in a fixed order, so results are bitwise reproducible.
+"""
+import triton
+import triton.language as tl
+
+from ._config import autotune
+
+
+def _configs(block_c_block_s_warps):
+    return [triton.Config({"BLOCK_C": bc, "BLOCK_S": bs}, num_warps=w) for bc, bs, w in block_c_block_s_warps]
+
+
+# Channels contiguous in memory (channels_last, (N, C)): wide along C, short along S.
+CHANNELS_CONTIGUOUS_CONFIGS = _configs([(64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4)])
+# Spatial positions contiguous (NCHW): one or a few channels, long along S.
+SPATIAL_CONTIGUOUS_CONFIGS = _configs([(2, 512, 4), (1, 1024, 4), (4, 256, 4), (1, 2048, 8), (8, 128, 4)])
+TUNE_KEY = ["C", "S", "N"]
+
+
+@triton.jit
+def _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW):
+    n_start = (chunk // SEGS_PER_ROW) * N_PER_CHUNK
+    n_end = tl.minimum(n_start + N_PER_CHUNK, N)
+    s_start = (chunk % SEGS_PER_ROW) * SEG_LEN
+    s_end = tl.minimum(s_start + SEG_LEN, S)
+    return n_start, n_end, s_start, s_end
+
+
+@triton.jit
+def _tile_offsets(n, s_block, c, stride_n, stride_c, stride_s):
+    # int64 offsets: an activation can hold more than 2**31 elements.
+    return (tl.cast(n, tl.int64) * stride_n + s_block.to(tl.int64)[:, None] * stride_s
+            + c.to(tl.int64)[None, :] * stride_c)
+
+
+# Algorithm 1, statistics. Each program reduces its chunk tile by tile: a tile's exact
+# mean and sum of squared deviations (M2) come from the registers in two passes, and
+# are merged into the running (count, mean, M2) with Chan et al.'s pairwise formula:
+#   delta = m_b - m_a,  m = m_a + delta*n_b/n,  M2 = M2_a + M2_b + delta^2*n_a*n_b/n.
+# Nothing forms E[x^2] - E[x]^2, so |mean| >> std does not cancel.
+@triton.jit
+def _bn_fwd_stats_kernel(
+    X,          # (N, C, S) activation, any strides
+    PartMean,   # (num_chunks, C) per-chunk mean, accumulation dtype
+    PartM2,     # (num_chunks, C) per-chunk sum of squared deviations
+    PartCount,  # (num_chunks,) elements per channel in each chunk
+    N, C, S,
+    stride_n, stride_c, stride_s,
+    N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    chunk = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    n_start, n_end, s_start, s_end = _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
+
+    count = tl.zeros([1], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for n in range(n_start, n_end):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_mask = s < s_end
+            mask = s_mask[:, None] & c_mask[None, :]
+            x = tl.load(X + _tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask, other=0.0).to(ACC)
+            tile_count = tl.sum(s_mask.to(ACC), axis=0)
+            tile_mean = tl.sum(x, axis=0) / tile_count
+            dev = tl.where(mask, x - tile_mean[None, :], 0.0)
+            tile_m2 = tl.sum(dev * dev, axis=0)
+            new_count = count + tile_count
+            delta = tile_mean - mean
+            mean += delta * (tile_count / new_count)
+            m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+            count = new_count
+
+    tl.store(PartMean + chunk * C + c, mean, mask=c_mask)
+    tl.store(PartM2 + chunk * C + c, m2, mask=c_mask)
+    if pid_c == 0:
+        tl.store(PartCount + chunk + tl.arange(0, 1), count)
+
+
+# Merges the per-chunk (count, mean, M2) of each channel, BLOCK_K chunks at a time in
+# chunk order (the K-way form of Chan's formula inside a block, the pairwise form
+# across blocks). Writes mean and 1/sqrt(var + eps) (biased var, Algorithm 1) and
+# updates the running statistics with the unbiased variance, as PyTorch does.
+@triton.jit
+def _bn_fwd_finalize_kernel(
+    PartMean, PartM2, PartCount,  # per-chunk partials from _bn_fwd_stats_kernel
+    Mean,         # (C,) batch mean, accumulation dtype
+    Rstd,         # (C,) 1 / sqrt(biased batch var + eps)
+    RunningMean,  # (C,) updated in place when UPDATE_RUNNING
+    RunningVar,   # (C,) updated in place with the unbiased variance
+    C, num_chunks, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    count = tl.zeros([1], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for k0 in range(0, num_chunks, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < num_chunks
+        mask = k_mask[:, None] & c_mask[None, :]
+        offs = k[:, None] * C + c[None, :]
+        part_count = tl.load(PartCount + k, mask=k_mask, other=0.0)
+        part_mean = tl.load(PartMean + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(PartM2 + offs, mask=mask, other=0.0)
+        block_count = tl.sum(part_count, axis=0)
+        block_mean = tl.sum(part_count[:, None] * part_mean, axis=0) / block_count
+        dev = tl.where(mask, part_mean - block_mean[None, :], 0.0)
+        block_m2 = tl.sum(part_m2 + part_count[:, None] * dev * dev, axis=0)
+        new_count = count + block_count
+        delta = block_mean - mean
+        mean += delta * (block_count / new_count)
+        m2 += block_m2 + delta * delta * (count * block_count / new_count)
+        count = new_count
+
+    var = m2 / count
+    tl.store(Mean + c, mean, mask=c_mask)
+    tl.store(Rstd + c, 1.0 / tl.sqrt(var + eps), mask=c_mask)
+    if UPDATE_RUNNING:
+        running_mean = tl.load(RunningMean + c, mask=c_mask).to(ACC)
+        running_var = tl.load(RunningVar + c, mask=c_mask).to(ACC)
+        unbiased_var = m2 / (count - 1.0)
+        running_mean = (1.0 - momentum) * running_mean + momentum * mean
+        running_var = (1.0 - momentum) * running_var + momentum * unbiased_var
+        tl.store(RunningMean + c, running_mean.to(RunningMean.dtype.element_ty), mask=c_mask)
+        tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps,
+                      RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      ACC: tl.constexpr):
+    # y = (x - mean) * rstd * w + b  =  x * scale + shift
+    mean = tl.load(Mean + c, mask=c_mask, other=0.0).to(ACC)
+    rstd = tl.load(Rstd + c, mask=c_mask, other=1.0).to(ACC)
+    if RSTD_FROM_VAR:
+        rstd = 1.0 / tl.sqrt(rstd + eps)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
+    shift = -mean * scale
+    if HAS_B:
+        shift += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+    return mean, rstd, scale, shift
+
+
+# Normalize, scale and shift: y = w * (x - mean) * rstd + b. Training passes the batch
+# statistics (Algorithm 1); eval passes the running mean and variance (Algorithm 2,
+# RSTD_FROM_VAR), which makes eval BatchNorm this single elementwise kernel.
+@triton.jit
+def _bn_fwd_apply_kernel(
+    X,     # (N, C, S) input
+    Y,     # (N, C, S) output, same strides as X
+    Mean,  # (C,) batch or running mean
+    Rstd,  # (C,) 1/sqrt(var + eps), or the running variance when RSTD_FROM_VAR
+    W, B,  # (C,) affine weight and bias (unused when HAS_W / HAS_B are False)
+    N, C, S,
+    stride_n, stride_c, stride_s,
+    N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
+    RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    n_start, n_end, s_start, s_end = _chunk_bounds(tl.program_id(1), N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
+    _, _, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
+    for n in range(n_start, n_end):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_end)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            y = x * scale[None, :] + shift[None, :]
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+# Backward, stage 1: per-chunk partial sums of dy and dy * x_hat for each channel,
+# x_hat = (x - mean) * rstd from the statistics saved by the forward (never recomputed).
+# These two sums give dbeta = sum(dy), dgamma = sum(dy * x_hat), and the two mean
+# terms of the training input gradient.
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    DY,     # (N, C, S) upstream gradient, same strides as X
+    X,      # (N, C, S) forward input
+    Mean,   # (C,) saved mean (or running mean in eval)
+    Rstd,   # (C,) saved rstd (or running variance when RSTD_FROM_VAR)
+    PartSumDy,      # (num_chunks, C)
+    PartSumDyXhat,  # (num_chunks, C)
+    N, C, S,
+    stride_n, stride_c, stride_s,
+    N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
+    RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    chunk = tl.program_id(1)
+    n_start, n_end, s_start, s_end = _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
+    mean, rstd, _, _ = _load_scale_shift(Mean, Rstd, Mean, Mean, c, c_mask, eps, RSTD_FROM_VAR, False, False, ACC)
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for n in range(n_start, n_end):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_end)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+            sum_dy += tl.sum(dy, axis=0)
+            sum_dy_xhat += tl.sum(dy * x_hat, axis=0)
+    tl.store(PartSumDy + chunk * C + c, sum_dy, mask=c_mask)
+    tl.store(PartSumDyXhat + chunk * C + c, sum_dy_xhat, mask=c_mask)
+
+
+# Backward, stage 2: sums the partials over chunks in chunk order. dgamma and dbeta are
+# these sums (paper, backward of Algorithm 1); they are written in the parameter dtype.
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    PartSumDy, PartSumDyXhat,  # (num_chunks, C) from _bn_bwd_reduce_kernel
+    SumDy, SumDyXhat,          # (C,) accumulation dtype
+    DW, DB,                    # (C,) gradients of weight and bias
+    C, num_chunks,
+    WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for k0 in range(0, num_chunks, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < num_chunks)[:, None] & c_mask[None, :]
+        offs = k[:, None] * C + c[None, :]
+        sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=mask, other=0.0), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(PartSumDyXhat + offs, mask=mask, other=0.0), axis=0)
+    tl.store(SumDy + c, sum_dy, mask=c_mask)
+    tl.store(SumDyXhat + c, sum_dy_xhat, mask=c_mask)
+    if WRITE_DW:
+        tl.store(DW + c, sum_dy_xhat.to(DW.dtype.element_ty), mask=c_mask)
+    if WRITE_DB:
+        tl.store(DB + c, sum_dy.to(DB.dtype.element_ty), mask=c_mask)
+
+
+# Backward, stage 3, the input gradient. Training (batch statistics, m = N*S values):
+#   dx = w * rstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
+# Eval (running statistics are constants): dx = w * rstd * dy.
+@triton.jit
+def _bn_bwd_dx_kernel(
+    DY, X,       # (N, C, S) upstream gradient and forward input, same strides
+    DX,          # (N, C, S) input gradient, same strides
+    Mean, Rstd,  # (C,) as in _bn_bwd_reduce_kernel
+    W,           # (C,) affine weight (unused when HAS_W is False)
+    SumDy, SumDyXhat,  # (C,) from _bn_bwd_finalize_kernel (unused in eval)
+    N, C, S,
+    stride_n, stride_c, stride_s,
+    N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps, inv_count,
+    TRAINING: tl.constexpr, RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    n_start, n_end, s_start, s_end = _chunk_bounds(tl.program_id(1), N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
+    mean, rstd, scale, _ = _load_scale_shift(Mean, Rstd, W, W, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, False, ACC)
+    if TRAINING:
+        mean_dy = tl.load(SumDy + c, mask=c_mask, other=0.0) * inv_count
+        mean_dy_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0) * inv_count
+    for n in range(n_start, n_end):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = (s < s_end)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            if TRAINING:
+                x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+                x_hat = (x - mean[None, :]) * rstd[None, :]
+                dy = dy - mean_dy[None, :] - x_hat * mean_dy_xhat[None, :]
+            dx = dy * scale[None, :]
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _tuned(kernel):
+    """The kernel autotuned once per memory-format family (their best tiles differ)."""
+    return (autotune(CHANNELS_CONTIGUOUS_CONFIGS, TUNE_KEY)(kernel),
+            autotune(SPATIAL_CONTIGUOUS_CONFIGS, TUNE_KEY)(kernel))
+
+
+bn_fwd_stats = _tuned(_bn_fwd_stats_kernel)
+bn_fwd_apply = _tuned(_bn_fwd_apply_kernel)
+bn_bwd_reduce = _tuned(_bn_bwd_reduce_kernel)
+bn_bwd_dx = _tuned(_bn_bwd_dx_kernel)
+bn_fwd_finalize = _bn_fwd_finalize_kernel
+bn_bwd_finalize = _bn_bwd_finalize_kernel

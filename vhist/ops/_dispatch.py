@@ -1,0 +1,54 @@
+"""Backend dispatch and the input checks shared by every op."""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from vhist.backend import resolve_backend
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dispatch(op: str, impls: Mapping[str, Callable], device: torch.device) -> Callable:
+    """The implementation of ``op`` for the backend active on ``device``.
+
+    Raises:
+        NotImplementedError: ``op`` has no kernel for that backend. There is no fallback.
+    """
+    backend = resolve_backend(device)
+    impl = impls.get(backend)
+    if impl is None:
+        raise NotImplementedError(
+            f"vhist op '{op}' has no '{backend}' backend "
+            f"(it has: {', '.join(sorted(impls))}); choose one with vhist.use_backend()"
+        )
+    if backend == "triton":
+        check_triton_device(op, device)
+    return impl
+
+
+def check_triton_device(op: str, device: torch.device) -> None:
+    from vhist.kernels._config import INTERPRETED
+
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            f"vhist op '{op}': the triton backend runs CPU tensors only through Triton's "
+            "interpreter; set TRITON_INTERPRET=1 before importing vhist, or use CUDA tensors"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"vhist op '{op}': the triton backend does not support device {device}")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
+
+
+def check_float_dtype(op: str, name: str, tensor: torch.Tensor | None) -> None:
+    if tensor is not None and tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} has dtype {tensor.dtype}; supported: float16, bfloat16, float32, float64"
+        )
