@@ -1,0 +1,76 @@
+"""Convolution modules over vhist ops."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vhist.nn import functional as VF
+from vhist.nn.modules.batchnorm import BatchNorm2d
+
+
+class Conv2d(nn.Conv2d):
+    """Drop-in for :class:`torch.nn.Conv2d` (same constructor, parameters and state_dict)
+    on :func:`vhist.nn.functional.conv2d`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        else:
+            padding = self.padding
+        return VF.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+class ConvBNAct(nn.Module):
+    """Conv2d (no bias) → BatchNorm2d → activation, run as one fused op.
+
+    The state_dict keys are ``conv.weight`` and ``bn.{weight, bias, running_mean,
+    running_var, num_batches_tracked}``, so the weights of ``nn.Sequential(Conv2d,
+    BatchNorm2d, ReLU)`` load unchanged. Training uses batch statistics and updates the
+    running ones; eval folds BN into the conv on the fly without touching the stored
+    parameters. Depthwise convolutions (``groups == in_channels``) go to
+    :func:`vhist.nn.functional.fused_depthwise_bn_act`.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups: as
+            :class:`torch.nn.Conv2d` (``padding`` also takes "same" and "valid").
+        activation: "relu", "relu6" or None.
+        eps, momentum: as :class:`torch.nn.BatchNorm2d` (``momentum=None`` is the
+            cumulative average).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, activation: Optional[str] = "relu", eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1):
+        super().__init__()
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.bn = BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.activation = activation
+
+    @property
+    def is_depthwise(self) -> bool:
+        conv = self.conv
+        return conv.groups > 1 and conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bn, conv = self.bn, self.conv
+        momentum = bn.momentum
+        if self.training and bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked + 1)
+        args = (input, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=self.training,
+                      momentum=momentum if momentum is not None else 0.0, eps=bn.eps,
+                      activation=self.activation, residual=residual)
+        if self.is_depthwise:
+            out = VF.fused_depthwise_bn_act(*args, **kwargs)
+        else:
+            out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
+        if self.training:
+            bn.num_batches_tracked.add_(1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
