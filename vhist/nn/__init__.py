@@ -1,7 +1,7 @@
 """Drop-in ``torch.nn`` modules over vhist ops."""
 from vhist.nn import functional
 from vhist.nn.modules.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from vhist.nn.modules.conv import Conv2d, ConvBNAct
+from vhist.nn.modules.conv import Conv2d, ConvBNAct, conv_bn_act, is_depthwise
 from vhist.nn.modules.normalization import LocalResponseNorm
 
-__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBNAct", "LocalResponseNorm"]
+__all__ = ["functional", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Conv2d", "ConvBNAct", "conv_bn_act", "is_depthwise", "LocalResponseNorm"]

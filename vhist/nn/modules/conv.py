@@ -50,27 +50,41 @@ class ConvBNAct(nn.Module):
         self.bn = BatchNorm2d(out_channels, eps=eps, momentum=momentum)
         self.activation = activation
 
-    @property
-    def is_depthwise(self) -> bool:
-        conv = self.conv
-        return conv.groups > 1 and conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0
-
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        bn, conv = self.bn, self.conv
-        momentum = bn.momentum
-        if self.training and bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked + 1)
-        args = (input, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=self.training,
-                      momentum=momentum if momentum is not None else 0.0, eps=bn.eps,
-                      activation=self.activation, residual=residual)
-        if self.is_depthwise:
-            out = VF.fused_depthwise_bn_act(*args, **kwargs)
-        else:
-            out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
-        if self.training:
-            bn.num_batches_tracked.add_(1)
-        return out
+        return conv_bn_act(self.conv, self.bn, input, self.activation, residual)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is depthwise: one group per input channel (multiplier >= 1)."""
+    return conv.groups > 1 and conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0
+
+
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: Optional[str] = "relu",
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(bn(conv(input)) + residual)`` through the fused op, for a (Conv2d, BatchNorm2d)
+    pair kept as separate submodules (so that models keep torchvision's/timm's
+    state_dict names). Follows the BatchNorm module's semantics: batch statistics when
+    training or not tracking, the cumulative average for ``momentum=None``, and
+    ``num_batches_tracked`` counted after a successful call."""
+    if conv.bias is not None or conv.padding_mode != "zeros":
+        raise ValueError("conv_bn_act: the conv must have bias=False and padding_mode='zeros'")
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    tracking = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+    if tracking and bn.momentum is None:
+        momentum = 1.0 / float(bn.num_batches_tracked + 1)
+    use_batch_stats = bn.training or bn.running_mean is None
+    keep_stats = not bn.training or bn.track_running_stats
+    args = (input, conv.weight, bn.weight, bn.bias,
+            bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None)
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=use_batch_stats,
+                  momentum=momentum, eps=bn.eps, activation=activation, residual=residual)
+    if is_depthwise(conv):
+        out = VF.fused_depthwise_bn_act(*args, **kwargs)
+    else:
+        out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
+    if tracking:
+        bn.num_batches_tracked.add_(1)
+    return out
