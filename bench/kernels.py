@@ -21,9 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import device_peaks, measure, metadata, print_table, write_results  # noqa: E402
 from suites import batch_norm  # noqa: E402
+from suites import conv  # noqa: E402
+from suites import depthwise  # noqa: E402
+from suites import local_response_norm  # noqa: E402
 
 SUITES = {
     "batch_norm": batch_norm.cases,
+    "conv": conv.cases,
+    "depthwise": depthwise.cases,
+    "local_response_norm": local_response_norm.cases,
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps",

@@ -138,6 +138,49 @@ def _bn_fwd_finalize_kernel(
         tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
 
 
+# ACTIVATION codes (vhist.ops.batch_norm.ACTIVATION_CODES), shared with the conv kernels:
+# the fused conv + BN + activation ops run their elementwise epilogue and their backward
+# through the kernels below.
+
+
+@triton.jit
+def _activate(z, ACTIVATION: tl.constexpr):
+    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6)
+    if ACTIVATION == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACTIVATION == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    return z
+
+
+@triton.jit
+def _activation_grad_mask(z, ACTIVATION: tl.constexpr):
+    # Where the activation's derivative is 1 (else 0), as PyTorch's relu / hardtanh
+    # backward define it. Evaluated on the pre-activation, or equally on the output.
+    if ACTIVATION == 1:
+        keep = z > 0.0
+    elif ACTIVATION == 2:
+        keep = (z > 0.0) & (z < 6.0)
+    else:
+        keep = z == z
+    return keep
+
+
+@triton.jit
+def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 ACC: tl.constexpr):
+    # dz = dy * act'(z), z = x * scale + shift (+ residual) recomputed from the saved
+    # pre-normalization x and the statistics, as the forward apply computed it.
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    if ACTIVATION != 0:
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        z = x * scale[None, :] + shift[None, :]
+        if HAS_RESIDUAL:
+            z += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.where(_activation_grad_mask(z, ACTIVATION), dy, 0.0)
+    return dy
+
+
 @triton.jit
 def _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps,
                       RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
@@ -159,6 +202,8 @@ def _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps,
 # Normalize, scale and shift: y = w * (x - mean) * rstd + b. Training passes the batch
 # statistics (Algorithm 1); eval passes the running mean and variance (Algorithm 2,
 # RSTD_FROM_VAR), which makes eval BatchNorm this single elementwise kernel.
+# Fusion options (defaults leave plain BN unchanged): y = act(y + residual) with
+# HAS_RESIDUAL and ACTIVATION (0 none, 1 relu, 2 relu6), the epilogue of conv + BN.
 @triton.jit
 def _bn_fwd_apply_kernel(
     X,     # (N, C, S) input
@@ -166,11 +211,13 @@ def _bn_fwd_apply_kernel(
     Mean,  # (C,) batch or running mean
     Rstd,  # (C,) 1/sqrt(var + eps), or the running variance when RSTD_FROM_VAR
     W, B,  # (C,) affine weight and bias (unused when HAS_W / HAS_B are False)
+    Res,   # (N, C, S) residual, same strides as X (unused unless HAS_RESIDUAL)
     N, C, S,
     stride_n, stride_c, stride_s,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -183,31 +230,40 @@ def _bn_fwd_apply_kernel(
             offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             y = x * scale[None, :] + shift[None, :]
+            if HAS_RESIDUAL:
+                y += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
+            y = _activate(y, ACTIVATION)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 # Backward, stage 1: per-chunk partial sums of dy and dy * x_hat for each channel,
 # x_hat = (x - mean) * rstd from the statistics saved by the forward (never recomputed).
 # These two sums give dbeta = sum(dy), dgamma = sum(dy * x_hat), and the two mean
-# terms of the training input gradient.
+# terms of the training input gradient. With ACTIVATION (and HAS_RESIDUAL), dy is first
+# masked by the derivative of act(w * x_hat + b + residual), recomputed from x and the
+# statistics: the sums are then those of dz, the gradient at the BN output.
 @triton.jit
 def _bn_bwd_reduce_kernel(
     DY,     # (N, C, S) upstream gradient, same strides as X
     X,      # (N, C, S) forward input
     Mean,   # (C,) saved mean (or running mean in eval)
     Rstd,   # (C,) saved rstd (or running variance when RSTD_FROM_VAR)
+    W, B,   # (C,) affine parameters (read only with ACTIVATION, to recompute the mask)
+    Res,    # (N, C, S) forward residual, same strides as X (unused unless HAS_RESIDUAL)
     PartSumDy,      # (num_chunks, C)
     PartSumDyXhat,  # (num_chunks, C)
     N, C, S,
     stride_n, stride_c, stride_s,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
+    HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     chunk = tl.program_id(1)
     n_start, n_end, s_start, s_end = _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
-    mean, rstd, _, _ = _load_scale_shift(Mean, Rstd, Mean, Mean, c, c_mask, eps, RSTD_FROM_VAR, False, False, ACC)
+    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
     for n in range(n_start, n_end):
@@ -216,7 +272,7 @@ def _bn_bwd_reduce_kernel(
             mask = (s < s_end)[:, None] & c_mask[None, :]
             offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
             x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             sum_dy += tl.sum(dy, axis=0)
             sum_dy_xhat += tl.sum(dy * x_hat, axis=0)
@@ -256,6 +312,8 @@ def _bn_bwd_finalize_kernel(
 # Backward, stage 3, the input gradient. Training (batch statistics, m = N*S values):
 #   dx = w * rstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
 # Eval (running statistics are constants): dx = w * rstd * dy.
+# With ACTIVATION / HAS_RESIDUAL, dy is replaced by the masked dz (as in the reduce
+# stage) and WRITE_DRES also stores dz, the gradient of the residual.
 @triton.jit
 def _bn_bwd_dx_kernel(
     DY, X,       # (N, C, S) upstream gradient and forward input, same strides
@@ -263,16 +321,21 @@ def _bn_bwd_dx_kernel(
     Mean, Rstd,  # (C,) as in _bn_bwd_reduce_kernel
     W,           # (C,) affine weight (unused when HAS_W is False)
     SumDy, SumDyXhat,  # (C,) from _bn_bwd_finalize_kernel (unused in eval)
+    B,           # (C,) affine bias (read only with ACTIVATION and HAS_B)
+    Res,         # (N, C, S) forward residual, same strides (unused unless HAS_RESIDUAL)
+    DRes,        # (N, C, S) residual gradient, same strides (unused unless WRITE_DRES)
     N, C, S,
     stride_n, stride_c, stride_s,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps, inv_count,
     TRAINING: tl.constexpr, RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
+    HAS_B: tl.constexpr = False, WRITE_DRES: tl.constexpr = False,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     n_start, n_end, s_start, s_end = _chunk_bounds(tl.program_id(1), N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
-    mean, rstd, scale, _ = _load_scale_shift(Mean, Rstd, W, W, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, False, ACC)
+    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
     if TRAINING:
         mean_dy = tl.load(SumDy + c, mask=c_mask, other=0.0) * inv_count
         mean_dy_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0) * inv_count
@@ -281,7 +344,9 @@ def _bn_bwd_dx_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
             offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
+            if WRITE_DRES:
+                tl.store(DRes + offs, dy.to(DRes.dtype.element_ty), mask=mask)
             if TRAINING:
                 x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
                 x_hat = (x - mean[None, :]) * rstd[None, :]

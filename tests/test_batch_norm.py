@@ -304,3 +304,17 @@ def test_batch_norm_fp32_layer_shapes(shape, fmt):
     for g, g_ref in zip(grads, grads_ref):
         assert_close(g, g_ref, name="grad", atol=1e-3, rtol=1e-3)
     assert_close(rv, rv_ref, name="running_var", atol=1e-5, rtol=1e-4)
+
+
+def test_batch_norm_bwd_bias_without_weight(triton_backend):
+    """F.batch_norm accepts a bias without a weight; its gradient is sum(dy)."""
+    x = make_input((3, 4, 5, 5), "contiguous").requires_grad_()
+    bias = torch.randn(4, device=DEVICE, requires_grad=True)
+    y = vhist.ops.batch_norm(x, None, None, None, bias, True)
+    grad_out = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, (x, bias), grad_out)
+    x_ref, bias_ref = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    dx_ref, db_ref = torch.autograd.grad(F.batch_norm(x_ref, None, None, None, bias_ref, True), (x_ref, bias_ref),
+                                         grad_out)
+    assert_close(dx, dx_ref, name="grad_input", **BWD_TOL)
+    assert_close(db, db_ref, name="grad_bias", **BWD_TOL)

@@ -1,6 +1,5 @@
 """Batch norm at the distinct BN layers of ResNet-50 (batch 128, 224 px)."""
 import torch
-import torch.nn.functional as F
 
 import vhist
 from vhist import reference

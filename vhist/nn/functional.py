@@ -4,6 +4,8 @@ from vhist.ops.batch_norm import batch_norm
 from vhist.ops.conv import conv2d, fused_conv_bn_relu
 from vhist.ops.depthwise import depthwise_conv2d, fused_depthwise_bn_act
 from vhist.ops.local_response_norm import local_response_norm
+from vhist.ops.sync_batch_norm import sync_batch_norm
 
 __all__ = ["batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_relu", "fused_depthwise_bn_act",
            "local_response_norm"]
+__all__ += ["sync_batch_norm"]

@@ -4,8 +4,12 @@ Importing this package registers the ``vhist::*`` custom ops with ``torch.librar
 """
 from vhist.ops.batch_norm import BatchNormFunction, batch_norm
 from vhist.ops.conv import conv2d, fused_conv_bn_relu
-from vhist.ops.depthwise import depthwise_conv2d, fused_depthwise_bn_act
+from vhist.ops.depthwise import (DepthwiseConv2dFunction, FusedDepthwiseBNActFunction, depthwise_conv2d,
+                                  fused_depthwise_bn_act)
 from vhist.ops.local_response_norm import local_response_norm
+from vhist.ops.sync_batch_norm import SyncBatchNormFunction, sync_batch_norm
 
 __all__ = ["BatchNormFunction", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_relu",
            "fused_depthwise_bn_act", "local_response_norm"]
+__all__ += ["SyncBatchNormFunction", "sync_batch_norm"]
+__all__ += ["DepthwiseConv2dFunction", "FusedDepthwiseBNActFunction"]

@@ -123,8 +123,145 @@ def _pick(kernels, geom: ChannelGeometry):
     return channels_contiguous_kernel if geom.channels_contiguous else spatial_contiguous_kernel
 
 
+# The ACTIVATION constexpr of the BN and conv kernels.
+ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
+
+
+def activation_code(op: str, activation) -> int:
+    """The kernels' code for ``activation``; ValueError naming ``op`` for an unknown one."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"{op}: unknown activation {activation!r}; valid: {tuple(ACTIVATION_CODES)}")
+    return ACTIVATION_CODES[activation]
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,), dtype=acc_dtype(like.dtype))
+
+
+# ----------------------------------------------------------------------------- stages
+# The BN stages below are shared by batch_norm, the fused conv/depthwise + BN + act ops
+# (which feed bn_finalize with partials from their conv epilogue) and sync_batch_norm
+# (which exchanges the partials and sums between processes between two stages).
+
+
+def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
+    """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype."""
+    from vhist.kernels import batch_norm as kernels
+
+    geom = geom or channel_geometry(x)
+    acc = acc_dtype(x.dtype)
+    part_mean = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
+    part_m2 = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
+    part_count = x.new_empty((geom.num_chunks,), dtype=acc)
+    _pick(kernels.bn_fwd_stats, geom)[geom.grid](
+        x, part_mean, part_m2, part_count, *geom.args(), ACC=_tl_acc(x.dtype))
+    return part_mean, part_m2, part_count
+
+
+def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum: float, eps: float):
+    """Merges (num_partials, C) statistics partials into the batch (mean, rstd) and, when
+    running statistics are given, updates them in place."""
+    from vhist.kernels import batch_norm as kernels
+
+    c = part_mean.shape[1]
+    mean, rstd = torch.empty_like(part_mean[0]), torch.empty_like(part_mean[0])
+    update = running_mean is not None
+    block_c = min(triton.next_power_of_2(c), 128)
+    kernels.bn_fwd_finalize[(triton.cdiv(c, block_c),)](
+        part_mean, part_m2, part_count, mean, rstd,
+        running_mean if update else mean, running_var if update else rstd,
+        c, part_count.shape[0], momentum, eps,
+        UPDATE_RUNNING=update, ACC=_tl_acc(part_mean.dtype), BLOCK_C=block_c, BLOCK_K=16)
+    return mean, rstd
+
+
+def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
+             residual: Optional[torch.Tensor] = None, activation: int = 0) -> torch.Tensor:
+    """``act(w * (x - mean) * rstd + b + residual)`` in one pass over a dense ``x``;
+    with ``rstd_from_var``, ``rstd`` holds the (running) variance instead."""
+    from vhist.kernels import batch_norm as kernels
+
+    geom = channel_geometry(x)
+    out = torch.empty_like(x)
+    if residual is not None:
+        residual = like_layout(residual, x)
+    _pick(kernels.bn_fwd_apply, geom)[geom.grid](
+        x, out, mean, rstd, _or(weight, mean), _or(bias, mean), _or(residual, x),
+        *geom.args(), eps,
+        RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
+        ACTIVATION=activation, HAS_RESIDUAL=residual is not None)
+    return out
+
+
+def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
+                 residual: Optional[torch.Tensor] = None, activation: int = 0,
+                 want_dweight: bool = False, want_dbias: bool = False):
+    """Per-channel Σdz and Σdz·x̂, where dz is ``grad_output`` masked by the activation's
+    derivative (recomputed from ``x``, the statistics and ``residual``).
+
+    Returns:
+        ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``; the parameter gradients are
+        these sums in the parameter dtypes, empty when not asked for.
+    """
+    from vhist.kernels import batch_norm as kernels
+
+    grad_output = like_layout(grad_output, x)
+    if residual is not None:
+        residual = like_layout(residual, x)
+    geom = channel_geometry(x)
+    acc, tl_acc, c = acc_dtype(x.dtype), _tl_acc(x.dtype), geom.c
+    want_dweight = want_dweight and weight is not None
+    want_dbias = want_dbias and bias is not None
+    part_dy = x.new_empty((geom.num_chunks, c), dtype=acc)
+    part_dy_xhat = x.new_empty((geom.num_chunks, c), dtype=acc)
+    _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
+        grad_output, x, mean, rstd, _or(weight, mean), _or(bias, mean), _or(residual, x),
+        part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=tl_acc,
+        ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None)
+    sum_dy, sum_dy_xhat = x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    grad_weight = x.new_empty((c,), dtype=weight.dtype) if want_dweight else x.new_empty((0,))
+    grad_bias = x.new_empty((c,), dtype=bias.dtype) if want_dbias else x.new_empty((0,))
+    block_c = min(triton.next_power_of_2(c), 128)
+    kernels.bn_bwd_finalize[(triton.cdiv(c, block_c),)](
+        part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
+        grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, geom.num_chunks,
+        WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=tl_acc, BLOCK_C=block_c, BLOCK_K=16)
+    return sum_dy, sum_dy_xhat, grad_weight, grad_bias
+
+
+def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps: float, *,
+                  training: bool = True, rstd_from_var: bool = False, residual: Optional[torch.Tensor] = None,
+                  activation: int = 0, want_dresidual: bool = False, count: Optional[int] = None):
+    """The gradient at the BN input (training: with the mean terms from
+    :func:`bn_grad_sums` over ``count`` values, by default this batch's N*S) and, with
+    ``want_dresidual``, dz, the gradient of the residual.
+
+    Returns:
+        ``(grad_input, grad_residual)``, the latter empty unless asked for.
+    """
+    from vhist.kernels import batch_norm as kernels
+
+    grad_output = like_layout(grad_output, x)
+    if residual is not None:
+        residual = like_layout(residual, x)
+    geom = channel_geometry(x)
+    grad_input = torch.empty_like(x)
+    grad_residual = torch.empty_like(x) if want_dresidual else x.new_empty((0,))
+    _pick(kernels.bn_bwd_dx, geom)[geom.grid](
+        grad_output, x, grad_input, mean, rstd, _or(weight, mean), _or(sum_dy, mean), _or(sum_dy_xhat, mean),
+        _or(bias, mean), _or(residual, x), grad_residual if want_dresidual else grad_input,
+        *geom.args(), eps, 1.0 / (count or geom.count),
+        TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, ACC=_tl_acc(x.dtype),
+        ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_B=bias is not None,
+        WRITE_DRES=want_dresidual)
+    return grad_input, grad_residual
+
+
+def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A kernel pointer argument: ``tensor``, or a placeholder the kernel never reads
+    (its HAS_* flag is off)."""
+    return tensor if tensor is not None else placeholder
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -147,38 +284,11 @@ def batch_norm_fwd(
         ``(output, mean, rstd)``: the batch mean and 1/sqrt(var + eps) in the
         accumulation dtype when training, empty tensors in eval.
     """
-    from vhist.kernels import batch_norm as kernels
-
-    geom = channel_geometry(input)
-    acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
-    output = torch.empty_like(input)
-    c = geom.c
-    if training:
-        chunks = geom.num_chunks
-        part_mean = input.new_empty((chunks, c), dtype=acc)
-        part_m2 = input.new_empty((chunks, c), dtype=acc)
-        part_count = input.new_empty((chunks,), dtype=acc)
-        _pick(kernels.bn_fwd_stats, geom)[geom.grid](
-            input, part_mean, part_m2, part_count, *geom.args(), ACC=tl_acc)
-        mean = input.new_empty((c,), dtype=acc)
-        rstd = input.new_empty((c,), dtype=acc)
-        update = running_mean is not None
-        block_c = min(triton.next_power_of_2(c), 128)
-        kernels.bn_fwd_finalize[(triton.cdiv(c, block_c),)](
-            part_mean, part_m2, part_count, mean, rstd,
-            running_mean if update else mean, running_var if update else rstd,
-            c, chunks, momentum, eps,
-            UPDATE_RUNNING=update, ACC=tl_acc, BLOCK_C=block_c, BLOCK_K=16)
-        stats, rstd_from_var = (mean, rstd), False
-    else:
-        mean, rstd = _empty(input), _empty(input)
-        stats, rstd_from_var = (running_mean, running_var), True
-    _pick(kernels.bn_fwd_apply, geom)[geom.grid](
-        input, output, *stats,
-        weight if weight is not None else input, bias if bias is not None else input,
-        *geom.args(), eps,
-        RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, HAS_B=bias is not None, ACC=tl_acc)
-    return output, mean, rstd
+    if not training:
+        output = bn_apply(input, running_mean, running_var, weight, bias, eps, rstd_from_var=True)
+        return output, _empty(input), _empty(input)
+    mean, rstd = bn_finalize(*bn_stats_partials(input), running_mean, running_var, momentum, eps)
+    return bn_apply(input, mean, rstd, weight, bias, eps), mean, rstd
 
 
 @batch_norm_fwd.register_fake
@@ -193,6 +303,7 @@ def batch_norm_bwd(
     grad_output: torch.Tensor,
     input: torch.Tensor,
     weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
     mean: torch.Tensor,
     rstd: torch.Tensor,
     training: bool,
@@ -202,6 +313,7 @@ def batch_norm_bwd(
     """Backward of batch norm on the Triton kernels.
 
     Args:
+        bias: only its presence and dtype matter (it does not enter the gradients).
         mean, rstd: what the forward saved when training; the running mean and running
             variance in eval.
         output_mask: which of (grad_input, grad_weight, grad_bias) to compute.
@@ -209,54 +321,31 @@ def batch_norm_bwd(
     Returns:
         ``(grad_input, grad_weight, grad_bias)``; an entry not asked for is empty.
     """
-    from vhist.kernels import batch_norm as kernels
-
-    grad_output = like_layout(grad_output, input)
-    geom = channel_geometry(input)
-    acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
-    c = geom.c
     want_dx, want_dw, want_db = output_mask
-    want_dw = want_dw and weight is not None
-    want_db = want_db and weight is not None
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    grad_weight = input.new_empty((c,) if want_dw else (0,), dtype=param_dtype)
-    grad_bias = input.new_empty((c,) if want_db else (0,), dtype=param_dtype)
-    sum_dy = sum_dy_xhat = _empty(input)
+    want_dw, want_db = want_dw and weight is not None, want_db and bias is not None
+    sum_dy = sum_dy_xhat = None
+    grad_weight, grad_bias = input.new_empty((0,)), input.new_empty((0,))
     if training or want_dw or want_db:
-        chunks = geom.num_chunks
-        part_dy = input.new_empty((chunks, c), dtype=acc)
-        part_dy_xhat = input.new_empty((chunks, c), dtype=acc)
-        _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
-            grad_output, input, mean, rstd, part_dy, part_dy_xhat, *geom.args(), eps,
-            RSTD_FROM_VAR=not training, ACC=tl_acc)
-        sum_dy = input.new_empty((c,), dtype=acc)
-        sum_dy_xhat = input.new_empty((c,), dtype=acc)
-        block_c = min(triton.next_power_of_2(c), 128)
-        kernels.bn_bwd_finalize[(triton.cdiv(c, block_c),)](
-            part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
-            grad_weight if want_dw else sum_dy, grad_bias if want_db else sum_dy, c, chunks,
-            WRITE_DW=want_dw, WRITE_DB=want_db, ACC=tl_acc, BLOCK_C=block_c, BLOCK_K=16)
+        sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_grad_sums(
+            grad_output, input, mean, rstd, weight, bias, eps, rstd_from_var=not training,
+            want_dweight=want_dw, want_dbias=want_db)
     grad_input = input.new_empty((0,))
     if want_dx:
-        grad_input = torch.empty_like(input)
-        _pick(kernels.bn_bwd_dx, geom)[geom.grid](
-            grad_output, input, grad_input, mean, rstd,
-            weight if weight is not None else input, sum_dy, sum_dy_xhat,
-            *geom.args(), eps, 1.0 / geom.count,
-            TRAINING=training, RSTD_FROM_VAR=not training, HAS_W=weight is not None, ACC=tl_acc)
+        # The bias does not enter dx: without an activation it is never read.
+        grad_input, _ = bn_grad_input(grad_output, input, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps,
+                                      training=training, rstd_from_var=not training)
     return grad_input, grad_weight, grad_bias
 
 
 @batch_norm_bwd.register_fake
-def _(grad_output, input, weight, mean, rstd, training, eps, output_mask):
+def _(grad_output, input, weight, bias, mean, rstd, training, eps, output_mask):
     c = input.shape[1]
-    has_w = weight is not None
-    param_dtype = weight.dtype if has_w else input.dtype
-    return (
-        torch.empty_like(input) if output_mask[0] else input.new_empty((0,)),
-        input.new_empty((c,) if output_mask[1] and has_w else (0,), dtype=param_dtype),
-        input.new_empty((c,) if output_mask[2] and has_w else (0,), dtype=param_dtype),
-    )
+
+    def param_grad(wanted, param):
+        return input.new_empty((c,), dtype=param.dtype) if wanted and param is not None else input.new_empty((0,))
+
+    return (torch.empty_like(input) if output_mask[0] else input.new_empty((0,)),
+            param_grad(output_mask[1], weight), param_grad(output_mask[2], bias))
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -268,23 +357,21 @@ class BatchNormFunction(torch.autograd.Function):
         output, mean, rstd = torch.ops.vhist.batch_norm_fwd(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
         if training:
-            ctx.save_for_backward(input, weight, mean, rstd)
+            ctx.save_for_backward(input, weight, bias, mean, rstd)
         else:
-            ctx.save_for_backward(input, weight, running_mean, running_var)
+            ctx.save_for_backward(input, weight, bias, running_mean, running_var)
         ctx.training, ctx.eps = training, eps
-        ctx.has_bias = bias is not None
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, rstd = ctx.saved_tensors
+        input, weight, bias, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_input, grad_weight, grad_bias = torch.ops.vhist.batch_norm_bwd(
-            grad_output, input, weight, mean, rstd, ctx.training, ctx.eps,
-            [need_dx, need_dw, need_db and ctx.has_bias])
+            grad_output, input, weight, bias, mean, rstd, ctx.training, ctx.eps, [need_dx, need_dw, need_db])
         return (grad_input if need_dx else None,
                 grad_weight if need_dw else None,
-                grad_bias if need_db and ctx.has_bias else None,
+                grad_bias if need_db else None,
                 None, None, None, None, None)
 
 

@@ -68,7 +68,13 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activa
     pair kept as separate submodules (so that models keep torchvision's/timm's
     state_dict names). Follows the BatchNorm module's semantics: batch statistics when
     training or not tracking, the cumulative average for ``momentum=None``, and
-    ``num_batches_tracked`` counted after a successful call."""
+    ``num_batches_tracked`` counted after a successful call. A :class:`SyncBatchNorm`
+    runs unfused, as its own module, so that it can synchronize its statistics."""
+    from vhist.nn.modules.sync_batchnorm import SyncBatchNorm, unfused_conv_bn_act
+
+    if isinstance(bn, SyncBatchNorm):
+        # The fused op cannot exchange statistics between processes mid-kernel.
+        return unfused_conv_bn_act(conv, bn, input, activation, residual)
     if conv.bias is not None or conv.padding_mode != "zeros":
         raise ValueError("conv_bn_act: the conv must have bias=False and padding_mode='zeros'")
     momentum = 0.0 if bn.momentum is None else bn.momentum

@@ -1,0 +1,287 @@
+"""Dense 2-D convolution as implicit GEMM (forward, dgrad, wgrad) with fused epilogues.
+
+Tensors are addressed through their four strides (N, C, H, W); the launchers hand in
+channels_last (NHWC) activations and weights, so the reduction dimension of every GEMM
+(input channels, output channels, or positions) is the contiguous one. Groups are a
+grid dimension: group g convolves input channels [g*CG_IN, (g+1)*CG_IN) with output
+channels [g*CG_OUT, (g+1)*CG_OUT). Padding is given as (top, left) plus the output
+size, which also covers the asymmetric padding of 'same' with an even kernel.
+
+fp64 (used by gradchecks) multiplies tiles with an elementwise FMA reduction instead
+of tl.dot: the tensor-core dot has no fp64 form on every GPU Triton targets. It is the
+only path that does so; fp32/fp16/bf16 always use tl.dot with fp32 accumulation.
+"""
+import triton
+import triton.language as tl
+
+from ._config import autotune
+from .batch_norm import _activate, _activation_grad_mask
+
+
+def _configs(rows, stages=3):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=stages)
+            for m, n, k, w in rows]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps). The first row is the one the interpreter uses.
+GEMM_CONFIGS = _configs([
+    (64, 64, 32, 4), (128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4),
+    (128, 128, 64, 8), (128, 256, 32, 8), (256, 128, 32, 8), (32, 64, 32, 4), (64, 32, 32, 4),
+]) + _configs([(128, 128, 64, 8), (128, 256, 64, 8)], stages=4)
+# fp64: the FMA path holds a BLOCK_M x BLOCK_K x BLOCK_N product in registers.
+FP64_CONFIGS = _configs([(32, 32, 8, 4), (16, 32, 16, 4), (32, 16, 16, 4)], stages=2)
+WGRAD_REDUCE_BLOCK = 1024
+
+FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "stride_h", "stride_w"]
+
+
+@triton.jit
+def _mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc += a @ b; the FMA form (fp64) is a broadcast multiply and a sum over K.
+    if FMA:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+# Forward, implicit GEMM (Chetlur et al., "cuDNN", 2014, section 3.1):
+#   Y[m, co] = sum_{kh, kw, ci} X[n, oh*s - p + kh*d, ow*s - p + kw*d, ci] * W[co, ci, kh, kw]
+# with m = (n, oh, ow) and K walked as (kh, kw) outer, channel blocks inner, the padded
+# taps masked to zero. Epilogue on the fp32 accumulator: bias, then (STATS) the tile's
+# BatchNorm partials (count, mean, M2) per channel in the layout bn_fwd_finalize merges
+# with Chan's formula, then residual and activation, then one store.
+@triton.jit
+def _conv2d_fwd_kernel(
+    X,          # (N, C_in, H, W) input, any strides (channels_last in practice)
+    Wt,         # (C_out, CG_IN, KH, KW) weight, any strides
+    Bias,       # (C_out,) bias (unused unless HAS_BIAS)
+    Res,        # (N, C_out, OH, OW) residual, Y's strides (unused unless HAS_RESIDUAL)
+    Y,          # (N, C_out, OH, OW) output
+    PartMean,   # (num_m_tiles, C_out) per-tile channel mean of the accumulator (STATS)
+    PartM2,     # (num_m_tiles, C_out) per-tile sum of squared deviations (STATS)
+    PartCount,  # (num_m_tiles,) valid rows per tile (STATS)
+    N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
+    FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < N * OH * OW
+    n = m // (OH * OW)
+    oh = (m // OW) % OH
+    ow = m % OW
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_mask = co < CG_OUT
+    co_g = g * CG_OUT + co
+    ck = tl.arange(0, BLOCK_K)
+    x_base = X + n.to(tl.int64) * sxn + (g * CG_IN).to(tl.int64) * sxc
+    w_base = Wt + co_g.to(tl.int64) * swo
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for kh in range(KH):
+        ih = oh * stride_h - pad_h + kh * dil_h
+        h_ok = m_mask & (ih >= 0) & (ih < H)
+        for kw in range(KW):
+            iw = ow * stride_w - pad_w + kw * dil_w
+            row_ok = h_ok & (iw >= 0) & (iw < W)
+            x_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            w_tap = w_base + kh * swh + kw * sww
+            for c0 in range(0, CG_IN, BLOCK_K):
+                c = c0 + ck
+                c_ok = c < CG_IN
+                a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * sxc,
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(w_tap[None, :] + c[:, None] * swi, mask=c_ok[:, None] & co_mask[None, :], other=0.0)
+                acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(Bias + co_g, mask=co_mask, other=0.0).to(ACC)[None, :]
+    if STATS:
+        # Exact two-pass (mean, M2) of this tile's rows from the registers.
+        valid = m_mask[:, None] & co_mask[None, :]
+        count = tl.sum(m_mask.to(ACC), axis=0)
+        mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / count
+        dev = tl.where(valid, acc - mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * (CG_OUT * tl.num_programs(2)) + co_g
+        tl.store(PartMean + part, mean, mask=co_mask)
+        tl.store(PartM2 + part, tl.sum(dev * dev, axis=0), mask=co_mask)
+        if (pid_n == 0) & (g == 0):
+            tl.store(PartCount + pid_m + tl.arange(0, 1), count + tl.zeros([1], dtype=ACC))
+    y_offs = (n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
+        + co_g.to(tl.int64)[None, :] * syc
+    out_mask = m_mask[:, None] & co_mask[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(Res + y_offs, mask=out_mask, other=0.0).to(ACC)
+    acc = _activate(acc, ACTIVATION)
+    tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
+
+
+# Data gradient, the transposed implicit GEMM (M = N*H*W, N = CG_IN, K = CG_OUT*KH*KW):
+#   dX[n, h, w, ci] = sum_{kh, kw, co} dY[n, oh, ow, co] * W[co, ci, kh, kw],
+#   oh = (h + p - kh*d) / s where that division is exact and in range (else no term).
+# Strided convs are split by output phase (h mod s, w mod s), one phase per program
+# (grid axis 2 = group * s_h * s_w + phase): whether a tap's division is exact depends
+# only on the phase, so a program skips the taps that contribute nothing to its rows
+# instead of multiplying masked zeros (a s_h*s_w-fold saving on stride-2 layers).
+# With ACTIVATION (plain conv2d with an activation epilogue) dY is masked on the fly by
+# the activation's derivative, recovered from the saved output Y.
+@triton.jit
+def _conv2d_bwd_dgrad_kernel(
+    DY,   # (N, C_out, OH, OW) upstream gradient
+    Y,    # (N, C_out, OH, OW) forward output, DY's strides (unused unless ACTIVATION)
+    Wt,   # (C_out, CG_IN, KH, KW) weight
+    DX,   # (N, C_in, H, W) input gradient
+    N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    ACTIVATION: tl.constexpr, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    phases = stride_h * stride_w
+    g, phase = tl.program_id(2) // phases, tl.program_id(2) % phases
+    ph, pw = phase // stride_w, phase % stride_w
+    # Rows of this phase: h = hh * stride_h + ph, w = ww * stride_w + pw.
+    hh_n, ww_n = tl.cdiv(H, stride_h), tl.cdiv(W, stride_w)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = m // (hh_n * ww_n)
+    h = ((m // ww_n) % hh_n) * stride_h + ph
+    w = (m % ww_n) * stride_w + pw
+    m_mask = (m < N * hh_n * ww_n) & (h < H) & (w < W)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = ci < CG_IN
+    ck = tl.arange(0, BLOCK_K)
+    dy_base = n.to(tl.int64) * sdyn + (g * CG_OUT).to(tl.int64) * sdyc
+    w_base = Wt + (g * CG_OUT).to(tl.int64) * swo + ci.to(tl.int64) * swi
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for kh in range(KH):
+        for kw in range(KW):
+            # C remainder: zero exactly when the (possibly negative) offset is divisible.
+            if ((ph + pad_h - kh * dil_h) % stride_h == 0) & ((pw + pad_w - kw * dil_w) % stride_w == 0):
+                th = h + pad_h - kh * dil_h
+                tw = w + pad_w - kw * dil_w
+                oh = th // stride_h
+                ow = tw // stride_w
+                row_ok = m_mask & (th >= 0) & (oh < OH) & (tw >= 0) & (ow < OW)
+                dy_row = dy_base + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
+                w_tap = w_base + kh * swh + kw * sww
+                for c0 in range(0, CG_OUT, BLOCK_K):
+                    c = c0 + ck
+                    c_ok = c < CG_OUT
+                    offs = dy_row[:, None] + c[None, :].to(tl.int64) * sdyc
+                    a_mask = row_ok[:, None] & c_ok[None, :]
+                    a = tl.load(DY + offs, mask=a_mask, other=0.0)
+                    if ACTIVATION != 0:
+                        y = tl.load(Y + offs, mask=a_mask, other=0.0)
+                        a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+                    b = tl.load(w_tap[None, :] + c[:, None].to(tl.int64) * swo,
+                                mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
+                    acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+
+    dx_offs = (n.to(tl.int64) * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None] \
+        + (g * CG_IN + ci).to(tl.int64)[None, :] * sdxc
+    tl.store(DX + dx_offs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
+
+
+# Weight gradient, a GEMM whose reduction runs over the N*OH*OW output positions:
+#   dW[co, ci, kh, kw] = sum_{n, oh, ow} dY[n, oh, ow, co] * X[n, oh*s - p + kh*d, ow*s - p + kw*d, ci]
+# Split-K without atomics: split k of SPLIT reduces positions [k*P, (k+1)*P) and writes
+# its own fp32 partial PartDW[k, co, kh, kw, ci]; _conv2d_bwd_wgrad_reduce_kernel sums
+# the splits in order, so the result is bitwise reproducible. The programs of tap (0, 0)
+# and the first channel block also reduce dbias = sum dY (HAS_DBIAS).
+@triton.jit
+def _conv2d_bwd_wgrad_kernel(
+    DY,      # (N, C_out, OH, OW) upstream gradient
+    Y,       # (N, C_out, OH, OW) forward output, DY's strides (unused unless ACTIVATION)
+    X,       # (N, C_in, H, W) forward input
+    PartDW,  # (SPLIT, C_out, KH, KW, CG_IN) partial weight gradients, contiguous
+    PartDB,  # (SPLIT, C_out) partial bias gradients (unused unless HAS_DBIAS)
+    N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw,
+    POS_PER_SPLIT, GROUPS,
+    HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr, FMA: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    num_ci_blocks = tl.cdiv(CG_IN, BLOCK_N)
+    pid_co, pid_ci = tl.program_id(0) // num_ci_blocks, tl.program_id(0) % num_ci_blocks
+    tap = tl.program_id(1)
+    kh, kw = tap // KW, tap % KW
+    split, g = tl.program_id(2) // GROUPS, tl.program_id(2) % GROUPS
+    co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_mask = co < CG_OUT
+    co_g = g * CG_OUT + co
+    ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci_mask = ci < CG_IN
+    ci_g = g * CG_IN + ci
+    pk = tl.arange(0, BLOCK_K)
+    total = N * OH * OW
+    p_start = split * POS_PER_SPLIT
+    p_end = tl.minimum(p_start + POS_PER_SPLIT, total)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    db = tl.zeros([BLOCK_M], dtype=ACC)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + pk
+        p_ok = p < p_end
+        n = p // (OH * OW)
+        oh = (p // OW) % OH
+        ow = p % OW
+        dy_offs = (n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[None, :] \
+            + co_g.to(tl.int64)[:, None] * sdyc
+        a_mask = co_mask[:, None] & p_ok[None, :]
+        a = tl.load(DY + dy_offs, mask=a_mask, other=0.0)
+        if ACTIVATION != 0:
+            y = tl.load(Y + dy_offs, mask=a_mask, other=0.0)
+            a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+        if HAS_DBIAS:
+            db += tl.sum(a.to(ACC), axis=1)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offs = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
+            + ci_g.to(tl.int64)[None, :] * sxc
+        b = tl.load(X + x_offs, mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
+        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+
+    c_out = CG_OUT * GROUPS
+    part = split.to(tl.int64) * c_out * KH * KW * CG_IN \
+        + ((co_g.to(tl.int64) * KH + kh) * KW + kw)[:, None] * CG_IN + ci[None, :]
+    tl.store(PartDW + part, acc, mask=co_mask[:, None] & ci_mask[None, :])
+    if HAS_DBIAS:
+        if (tap == 0) & (pid_ci == 0):
+            tl.store(PartDB + split * c_out + co_g, db, mask=co_mask)
+
+
+# Second stage of the split-K weight gradient: out[i] = sum_k Part[k, i] for k in
+# order (fixed, so deterministic), cast to the parameter dtype.
+@triton.jit
+def _conv2d_bwd_wgrad_reduce_kernel(
+    Part,  # (SPLIT, numel) partials, accumulation dtype
+    Out,   # (numel,) result, contiguous
+    numel, SPLIT,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < numel
+    total = tl.zeros([BLOCK], dtype=ACC)
+    for k in range(SPLIT):
+        total += tl.load(Part + k * numel + i, mask=mask, other=0.0)
+    tl.store(Out + i, total.to(Out.dtype.element_ty), mask=mask)
+
+
+def _tuned(kernel, key):
+    """(tl.dot variant, fp64 FMA variant), each autotuned on its own configs."""
+    return autotune(GEMM_CONFIGS, key)(kernel), autotune(FP64_CONFIGS, key)(kernel)
+
+
+conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_KEY + ["HAS_BIAS", "STATS"])
+conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, FWD_KEY)
+conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS"])
+conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel
