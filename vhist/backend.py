@@ -84,7 +84,8 @@ def backend_info() -> dict:
     Returns:
         A dict with the requested backend (``None`` when the per-device default
         applies), where the choice came from, the defaults per device, whether Triton is
-        interpreted, and whether CUDA is available.
+        interpreted, whether CUDA is available, and whether the CUDA C++ extensions
+        (the ``cuda`` backend) can be built here (``cuda_extension``).
     """
     name, source = _requested()
     return {
@@ -94,4 +95,11 @@ def backend_info() -> dict:
         "default_cpu": "torch",
         "triton_interpret": triton_interpreted(),
         "cuda_available": torch.cuda.is_available(),
+        "cuda_extension": _cuda_extension_status(),
     }
+
+
+def _cuda_extension_status() -> dict:
+    from vhist.ops._cuda_ext import status
+
+    return status()

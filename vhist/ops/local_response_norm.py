@@ -1,18 +1,224 @@
-"""Local Response Normalization (Krizhevsky et al., 2012).
+"""Local Response Normalization (Krizhevsky et al., 2012): launchers, torch.library
+registration and autograd.
 
-Backends: ``torch`` (``F.local_response_norm``). The Triton and CUDA kernels are added
-by the LRN work (issue 4).
+Backends: ``triton`` (:mod:`vhist.kernels.local_response_norm`), ``cuda``
+(``csrc/local_response_norm/``, built on first use by :mod:`vhist.ops._cuda_ext`) and
+``torch`` (``F.local_response_norm``). Both kernel backends run one kernel forward and
+one backward; the backward recomputes the window sums from the input instead of reading
+a saved scale. They are registered as the custom ops ``vhist::local_response_norm_fwd``
+/ ``_bwd`` (triton) and ``vhist::local_response_norm_cuda_fwd`` / ``_bwd`` (cuda), with
+fake implementations so ``torch.compile(fullgraph=True)`` traces them.
 """
+from __future__ import annotations
+
+import numbers
+
 import torch
+import triton
 
 from vhist import reference
-from vhist.ops._dispatch import dispatch
+from vhist.ops._dispatch import check_float_dtype, dispatch
+from vhist.ops.batch_norm import dense_layout, is_channels_last_dense, like_layout
 
-IMPLS = {"torch": reference.local_response_norm}
+OP = "local_response_norm"
+
+
+def _tl_acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def window_bounds(size: int) -> tuple[int, int]:
+    """(LO, HI): channel c's window is [c - LO, c + HI], as PyTorch pads the channel axis
+    by (size // 2, (size - 1) // 2) before its average pool."""
+    return size // 2, (size - 1) // 2
+
+
+def resync_period(size: int) -> int:
+    """How often (in channels) the kernels re-sum a window exactly instead of sliding it.
+
+    Small windows are summed directly at every channel (n <= 3 loads, no running sum to
+    cancel); larger ones slide and re-sum every max(16, 2n) channels, which bounds the
+    error a subtracted large square can leave behind to that many steps while costing
+    under one extra (cached) load per element in the forward.
+    """
+    return 1 if size <= 3 else max(16, 2 * size)
+
+
+def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """(N, C, S, stride_n, stride_c, stride_s) of a dense ``x`` seen as (N, C, S). With
+    channels innermost (channels_last, or no spatial extent) N folds into S."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // (n * c)
+    if s == 1 or (not x.is_contiguous() and is_channels_last_dense(x)):
+        return 1, c, n * s, 0, 1, c
+    return n, c, s, c * s, s, 1
+
+
+def _launch(kernel, tensors, size, alpha, beta, k, like):
+    n, c, s, stride_n, stride_c, stride_s = lrn_geometry(like)
+    lo, hi = window_bounds(size)
+
+    def grid(meta):
+        return (n * triton.cdiv(s, meta["BLOCK_S"]),)
+
+    kernel[grid](*tensors, n, c, s, stride_n, stride_c, stride_s, lo, hi, resync_period(size),
+                 alpha / size, beta, k, SIZE=size, ACC=_tl_acc(like.dtype))
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+@torch.library.custom_op("vhist::local_response_norm_fwd", mutates_args=())
+def local_response_norm_fwd(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """Forward of LRN on the Triton kernel; ``input`` is dense (contiguous or
+    channels-last) and the output has its strides."""
+    from vhist.kernels import local_response_norm as kernels
+
+    output = torch.empty_like(input)
+    _launch(kernels.lrn_fwd, (input, output), size, alpha, beta, k, input)
+    return output
+
+
+@local_response_norm_fwd.register_fake
+def _(input, size, alpha, beta, k):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("vhist::local_response_norm_bwd", mutates_args=())
+def local_response_norm_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
+                            beta: float, k: float) -> torch.Tensor:
+    """Input gradient of LRN on the fused Triton kernel (window sums recomputed)."""
+    from vhist.kernels import local_response_norm as kernels
+
+    grad_output = like_layout(grad_output, input)
+    grad_input = torch.empty_like(input)
+    _launch(kernels.lrn_bwd, (input, grad_output, grad_input), size, alpha, beta, k, input)
+    return grad_input
+
+
+@local_response_norm_bwd.register_fake
+def _(grad_output, input, size, alpha, beta, k):
+    return torch.empty_like(input)
+
+
+# ----------------------------------------------------------------------------- cuda
+
+
+def _cuda_extension():
+    from vhist.ops._cuda_ext import csrc_path, load_extension
+
+    return load_extension(OP, [csrc_path("local_response_norm/local_response_norm.cpp"),
+                               csrc_path("local_response_norm/local_response_norm_kernel.cu")])
+
+
+@torch.library.custom_op("vhist::local_response_norm_cuda_fwd", mutates_args=())
+def local_response_norm_cuda_fwd(input: torch.Tensor, size: int, alpha: float, beta: float,
+                                 k: float) -> torch.Tensor:
+    """Forward of LRN on the CUDA C++ kernel (csrc/local_response_norm)."""
+    return _cuda_extension().fwd(input, size, alpha, beta, k, resync_period(size))
+
+
+@local_response_norm_cuda_fwd.register_fake
+def _(input, size, alpha, beta, k):
+    return torch.empty_like(input)
+
+
+@torch.library.custom_op("vhist::local_response_norm_cuda_bwd", mutates_args=())
+def local_response_norm_cuda_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
+                                 beta: float, k: float) -> torch.Tensor:
+    """Input gradient of LRN on the fused CUDA C++ kernel."""
+    grad_output = like_layout(grad_output, input)
+    return _cuda_extension().bwd(grad_output, input, size, alpha, beta, k, resync_period(size))
+
+
+@local_response_norm_cuda_bwd.register_fake
+def _(grad_output, input, size, alpha, beta, k):
+    return torch.empty_like(input)
+
+
+_KERNELS = {
+    "triton": (torch.ops.vhist.local_response_norm_fwd, torch.ops.vhist.local_response_norm_bwd),
+    "cuda": (torch.ops.vhist.local_response_norm_cuda_fwd, torch.ops.vhist.local_response_norm_cuda_bwd),
+}
+
+
+class LocalResponseNormFunction(torch.autograd.Function):
+    """Autograd for the kernel backends: saves only the input; the backward kernel
+    recomputes the window sums."""
+
+    @staticmethod
+    def forward(ctx, input, size, alpha, beta, k, backend):
+        fwd, _ = _KERNELS[backend]
+        ctx.save_for_backward(input)
+        ctx.args, ctx.backend = (size, alpha, beta, k), backend
+        return fwd(input, size, alpha, beta, k)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        _, bwd = _KERNELS[ctx.backend]
+        grad_input = bwd(grad_output, input, *ctx.args)
+        return grad_input, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _check_inputs(input, size):
+    check_float_dtype(OP, "input", input)
+    if input.dim() < 3:
+        raise ValueError(f"{OP}: expected a 3-D or higher input (N, C, ...), got {input.dim()}-D "
+                         f"of shape {tuple(input.shape)}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"{OP}: size must be an int, got {type(size).__name__}")
+    if size < 1:
+        raise ValueError(f"{OP}: size must be >= 1, got {size}")
+
+
+def _local_response_norm_triton(input, size, alpha, beta, k):
+    if input.numel() == 0:
+        return input
+    return LocalResponseNormFunction.apply(dense_layout(input), int(size), float(alpha), float(beta),
+                                           float(k), "triton")
+
+
+def _local_response_norm_cuda(input, size, alpha, beta, k):
+    if input.device.type != "cuda":
+        raise RuntimeError(f"{OP}: the cuda backend needs CUDA tensors, got a tensor on {input.device}")
+    if input.numel() == 0:
+        return input
+    _cuda_extension()  # build (or fail with the reason) before autograd sees the call
+    return LocalResponseNormFunction.apply(dense_layout(input), int(size), float(alpha), float(beta),
+                                           float(k), "cuda")
+
+
+IMPLS = {"triton": _local_response_norm_triton, "cuda": _local_response_norm_cuda,
+         "torch": reference.local_response_norm}
 
 
 def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 1.0) -> torch.Tensor:
-    """As ``torch.nn.functional.local_response_norm``."""
-    impl = dispatch("local_response_norm", IMPLS, input.device)
+    """Local Response Normalization across channels, as ``F.local_response_norm``.
+
+    ``b_c = a_c / (k + alpha / size * sum_{j=c-size//2}^{c+(size-1)//2} a_j^2) ** beta``,
+    the window clipped at the channel edges but still divided by ``size`` (Krizhevsky
+    et al., 2012, section 3.3, with alpha divided by the window size as PyTorch does).
+    The kernel backends compute the power as exp(-beta * log(.)), so they need a
+    positive base: k > 0 and alpha >= 0.
+
+    Args:
+        input: (N, C, *spatial) with 1 to 3 spatial dims, contiguous or channels-last;
+            the output keeps its memory format.
+        size: number of neighbouring channels in the window (>= 1).
+        alpha: multiplicative factor (divided by ``size``).
+        beta: exponent.
+        k: additive factor.
+
+    Returns:
+        The normalized tensor, same shape, dtype and memory format as ``input``.
+    """
+    _check_inputs(input, size)
+    impl = dispatch(OP, IMPLS, input.device)
     return impl(input, size, alpha, beta, k)
