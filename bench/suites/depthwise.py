@@ -1,0 +1,142 @@
+"""Depthwise conv2d at every distinct depthwise layer of MobileNetV1 and MobileNetV2
+(batch 128, 224 px, channels_last, bf16 and fp32).
+
+Modes: "fwd", "bwd-input" (input gradient alone), "bwd-weight" (weight gradient alone)
+and "fwd+bwd" (forward, then both gradients). Providers: ``triton`` and ``cuda`` call
+vhist's custom ops directly; ``torch`` is eager cuDNN (channels_last, cudnn.benchmark
+on: F.conv2d(groups=C) and aten.convolution_backward with the same output mask);
+``torch_compile`` is torch.compile of the same functions.
+
+Bytes are the minimal traffic of each mode, every tensor moved once: fwd reads x and
+writes y; bwd-input reads dy and writes dx; bwd-weight reads dy and x; fwd+bwd moves
+x, y (forward), dy, x again and dx (backward). The weights (C*9 elements) are counted
+too but are negligible.
+"""
+import torch
+import torch.nn.functional as F
+
+import vhist  # noqa: F401  (registers the custom ops)
+from vhist.ops.depthwise import depthwise_geometry
+
+from common import Case
+
+# (name, channels, input size, stride), 3x3, padding 1. MobileNetV1 (Howard et al.,
+# 2017, Table 1): dw1..dw13, dw7-dw11 share one shape.
+MOBILENET_V1 = [
+    ("v1.dw1", 32, 112, 1), ("v1.dw2", 64, 112, 2), ("v1.dw3", 128, 56, 1), ("v1.dw4", 128, 56, 2),
+    ("v1.dw5", 256, 28, 1), ("v1.dw6", 256, 28, 2), ("v1.dw7-11", 512, 14, 1), ("v1.dw12", 512, 14, 2),
+    ("v1.dw13", 1024, 7, 1),
+]
+# MobileNetV2 (Sandler et al., 2018, Table 2), expansion 6: the depthwise conv of each
+# inverted residual works on the expanded channels. features.1 (32 ch, 112 px, s1) has
+# the shape of v1.dw1 and is not repeated.
+MOBILENET_V2 = [
+    ("v2.features2", 96, 112, 2), ("v2.features3", 144, 56, 1), ("v2.features4", 144, 56, 2),
+    ("v2.features5-6", 192, 28, 1), ("v2.features7", 192, 28, 2), ("v2.features8-11", 384, 14, 1),
+    ("v2.features12-13", 576, 14, 1), ("v2.features14", 576, 14, 2), ("v2.features15-17", 960, 7, 1),
+]
+LAYERS = MOBILENET_V1 + MOBILENET_V2
+MODES = ("fwd", "bwd-input", "bwd-weight", "fwd+bwd")
+
+
+def _conv_args(channels, size, stride):
+    geom = depthwise_geometry((1, channels, size, size), (channels, 1, 3, 3), stride, 1, 1)
+    return geom, [stride, stride], list(geom.padding), [1, 1]
+
+
+def _providers(mode, x, w, dy, stride):
+    c = x.shape[1]
+    geom, stride_l, pad_l, dil_l = _conv_args(c, x.shape[2], stride)
+    vh = torch.ops.vhist
+    cl = True
+
+    def aten_bwd(mask):
+        return lambda dy, x, w: torch.ops.aten.convolution_backward(
+            dy, x, w, None, [stride, stride], [1, 1], [1, 1], False, [0, 0], c, mask)
+
+    def eager_fwd(x, w):
+        return F.conv2d(x, w, None, stride, 1, 1, c)
+
+    if mode == "fwd":
+        fns = {
+            "triton": lambda: vh.depthwise_conv2d_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0),
+            "torch": lambda: eager_fwd(x, w),
+        }
+        compiled = torch.compile(eager_fwd, dynamic=False)
+        fns["torch_compile"] = lambda: compiled(x, w)
+        return fns
+    if mode == "bwd-input":
+        size = list(x.shape)
+        fn = aten_bwd([True, False, False])
+        compiled = torch.compile(fn, dynamic=False)
+        return {
+            "triton": lambda: vh.depthwise_conv2d_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0),
+            "torch": lambda: fn(dy, x, w),
+            "torch_compile": lambda: compiled(dy, x, w),
+        }
+    if mode == "bwd-weight":
+        wsize = list(w.shape)
+        fn = aten_bwd([False, True, False])
+        compiled = torch.compile(fn, dynamic=False)
+        return {
+            "triton": lambda: vh.depthwise_conv2d_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0, False),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0,
+                                                                  False),
+            "torch": lambda: fn(dy, x, w),
+            "torch_compile": lambda: compiled(dy, x, w),
+        }
+    # fwd+bwd through autograd on each backend
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+    def with_backend(backend):
+        def run():
+            with vhist.use_backend(backend):
+                y = vhist.ops.depthwise_conv2d(xg, wg, None, stride, 1)
+            return torch.autograd.grad(y, (xg, wg), dy)
+        return run
+
+    compiled = torch.compile(eager_fwd, dynamic=False)
+    return {"triton": with_backend("triton"), "cuda": with_backend("cuda"), "torch": with_backend("torch"),
+            "torch_compile": lambda: torch.autograd.grad(compiled(xg, wg), (xg, wg), dy)}
+
+
+def _bytes(mode, x, y, w):
+    xb, yb, wb = x.numel() * x.element_size(), y.numel() * y.element_size(), w.numel() * w.element_size()
+    return {"fwd": xb + yb + wb, "bwd-input": yb + xb + wb, "bwd-weight": yb + xb + wb,
+            "fwd+bwd": 2 * xb + 2 * yb + xb + 2 * wb}[mode]
+
+
+def cases(device, small=False):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+    layers = [("tiny-s1", 6, 9, 1), ("tiny-s2", 5, 8, 2)] if small else LAYERS
+    batch = 2 if small else 128
+    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
+    for name, channels, size, stride in layers:
+        for dtype in dtypes:
+            for mode in MODES:
+                gen = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
+                x = x.to(memory_format=torch.channels_last)
+                w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
+                out = (size + 2 - 3) // stride + 1
+                dy = torch.randn(batch, channels, out, out, device=device, dtype=dtype, generator=gen)
+                dy = dy.to(memory_format=torch.channels_last)
+                providers = _providers(mode, x, w, dy, stride)
+                if small:
+                    providers.pop("cuda")
+                yield Case(op="depthwise_conv2d", layer=name, shape=tuple(x.shape), dtype=dtype,
+                           layout="channels_last", mode=mode, providers=providers, bytes=_bytes(mode, x, dy, w),
+                           check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride})
+
+
+def _check(providers):
+    """Max abs difference between the triton and torch providers (every output)."""
+    ours, theirs = providers["triton"](), providers["torch"]()
+    # aten's convolution_backward returns None for the gradients not asked for, ours an
+    # empty bias gradient: compare what both computed, in order.
+    ours = [t for t in (ours if isinstance(ours, (tuple, list)) else (ours,)) if t is not None and t.numel()]
+    theirs = [t for t in (theirs if isinstance(theirs, (tuple, list)) else (theirs,)) if t is not None and t.numel()]
+    assert len(ours) == len(theirs)
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ours, theirs))

@@ -1,0 +1,277 @@
+"""Depthwise conv2d kernels (MobileNet: Howard et al., 2017; Sandler et al., 2018).
+
+Depthwise conv is memory-bound (a 3x3 does ~4.5 FLOP per byte), so every kernel is laid
+out for bandwidth: the channel axis is the vectorized, contiguous axis (NHWC), a
+program owns a [BLOCK_P pixels, BLOCK_C channels] tile, and the KH x KW taps are
+unrolled at compile time (KH, KW are constexpr: 3, 5 and 7 each get their own
+specialization, other sizes work the same way). The taps of one tile read overlapping
+windows of the same input rows: the tile's input footprint plus its halo is fetched
+from DRAM once and re-read from L1/L2 for the remaining taps. Strides are arguments, so
+NCHW inputs run through the same code (with strided, not vectorized, channel loads).
+
+Output channel co reads input channel co // MULT (weight (C_in * MULT, 1, KH, KW)).
+Activation codes: 0 none, 1 ReLU, 2 ReLU6.
+"""
+import triton
+import triton.language as tl
+
+from ._config import autotune
+
+ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+
+# The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
+# writes one partial per program, so the launcher must know the program count); only the
+# channel tile and the warps are tuned.
+FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8))]
+BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
+               for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
+FWD_KEY = ["C_out", "OH", "OW", "BLOCK_P", "TILES"]
+BWD_KEY = ["C_in", "C_out", "H", "W", "OH", "OW"]
+
+
+@triton.jit
+def _activate(y, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACTIVATION == 2:
+        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
+    return y
+
+
+@triton.jit
+def _activation_grad(dy, out, ACTIVATION: tl.constexpr):
+    # Masks from the activation's *output*, as PyTorch's threshold/hardtanh backward:
+    # ReLU passes where out > 0, ReLU6 where 0 < out < 6 (out == 6 means pre >= 6).
+    if ACTIVATION == 1:
+        dy = tl.where(out > 0.0, dy, 0.0)
+    elif ACTIVATION == 2:
+        dy = tl.where((out > 0.0) & (out < 6.0), dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _pixel_coords(p, HW, W):
+    n = p // HW
+    rem = p - n * HW
+    h = rem // W
+    return n, h, rem - h * W
+
+
+# Forward: y[n, oh, ow, co] = b[co] + sum_{kh, kw} w[co, kh, kw] *
+#   x[n, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw, co // MULT]   (zero outside the image),
+# then "+ residual" and the activation in the epilogue (eval-mode fused op, BN folded
+# into w and b). A program computes TILES consecutive pixel tiles. With STATS, the
+# epilogue also reduces the stored output per channel for BatchNorm: each tile's exact
+# (count, mean, M2) from the registers (two passes, never sum(x^2)), merged across the
+# program's tiles with Chan et al.'s pairwise formula, one partial per program for the
+# finalize kernel of kernels/batch_norm.py.
+@triton.jit
+def _depthwise_fwd_kernel(
+    X,          # (N, C_in, H, W) input, any strides (NHWC is the fast one)
+    Wt,         # (C_out, 1, KH, KW) weight
+    B,          # (C_out,) bias (unused unless HAS_BIAS)
+    R,          # (N, C_out, OH, OW) residual, strides of Y (unused unless HAS_RESIDUAL)
+    Y,          # (N, C_out, OH, OW) output
+    PartMean,   # (num_programs_p, C_out) per-program mean of Y (STATS only)
+    PartM2,     # (num_programs_p, C_out) per-program sum of squared deviations
+    PartCount,  # (num_programs_p,) pixels each program covered
+    N, C_in, H, W, C_out, OH, OW, MULT, TILES,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wc, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    sh, sw, ph, pw, dh, dw,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = co < C_out
+    ci = co // MULT
+    if HAS_BIAS:
+        bias = tl.load(B + co, mask=c_mask, other=0.0).to(ACC)
+    run_count = tl.zeros([1], dtype=ACC)
+    run_mean = tl.zeros([BLOCK_C], dtype=ACC)
+    run_m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for t in range(TILES):
+        p = (pid_p * TILES + t) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = p < N * OH * OW
+        n, oh, ow = _pixel_coords(p, OH * OW, OW)
+        x_base = X + n.to(tl.int64)[:, None] * stride_xn + ci.to(tl.int64)[None, :] * stride_xc
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for kh in tl.static_range(KH):
+            ih = oh * sh - ph + kh * dh
+            h_ok = p_mask & (ih >= 0) & (ih < H)
+            for kw in tl.static_range(KW):
+                iw = ow * sw - pw + kw * dw
+                ok = h_ok & (iw >= 0) & (iw < W)
+                w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
+                offs = ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                x = tl.load(x_base + offs[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
+                acc += x * w[None, :]
+        if HAS_BIAS:
+            acc += bias[None, :]
+        mask = p_mask[:, None] & c_mask[None, :]
+        y_offs = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh
+                  + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
+        if HAS_RESIDUAL:
+            acc += tl.load(R + y_offs, mask=mask, other=0.0).to(ACC)
+        y = _activate(acc, ACTIVATION).to(Y.dtype.element_ty)
+        tl.store(Y + y_offs, y, mask=mask)
+        if STATS:
+            # Statistics of the value BatchNorm will normalize: the stored (rounded) output.
+            tile_count = tl.sum(p_mask.to(ACC), axis=0)
+            if tile_count > 0:
+                ys = tl.where(mask, y.to(ACC), 0.0)
+                tile_mean = tl.sum(ys, axis=0) / tile_count
+                dev = tl.where(mask, ys - tile_mean[None, :], 0.0)
+                tile_m2 = tl.sum(dev * dev, axis=0)
+                new_count = run_count + tile_count
+                delta = tile_mean - run_mean
+                run_mean += delta * (tile_count / new_count)
+                run_m2 += tile_m2 + delta * delta * (run_count * tile_count / new_count)
+                run_count = new_count
+    if STATS:
+        tl.store(PartMean + pid_p * C_out + co, run_mean, mask=c_mask)
+        tl.store(PartM2 + pid_p * C_out + co, run_m2, mask=c_mask)
+        if tl.program_id(1) == 0:
+            tl.store(PartCount + pid_p + tl.arange(0, 1), run_count)
+
+
+# Input gradient as a gather (the transposed conv, no atomics): for input pixel (ih, iw)
+# and channel ci,  dx = sum_{m < MULT} sum_{kh, kw} w[co, kh, kw] * dy[n, oh, ow, co],
+# co = ci*MULT + m, over the taps where oh = (ih + ph - kh*dh) / sh (and likewise ow)
+# is a whole number inside the output. dy is first masked by the activation's gradient
+# (ACTIVATION, from the forward output Out) when the forward had one.
+@triton.jit
+def _depthwise_bwd_input_kernel(
+    DY,   # (N, C_out, OH, OW) upstream gradient
+    Out,  # (N, C_out, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    Wt,   # (C_out, 1, KH, KW) weight
+    DX,   # (N, C_in, H, W) input gradient
+    N, C_in, H, W, C_out, OH, OW, MULT,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_wc, stride_wh, stride_ww,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    sh, sw, ph, pw, dh, dw,
+    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_mask = p < N * H * W
+    c_mask = ci < C_in
+    n, ih, iw = _pixel_coords(p, H * W, W)
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for m in range(MULT):
+        co = ci * MULT + m
+        dy_base = n.to(tl.int64)[:, None] * stride_yn + co.to(tl.int64)[None, :] * stride_yc
+        for kh in tl.static_range(KH):
+            th = ih + ph - kh * dh
+            thc = tl.maximum(th, 0)
+            oh = thc // sh
+            h_ok = p_mask & (th >= 0) & (oh * sh == thc) & (oh < OH)
+            for kw in tl.static_range(KW):
+                tw = iw + pw - kw * dw
+                twc = tl.maximum(tw, 0)
+                ow = twc // sw
+                ok = h_ok & (tw >= 0) & (ow * sw == twc) & (ow < OW)
+                mask = ok[:, None] & c_mask[None, :]
+                offs = dy_base + (oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None]
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+                if ACTIVATION != 0:
+                    dy = _activation_grad(dy, tl.load(Out + offs, mask=mask, other=0.0).to(ACC), ACTIVATION)
+                w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
+                acc += dy * w[None, :]
+    dx_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
+        + ci.to(tl.int64)[None, :] * stride_xc
+    tl.store(DX + dx_offs, acc.to(DX.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+# Weight gradient, stage 1 of a deterministic two-stage reduction over the N*OH*OW
+# output pixels: dw[co, kh, kw] = sum_p dy[p, co] * x[tap(p, kh, kw), co // MULT] and
+# db[co] = sum_p dy[p, co]. Each program sums one chunk of pixels for a block of
+# channels, tap by tap (elementwise products accumulated in registers, one tree sum at
+# the end), and writes its partials to Part[chunk, tap, co]; no float atomics.
+@triton.jit
+def _depthwise_bwd_weight_reduce_kernel(
+    DY,    # (N, C_out, OH, OW) upstream gradient
+    Out,   # (N, C_out, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    X,     # (N, C_in, H, W) forward input
+    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_out) partial sums, accumulation dtype
+    N, C_in, H, W, C_out, OH, OW, MULT, CHUNK,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    sh, sw, ph, pw, dh, dw,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    co = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    c_mask = co < C_out
+    ci = co // MULT
+    total = N * OH * OW
+    p_start = chunk * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, total)
+    TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
+    part_base = Part + chunk.to(tl.int64) * TAPS * C_out
+    for tap in tl.static_range(TAPS):
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for p0 in range(p_start, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = p < p_end
+            n, oh, ow = _pixel_coords(p, OH * OW, OW)
+            mask = p_mask[:, None] & c_mask[None, :]
+            y_offs = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh
+                      + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
+            dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
+            if ACTIVATION != 0:
+                dy = _activation_grad(dy, tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC), ACTIVATION)
+            if tap < KH * KW:
+                ih = oh * sh - ph + (tap // KW) * dh
+                iw = ow * sw - pw + (tap % KW) * dw
+                ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh
+                          + iw.to(tl.int64) * stride_xw)[:, None] + ci.to(tl.int64)[None, :] * stride_xc
+                x = tl.load(X + x_offs, mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
+                acc += dy * x
+            else:
+                acc += dy
+        tl.store(part_base + tap * C_out + co, tl.sum(acc, axis=0), mask=c_mask)
+
+
+# Weight gradient, stage 2: sums the partials of every (tap, channel) over the chunks in
+# chunk order (BLOCK_K chunks per step), so the result is bitwise reproducible, and
+# writes dw (and db) in the parameter dtype.
+@triton.jit
+def _depthwise_bwd_weight_finalize_kernel(
+    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_out) from the reduce stage
+    DW,    # (C_out, 1, KH, KW) weight gradient
+    DB,    # (C_out,) bias gradient (unused unless HAS_BIAS)
+    C_out, num_chunks,
+    stride_wc, stride_wh, stride_ww,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # flat (tap, channel) index
+    j_mask = j < TAPS * C_out
+    acc = tl.zeros([BLOCK_J], dtype=ACC)
+    for k0 in range(0, num_chunks, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < num_chunks)[:, None] & j_mask[None, :]
+        acc += tl.sum(tl.load(Part + k.to(tl.int64)[:, None] * (TAPS * C_out) + j[None, :], mask=mask, other=0.0),
+                      axis=0)
+    tap = j // C_out
+    co = j - tap * C_out
+    is_w = j_mask & (tap < KH * KW)
+    tl.store(DW + co * stride_wc + (tap // KW) * stride_wh + (tap % KW) * stride_ww,
+             acc.to(DW.dtype.element_ty), mask=is_w)
+    if HAS_BIAS:
+        tl.store(DB + co, acc.to(DB.dtype.element_ty), mask=j_mask & (tap == KH * KW))
+
+
+depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
+depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_input_kernel)
+depthwise_bwd_weight_reduce = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_weight_reduce_kernel)
+depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel

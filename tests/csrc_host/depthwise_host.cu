@@ -1,0 +1,76 @@
+// Host entry points for the per-thread code of the depthwise CUDA kernels, so that
+// tests/test_depthwise_cuda_host.py checks their numerics on a machine without a GPU.
+// Built with nvcc as a shared library and called through ctypes; the loops below play
+// the role of the kernels' threads and blocks (the weight gradient's lanes, lane-order
+// block sum and chunk-order finalize included). fp32 only.
+#include "../../csrc/depthwise/depthwise_kernel.cu"
+
+extern "C" int vhist_depthwise_fwd_host(const float* x, const float* w, const float* bias, float* y,
+                                        const int64_t* sizes, const int64_t* x_strides, const int64_t* w_strides,
+                                        const int64_t* y_strides, const int* conv) {
+  const Shape s = make_shape(sizes);
+  const ConvArgs a = make_conv(conv);
+  const Strides4 xs = make_strides(x_strides), ws = make_strides(w_strides), ys = make_strides(y_strides);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t oh = 0; oh < s.OH; ++oh)
+      for (int64_t ow = 0; ow < s.OW; ++ow)
+        for (int64_t co = 0; co < s.C_out; ++co) {
+          float v;
+          VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
+                               v = (depthwise_fwd_point<float, float, KH_, KW_>(x, w, bias, s, xs, ws, a, n, oh, ow,
+                                                                                co)));
+          y[n * ys.n + co * ys.c + oh * ys.h + ow * ys.w] = v;
+        }
+  return 0;
+}
+
+extern "C" int vhist_depthwise_bwd_input_host(const float* dy, const float* w, float* dx, const int64_t* sizes,
+                                              const int64_t* dy_strides, const int64_t* w_strides,
+                                              const int64_t* dx_strides, const int* conv) {
+  const Shape s = make_shape(sizes);
+  const ConvArgs a = make_conv(conv);
+  const Strides4 dys = make_strides(dy_strides), ws = make_strides(w_strides), dxs = make_strides(dx_strides);
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t ih = 0; ih < s.H; ++ih)
+      for (int64_t iw = 0; iw < s.W; ++iw)
+        for (int64_t ci = 0; ci < s.C_in; ++ci) {
+          float v;
+          VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
+                               v = (depthwise_bwd_input_point<float, float, KH_, KW_>(dy, w, s, dys, ws, a, n, ih,
+                                                                                      iw, ci)));
+          dx[n * dxs.n + ci * dxs.c + ih * dxs.h + iw * dxs.w] = v;
+        }
+  return 0;
+}
+
+extern "C" int vhist_depthwise_bwd_weight_host(const float* dy, const float* x, float* dw, float* db,
+                                               const int64_t* sizes, const int64_t* dy_strides,
+                                               const int64_t* x_strides, const int64_t* dw_strides, const int* conv,
+                                               int64_t chunk_len, int64_t chunks, int has_bias) {
+  const Shape s = make_shape(sizes);
+  const ConvArgs a = make_conv(conv);
+  const Strides4 dys = make_strides(dy_strides), xs = make_strides(x_strides), ws = make_strides(dw_strides);
+  const int taps = a.KH * a.KW + (has_bias ? 1 : 0);
+  const int64_t total = s.N * s.OH * s.OW;
+  for (int64_t co = 0; co < s.C_out; ++co)
+    for (int tap = 0; tap < taps; ++tap) {
+      float sum = 0;  // stage 2: chunks in order
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t p_start = chunk * chunk_len;
+        const int64_t p_end = p_start + chunk_len < total ? p_start + chunk_len : total;
+        float block = 0;  // stage 1: lanes in order
+        for (int lane = 0; lane < kWgradLanes; ++lane) {
+          const float v = depthwise_bwd_weight_lane<float, float>(dy, x, s, dys, xs, a, co, tap / a.KW, tap % a.KW,
+                                                                  tap == a.KH * a.KW, p_start, p_end, lane);
+          block = lane == 0 ? v : block + v;
+        }
+        sum += block;
+      }
+      if (tap < a.KH * a.KW) {
+        dw[co * ws.n + (tap / a.KW) * ws.h + (tap % a.KW) * ws.w] = sum;
+      } else {
+        db[co] = sum;
+      }
+    }
+  return 0;
+}
