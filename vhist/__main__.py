@@ -17,11 +17,77 @@ def _info(args) -> int:
     return 0
 
 
+def model_stats(name: str, image_size: int | None = None) -> dict:
+    """Parameters and GMACs (multiply-accumulates of the convs and matmuls, counted by
+    ``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2) of one forward at batch
+    1 with the torch backend, on fake CPU tensors: no weights are allocated, nothing runs."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import vhist
+
+    # Built on the meta device (no init runs), then given fake CPU storage: some ops
+    # (autocast checks) need a real device type, and fake tensors compute nothing.
+    with torch.device("meta"):
+        model = vhist.create_model(name, image_size=image_size).eval()
+    size = image_size or default_image_size(model)
+    counter = FlopCounterMode(display=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")
+        # The math attention backend runs as matmuls, which the counter sees on CPU.
+        with vhist.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
+            model(torch.empty(1, 3, size, size))
+    return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
+            "gmacs": counter.get_total_flops() / 2 / 1e9}
+
+
+def default_image_size(model) -> int:
+    """The paper's input size of a zoo model (227 AlexNet, 299 Inception-v3/v4/ResNet, else 224)."""
+    from vhist.models.alexnet import AlexNet
+    from vhist.models.inception_resnet import InceptionResNet
+    from vhist.models.inception_v3 import Inception3
+    from vhist.models.inception_v4 import InceptionV4
+
+    if isinstance(model, AlexNet):
+        return 227
+    if isinstance(model, (Inception3, InceptionV4, InceptionResNet)):
+        return 299
+    return 224
+
+
+def _models(args) -> int:
+    import vhist
+
+    names = vhist.list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    rows = [model_stats(name, args.image_size) for name in names]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'model':<24}{'size':>6}{'params':>15}{'GMACs':>9}")
+    for r in rows:
+        print(f"{r['model']:<24}{r['image_size']:>6}{r['params']:>15,}{r['gmacs']:>9.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhist", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     info = commands.add_parser("info", help="versions and the active backend")
     info.set_defaults(run=_info)
+    models = commands.add_parser("models", help="the model zoo: params and GMACs at the default input size")
+    models.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*'")
+    models.add_argument("--image-size", type=int, default=None, help="input size instead of each model's default")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(run=_models)
+    from vhist.train.cli import add_eval_parser, add_train_parser
+
+    add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
 
 

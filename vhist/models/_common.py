@@ -1,0 +1,80 @@
+"""Pieces shared by the model families: channel scaling, the (conv, BN) pair in
+torchvision's ``Conv2dNormActivation`` layout, and a feature runner that fuses
+conv + ReLU into one vhist op."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vhist import nn as vnn
+from vhist.nn import functional as VF
+
+
+def scaled(channels: int, divisor: int) -> int:
+    """``channels / divisor`` for the test-only ``channel_divisor`` knob.
+
+    Every width of a model goes through this, so concatenations and residual sums stay
+    consistent. It must divide exactly: a silent floor would break branch widths.
+    """
+    if divisor < 1 or channels % divisor:
+        raise ValueError(f"channel_divisor={divisor} does not divide the width {channels}")
+    return channels // divisor
+
+
+def check_image_size(name: str, image_size: int, minimum: int) -> int:
+    if not isinstance(image_size, int) or image_size < minimum:
+        raise ValueError(f"{name}: image_size must be an int >= {minimum}, got {image_size!r}")
+    return image_size
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d (no bias) at index 0 and BatchNorm2d at index 1, run as one fused
+    conv + BN + activation op. The layout (and so the state_dict keys ``0.weight``,
+    ``1.*``) is torchvision's ``Conv2dNormActivation``, whose activation module holds no
+    parameters."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: Optional[int] = None, groups: int = 1, activation: Optional[str] = "relu",
+                 eps: float = 1e-5):
+        if padding is None:
+            padding = (kernel_size - 1) // 2
+        super().__init__(vnn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups,
+                                    bias=False),
+                         vnn.BatchNorm2d(out_channels, eps=eps))
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return vnn.conv_bn_act(self[0], self[1], x, self.activation, residual)
+
+
+def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Runs a torchvision-style ``features`` Sequential, fusing each biased ``Conv2d``
+    that is directly followed by ``ReLU`` into one conv op with a ReLU epilogue (the
+    layout stays torchvision's, so state_dicts load unchanged)."""
+    layers = list(features)
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, vnn.Conv2d) and isinstance(nxt, nn.ReLU) and layer.padding_mode == "zeros":
+            x = VF.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+                          activation="relu")
+            i += 2
+        else:
+            x = layer(x)
+            i += 1
+    return x
+
+
+def init_conv_bn(module: nn.Module) -> None:
+    """Kaiming-normal (fan_out, ReLU) convs with zero bias, BN at (1, 0): He et al. 2015."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

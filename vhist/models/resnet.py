@@ -1,0 +1,159 @@
+"""ResNet (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016).
+
+Module names follow torchvision's ``torchvision.models.resnet`` (``conv1``, ``bn1``,
+``layer1.0.conv1``, ``layer1.0.downsample.0/.1``, ``fc``), so its state_dicts load with
+``strict=True``. Like torchvision (the "ResNet v1.5" variant), the Bottleneck puts its
+stride on the 3×3 conv. Each (conv, BN) pair runs as one fused conv + BN + activation op,
+and the last pair of every block adds the shortcut through the fused op's residual input:
+``relu(bn(conv(x)) + identity)`` in one call.
+
+Small inputs: for ``image_size <= 64`` the stem is that of the paper's CIFAR-10 nets
+(section 4.2) at ImageNet widths, as in the common CIFAR ResNet-18/50: ``conv1`` is 3×3,
+stride 1, padding 1, and there is no max-pool, so a 32 px input reaches layer4 at 4×4
+(the ImageNet stem would leave 1×1).
+Only ``conv1``'s weight shape changes (64·3·3·3 instead of 64·3·7·7).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vhist import nn as vnn
+from vhist.models._common import check_image_size, init_conv_bn, scaled
+from vhist.models._registry import register_model
+
+SMALL_MAX = 64  # image sizes up to this use the CIFAR stem
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1) -> vnn.Conv2d:
+    return vnn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convs; the second's BN output is added to the shortcut before the ReLU."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None):
+        super().__init__()
+        self.conv1 = _conv(inplanes, planes, 3, stride)
+        self.bn1 = vnn.BatchNorm2d(planes)
+        self.conv2 = _conv(planes, planes, 3)
+        self.bn2 = vnn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else vnn.conv_bn_act(
+            self.downsample[0], self.downsample[1], x, None)
+        out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
+        return vnn.conv_bn_act(self.conv2, self.bn2, out, "relu", residual=identity)
+
+
+class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3 (strided), 1×1 expand ×4; the shortcut joins the last fused op."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None):
+        super().__init__()
+        self.conv1 = _conv(inplanes, planes, 1)
+        self.bn1 = vnn.BatchNorm2d(planes)
+        self.conv2 = _conv(planes, planes, 3, stride)
+        self.bn2 = vnn.BatchNorm2d(planes)
+        self.conv3 = _conv(planes, planes * self.expansion, 1)
+        self.bn3 = vnn.BatchNorm2d(planes * self.expansion)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else vnn.conv_bn_act(
+            self.downsample[0], self.downsample[1], x, None)
+        out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
+        out = vnn.conv_bn_act(self.conv2, self.bn2, out, "relu")
+        return vnn.conv_bn_act(self.conv3, self.bn3, out, "relu", residual=identity)
+
+
+class ResNet(nn.Module):
+    """ResNet with torchvision's layout.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: blocks per stage.
+        num_classes: classifier outputs.
+        image_size: input resolution (224 by default); ``<= 64`` selects the CIFAR stem.
+        zero_init_residual: zero the last BN's gamma in every block (Goyal et al. 2017).
+        channel_divisor: test-only, not a paper knob: divides every width.
+    """
+
+    def __init__(self, block, layers, num_classes: int = 1000, image_size: int = 224,
+                 zero_init_residual: bool = False, channel_divisor: int = 1):
+        super().__init__()
+        check_image_size("resnet", image_size, 8)
+        self.small_input = image_size <= SMALL_MAX
+        widths = [scaled(w, channel_divisor) for w in (64, 128, 256, 512)]
+        self.inplanes = widths[0]
+        if self.small_input:
+            self.conv1 = _conv(3, widths[0], 3)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = vnn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = vnn.BatchNorm2d(widths[0])
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        init_conv_bn(self)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(_conv(self.inplanes, planes * block.expansion, 1, stride),
+                                       vnn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
+        x = self.maxpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _resnet(block, layers, num_classes, image_size, **kwargs) -> ResNet:
+    return ResNet(block, layers, num_classes=num_classes, image_size=image_size or 224, **kwargs)
+
+
+@register_model
+def resnet18(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
+    """ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
+    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, image_size, **kwargs)
+
+
+@register_model
+def resnet34(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
+    """ResNet-34 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
+    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, image_size, **kwargs)
+
+
+@register_model
+def resnet50(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
+    """ResNet-50 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, image_size, **kwargs)
+
+
+@register_model
+def resnet101(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
+    """ResNet-101 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, image_size, **kwargs)

@@ -1,0 +1,159 @@
+"""VGG (Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+Recognition", ICLR 2015): configurations A, A-LRN, B, D and E of the paper's Table 1, and
+the BatchNorm variants (a later addition, as in torchvision).
+
+Module names follow torchvision's ``torchvision.models.vgg`` (``features.<i>``,
+``avgpool``, ``classifier.<i>``), so its state_dicts load with ``strict=True``. Each
+biased conv directly followed by ReLU runs as one conv op with a ReLU epilogue; in the
+``_bn`` variants the conv keeps its bias (as torchvision's does) and is followed by the
+vhist BatchNorm2d. ``vgg11_lrn`` (A-LRN) puts a LocalResponseNorm with AlexNet's
+parameters (k=2, n=5, alpha=1e-4, beta=0.75, as the paper's section 2.2 specifies) after the first
+conv's ReLU; it has no torchvision counterpart.
+
+Small inputs: five 2×2 max-pools take 32 px to 1×1. For ``image_size < 64`` the head is
+the usual CIFAR-VGG one: global average pool to 1×1 (instead of torchvision's adaptive
+pool to 7×7, which would copy the one pixel 49 times) and 512-wide hidden layers
+(``Linear(512, 512)``, ``Linear(512, 512)``, ``Linear(512, num_classes)``) instead of
+4096; the convolutional stack is unchanged. From 64 px up, the ImageNet head is used.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vhist import nn as vnn
+from vhist.models._common import check_image_size, init_conv_bn, run_features, scaled
+from vhist.models._registry import register_model
+
+CFGS = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+SMALL_BELOW = 64
+
+
+def make_layers(cfg, batch_norm: bool = False, lrn: bool = False, channel_divisor: int = 1) -> nn.Sequential:
+    """torchvision's ``features`` layout: [conv, (BN,) ReLU] per conv, MaxPool2d(2) per "M";
+    with ``lrn``, an AlexNet LRN after the first ReLU (configuration A-LRN)."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            continue
+        v = scaled(v, channel_divisor)
+        layers.append(vnn.Conv2d(in_channels, v, 3, padding=1))
+        if batch_norm:
+            layers.append(vnn.BatchNorm2d(v))
+        layers.append(nn.ReLU(inplace=True))
+        if lrn and in_channels == 3:
+            layers.append(vnn.LocalResponseNorm(5, alpha=5 * 1e-4, beta=0.75, k=2.0))
+        in_channels = v
+    return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """VGG with torchvision's layout.
+
+    Args:
+        features: the convolutional stack from :func:`make_layers`.
+        num_classes: classifier outputs.
+        image_size: input resolution (224 by default); ``< 64`` selects the CIFAR head.
+        dropout: dropout probability in the two hidden FC layers (0.5 in the paper).
+        channel_divisor: test-only, not a paper knob: divides every width.
+    """
+
+    def __init__(self, features: nn.Sequential, num_classes: int = 1000, image_size: int = 224,
+                 dropout: float = 0.5, channel_divisor: int = 1):
+        super().__init__()
+        check_image_size("vgg", image_size, 32)
+        self.small_input = image_size < SMALL_BELOW
+        self.features = features
+        last = scaled(512, channel_divisor)
+        if self.small_input:
+            pool, hidden, flat = 1, scaled(512, channel_divisor), last
+        else:
+            pool, hidden, flat = 7, scaled(4096, channel_divisor), last * 49
+        self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, hidden), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes))
+        init_conv_bn(self)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(run_features(self.features, x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def _vgg(cfg: str, batch_norm: bool, num_classes: int, image_size: Optional[int], lrn: bool = False,
+         channel_divisor: int = 1, **kwargs) -> VGG:
+    features = make_layers(CFGS[cfg], batch_norm, lrn, channel_divisor)
+    return VGG(features, num_classes, image_size or 224, channel_divisor=channel_divisor, **kwargs)
+
+
+_PAPER = '(Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition", ICLR 2015)'
+
+
+@register_model
+def vgg11(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("A", False, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg11_lrn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("A", False, num_classes, image_size, lrn=True, **kwargs)
+
+
+@register_model
+def vgg13(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("B", False, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("D", False, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg19(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("E", False, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg11_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("A", True, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg13_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("B", True, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg16_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("D", True, num_classes, image_size, **kwargs)
+
+
+@register_model
+def vgg19_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+    return _vgg("E", True, num_classes, image_size, **kwargs)
+
+
+vgg11.__doc__ = f"VGG-11, configuration A {_PAPER}."
+vgg11_lrn.__doc__ = f"VGG-11 with LRN, configuration A-LRN {_PAPER}."
+vgg13.__doc__ = f"VGG-13, configuration B {_PAPER}."
+vgg16.__doc__ = f"VGG-16, configuration D {_PAPER}."
+vgg19.__doc__ = f"VGG-19, configuration E {_PAPER}."
+vgg11_bn.__doc__ = f"VGG-11 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration A {_PAPER}."
+vgg13_bn.__doc__ = f"VGG-13 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration B {_PAPER}."
+vgg16_bn.__doc__ = f"VGG-16 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration D {_PAPER}."
+vgg19_bn.__doc__ = f"VGG-19 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration E {_PAPER}."

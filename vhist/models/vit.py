@@ -1,0 +1,184 @@
+"""Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers
+for Image Recognition at Scale", ICLR 2021): ViT-Ti/16, ViT-S/16 (the DeiT widths,
+Touvron et al. 2021) and ViT-B/16.
+
+Module names follow torchvision's ``torchvision.models.vision_transformer``
+(``conv_proj``, ``class_token``, ``encoder.pos_embedding``,
+``encoder.layers.encoder_layer_<i>.{ln_1, self_attention, ln_2, mlp.0, mlp.3}``,
+``encoder.ln``, ``heads.head``), so its state_dicts (``vit_b_16``) load with
+``strict=True``. The tiny/small/base counts (5,717,416 / 22,050,664 / 86,567,656) equal
+timm's ``vit_*_patch16_224``: both layouts hold the same tensors (timm's fused ``qkv`` is
+torchvision's ``in_proj``); :func:`timm_to_vhist` maps a timm state_dict onto ours.
+
+The patch embedding is a 16×16/16 conv on the vhist conv op. Attention uses
+``nn.MultiheadAttention``'s parameters (``in_proj_weight``/``in_proj_bias``,
+``out_proj``) but runs as one packed projection and
+``F.scaled_dot_product_attention``. The classifier head is initialized with a truncated
+normal (std 0.02, as timm) instead of torchvision's zeros, so that every parameter gets a
+gradient from the first step.
+
+Small inputs: the position embedding always has ``(image_size / patch)^2 + 1`` entries.
+For ``image_size < 64`` the default patch is 4×4 instead of 16×16 (32 px → 8×8 = 64
+tokens, the usual CIFAR ViT setting); ``conv_proj`` then has 3·4·4 inputs per output.
+Pass ``patch_size`` to choose it explicitly.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vhist import nn as vnn
+from vhist.models._common import check_image_size, scaled
+from vhist.models._registry import register_model
+
+SMALL_BELOW = 64
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameters, computed
+    through ``F.scaled_dot_product_attention`` (batch-first inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        b, n, d = x.shape
+        h = self.num_heads
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLPBlock(nn.Sequential):
+    """Linear → GELU → Dropout → Linear → Dropout (torchvision's indices 0..4)."""
+
+    def __init__(self, dim: int, mlp_dim: int, dropout: float):
+        super().__init__(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim),
+                         nn.Dropout(dropout))
+        for m in (self[0], self[3]):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.normal_(m.bias, std=1e-6)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + MSA(LN(x)), then + MLP(LN(.)) (Eqs. 2-3)."""
+
+    def __init__(self, num_heads: int, dim: int, mlp_dim: int, dropout: float, attention_dropout: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = SelfAttention(dim, num_heads, dropout=attention_dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attention(self.ln_1(x)))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, seq_length: int, num_layers: int, num_heads: int, dim: int, mlp_dim: int,
+                 dropout: float, attention_dropout: float):
+        super().__init__()
+        self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, dim).normal_(std=0.02))
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.Sequential(OrderedDict(
+            (f"encoder_layer_{i}", EncoderBlock(num_heads, dim, mlp_dim, dropout, attention_dropout))
+            for i in range(num_layers)))
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with torchvision's layout.
+
+    Args:
+        image_size: input resolution (224 by default).
+        patch_size: patch side; default 16, or 4 for ``image_size < 64``.
+        num_layers, num_heads, hidden_dim, mlp_dim: the encoder's shape.
+        num_classes: classifier outputs.
+        dropout, attention_dropout: dropout rates (0 by default).
+        channel_divisor: test-only, not a paper knob: divides hidden_dim and mlp_dim.
+    """
+
+    def __init__(self, image_size: int, patch_size: Optional[int], num_layers: int, num_heads: int,
+                 hidden_dim: int, mlp_dim: int, num_classes: int = 1000, dropout: float = 0.0,
+                 attention_dropout: float = 0.0, channel_divisor: int = 1):
+        super().__init__()
+        check_image_size("vit", image_size, 8)
+        if patch_size is None:
+            patch_size = 4 if image_size < SMALL_BELOW else 16
+        if image_size % patch_size:
+            raise ValueError(f"vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
+        hidden_dim, mlp_dim = scaled(hidden_dim, channel_divisor), scaled(mlp_dim, channel_divisor)
+        if hidden_dim % num_heads:
+            raise ValueError(f"vit: hidden_dim {hidden_dim} is not a multiple of num_heads {num_heads}")
+        self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, hidden_dim
+        self.conv_proj = vnn.Conv2d(3, hidden_dim, patch_size, patch_size)
+        fan_in = 3 * patch_size * patch_size
+        nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
+        nn.init.zeros_(self.conv_proj.bias)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        seq_length = (image_size // patch_size) ** 2 + 1
+        self.encoder = Encoder(seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout)
+        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(hidden_dim, num_classes)))
+        nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
+        nn.init.zeros_(self.heads.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x)  # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.heads(self.encoder(x)[:, 0])
+
+
+def timm_to_vhist(state_dict: dict) -> dict:
+    """Maps a timm ``VisionTransformer`` state_dict (``vit_*_patch16_224``: ``cls_token``,
+    ``pos_embed``, ``patch_embed.proj``, ``blocks.<i>.{norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2}``, ``norm``, ``head``) onto this module's keys."""
+    out = {}
+    for key, value in state_dict.items():
+        new = (key.replace("cls_token", "class_token").replace("pos_embed", "encoder.pos_embedding")
+               .replace("patch_embed.proj", "conv_proj").replace("attn.qkv.weight", "self_attention.in_proj_weight")
+               .replace("attn.qkv.bias", "self_attention.in_proj_bias").replace("attn.proj", "self_attention.out_proj")
+               .replace("norm1", "ln_1").replace("norm2", "ln_2").replace("mlp.fc1", "mlp.0")
+               .replace("mlp.fc2", "mlp.3"))
+        if new.startswith("blocks."):
+            _, i, rest = new.split(".", 2)
+            new = f"encoder.layers.encoder_layer_{i}.{rest}"
+        elif new.startswith("norm."):
+            new = "encoder.ln." + new[len("norm."):]
+        elif new.startswith("head."):
+            new = "heads." + new
+        out[new] = value
+    return out
+
+
+def _vit(num_classes, image_size, num_layers, num_heads, hidden_dim, mlp_dim, patch_size=None, depth=None,
+         **kwargs) -> VisionTransformer:
+    """``depth`` overrides the number of encoder layers (12): fewer only to make tests fast."""
+    return VisionTransformer(image_size or 224, patch_size, depth or num_layers, num_heads, hidden_dim, mlp_dim,
+                             num_classes=num_classes, **kwargs)
+
+
+@register_model
+def vit_tiny_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+    """ViT-Ti/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; widths of DeiT-Ti)."""
+    return _vit(num_classes, image_size, 12, 3, 192, 768, **kwargs)
+
+
+@register_model
+def vit_small_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+    """ViT-S/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; widths of DeiT-S)."""
+    return _vit(num_classes, image_size, 12, 6, 384, 1536, **kwargs)
+
+
+@register_model
+def vit_base_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+    """ViT-B/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021)."""
+    return _vit(num_classes, image_size, 12, 12, 768, 3072, **kwargs)
