@@ -1,0 +1,136 @@
+"""``vhist train`` and ``vhist eval`` argument parsing (argparse)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vhist.train.recipes import RECIPES, describe_recipes
+from vhist.train.transforms import AUGMENTATIONS
+
+TRAIN_EPILOG = """\
+recipes (every field can be overridden; the resolved recipe is printed at the start of
+each run and saved in config.json):
+{recipes}
+
+data (--data):
+  PATH to cifar-10-batches-py / cifar-100-python (or a folder containing one),
+  PATH to an image-folder tree: ROOT/train/<class>/*.JPEG with ROOT/val/ (Imagenette:
+  imagenette2, imagenette2-160, imagenette2-320) or ROOT/test/ as the test set,
+  or synthetic[:classes=10,size=32,train=512,test=128].
+  The validation split (--val-fraction of train, seeded, per class) selects the best
+  epoch; the test set is evaluated once, at the end.
+  CIFAR data keeps its 32 px and uses pad-and-crop unless --image-size / --augment say
+  otherwise.
+
+examples:
+  vhist train --model alexnet --data ~/data/imagenette2-320 --recipe seed-alexnet
+  vhist train --model inception_v3 --data ~/data/cifar-10-batches-py --recipe paper-inception-v3
+  torchrun --nproc_per_node=4 -m vhist train --model vgg16_bn --data ... --sync-bn
+  vhist train --resume runs/<run>/last.pt
+  vhist eval --checkpoint runs/<run>/best.pt --data ~/data/imagenette2-320
+"""
+
+# CLI flag → recipe field, for the overrides.
+RECIPE_FLAGS = {
+    "optimizer": (str, "sgd, adamw or rmsprop"),
+    "lr": (float, "base learning rate"),
+    "momentum": (float, "SGD / RMSProp momentum"),
+    "weight_decay": (float, "weight decay"),
+    "batch_size": (int, "batch size per process"),
+    "epochs": (int, "number of epochs"),
+    "image_size": (int, "training and evaluation resolution"),
+    "schedule": (str, "step, cosine or constant"),
+    "step_epochs": (int, "step schedule: epochs between decays"),
+    "gamma": (float, "step schedule: decay factor"),
+    "warmup_epochs": (float, "linear warm-up epochs"),
+    "label_smoothing": (float, "label smoothing of the cross-entropy"),
+    "grad_clip": (float, "clip the gradient norm to this (0: off)"),
+    "augment": (str, f"training augmentation: {', '.join(AUGMENTATIONS)}"),
+    "amp": (str, "auto (bf16 on GPU, off on CPU), bf16, fp16 or off"),
+}
+
+
+def add_train_parser(commands) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        "train", help="train a model (recipes: " + ", ".join(RECIPES) + ")",
+        description="Train a zoo model on Imagenette, CIFAR, any image-folder tree or synthetic data.",
+        epilog=TRAIN_EPILOG.format(recipes=describe_recipes()), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model name (vhist.list_models())")
+    p.add_argument("--data", help="dataset spec (see below)")
+    p.add_argument("--recipe", default="modern", choices=list(RECIPES), help="named recipe (default: modern)")
+    g = p.add_argument_group("recipe overrides")
+    for name, (typ, text) in RECIPE_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="SGD Nesterov momentum")
+    r = p.add_argument_group("run")
+    r.add_argument("--seed", type=int, default=0, help="seed for weights, split, data order, augmentation")
+    r.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out for validation")
+    r.add_argument("--out-dir", default="runs", help="parent folder of run folders (default: runs)")
+    r.add_argument("--run-name", help="run folder name (default: MODEL-RECIPE-TIMESTAMP)")
+    r.add_argument("--resume", metavar="CHECKPOINT", help="continue a run bit-for-bit from its last.pt")
+    r.add_argument("--stop-after-epochs", type=int, help="end this invocation after N epochs (resumable)")
+    r.add_argument("--log-every", type=int, default=10, help="steps between progress / NaN checks")
+    d = p.add_argument_group("device and data loading")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    d.add_argument("--backend", choices=["triton", "cuda", "torch"], help="vhist op backend (default per device)")
+    d.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last activations (default: on GPU)")
+    d.add_argument("--sync-bn", action="store_true", help="synchronize BatchNorm statistics across processes")
+    d.add_argument("--workers", type=int, help="data loader processes (default: 8 on GPU, 0 on CPU)")
+    d.add_argument("--cache", action="store_true",
+                   help="decode once into a uint8 cache at a fixed resolution; augment on the device")
+    d.add_argument("--cache-dir", help="where the uint8 cache lives (default: DATA/.vhist-cache)")
+    d.add_argument("--bench-loader", type=int, default=0, metavar="BATCHES",
+                   help="only measure the data loader's img/s over BATCHES batches, then exit")
+    d.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (needed for bitwise resume on GPU)")
+    p.set_defaults(run=run_train)
+    return p
+
+
+def add_eval_parser(commands) -> argparse.ArgumentParser:
+    p = commands.add_parser("eval", help="evaluate a checkpoint (top-1 / top-5)",
+                            description="Evaluate a vhist training checkpoint on a dataset split.")
+    p.add_argument("--checkpoint", required=True, help="a best.pt / last.pt of a run")
+    p.add_argument("--data", help="dataset spec (default: the one the run trained on)")
+    p.add_argument("--split", default="test", choices=["test", "val", "train"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", choices=["triton", "cuda", "torch"])
+    p.set_defaults(run=run_eval)
+    return p
+
+
+def run_train(args) -> int:
+    from vhist.train.data import DatasetError
+    from vhist.train.engine import TrainConfig, train
+
+    overrides = {k: getattr(args, k) for k in [*RECIPE_FLAGS, "nesterov"] if getattr(args, k) is not None}
+    cfg = TrainConfig(model=args.model, data=args.data, recipe=args.recipe, overrides=overrides,
+                      out_dir=args.out_dir, run_name=args.run_name, seed=args.seed, val_fraction=args.val_fraction,
+                      workers=args.workers, device=args.device, backend=args.backend,
+                      channels_last=args.channels_last, sync_bn=args.sync_bn, cache=args.cache,
+                      cache_dir=args.cache_dir, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+                      bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every)
+    try:
+        summary = train(cfg)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"vhist train: error: {exc}", file=sys.stderr)
+        return 2
+    return summary["exit_code"]
+
+
+def run_eval(args) -> int:
+    from vhist.train.data import DatasetError
+    from vhist.train.engine import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.workers,
+                                     args.device, args.backend)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"vhist eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
