@@ -10,8 +10,6 @@ gpu-marked tests in test_depthwise.py. Skipped only when nvcc is absent outside 
 """
 import ctypes
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -19,12 +17,10 @@ import torch.nn.functional as F
 
 from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
 
-from utils import assert_close
+from utils import assert_close, build_host_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "csrc_host", "depthwise_host.cu")
-NVCC = os.environ.get("NVCC") or shutil.which("nvcc")
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 CASES = [
     # (N, C_in, H, W, multiplier, kernel, stride, padding, dilation, memory format)
@@ -40,16 +36,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    if NVCC is None:
-        if IN_CI:
-            pytest.fail("CI is set but nvcc was not found")
-        pytest.skip("nvcc not found (outside CI)")
-    out = tmp_path_factory.mktemp("depthwise_host") / "depthwise_host.so"
-    proc = subprocess.run([NVCC, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17",
-                           "-gencode=arch=compute_80,code=sm_80", "-o", str(out), HARNESS],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lib = ctypes.CDLL(str(out))
+    lib = build_host_library(HARNESS, tmp_path_factory.mktemp("depthwise_host"))
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.vhist_depthwise_fwd_host.argtypes = [ptr] * 9
     lib.vhist_depthwise_bwd_input_host.argtypes = [ptr] * 8

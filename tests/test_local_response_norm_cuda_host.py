@@ -10,19 +10,15 @@ in test_local_response_norm.py. Skipped only when nvcc is absent outside CI.
 import ctypes
 import importlib
 import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import assert_close
+from utils import assert_close, build_host_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "csrc_host", "local_response_norm_host.cu")
-NVCC = os.environ.get("NVCC") or shutil.which("nvcc")
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 lrn_module = importlib.import_module("vhist.ops.local_response_norm")
 
 CASES = [
@@ -40,16 +36,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def host_lib(tmp_path_factory):
-    if NVCC is None:
-        if IN_CI:
-            pytest.fail("CI is set but nvcc was not found")
-        pytest.skip("nvcc not found (outside CI)")
-    out = tmp_path_factory.mktemp("lrn_host") / "lrn_host.so"
-    proc = subprocess.run([NVCC, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17",
-                           "-gencode=arch=compute_80,code=sm_80", "-o", str(out), HARNESS],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lib = ctypes.CDLL(str(out))
+    lib = build_host_library(HARNESS, tmp_path_factory.mktemp("lrn_host"))
     i64, dbl, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
     lib.vhist_lrn_fwd_host.argtypes = [i32, ptr, ptr] + [i64] * 6 + [i32, i32, dbl, dbl, dbl]
     lib.vhist_lrn_bwd_host.argtypes = [i32, ptr, ptr, ptr] + [i64] * 6 + [i32, i32, dbl, dbl, dbl]

@@ -1,4 +1,11 @@
-"""Comparison helpers that say where and by how much a result is off."""
+"""Comparison helpers that say where and by how much a result is off, and the nvcc
+host build of the CUDA kernels' per-thread code."""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
 import torch
 
 
@@ -30,3 +37,23 @@ def assert_low_precision_close(ours, theirs, reference, *, factor, name="tensor"
     ours_err, theirs_err = max_error(ours, reference), max_error(theirs, reference)
     assert ours_err <= factor * theirs_err + floor, (
         f"{name}: our max error {ours_err:.3e} > {factor} x PyTorch's {theirs_err:.3e}")
+
+
+def build_host_library(harness: str, out_dir) -> ctypes.CDLL:
+    """Builds a tests/csrc_host/*.cu harness (the __host__ __device__ code of a CUDA
+    kernel, driven by host loops) into a shared library with nvcc and loads it.
+
+    Skips the calling test only when nvcc is absent outside CI; under CI=true that fails.
+    """
+
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if nvcc is None:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail("CI is set but nvcc was not found")
+        pytest.skip("nvcc not found (outside CI)")
+    out = os.path.join(str(out_dir), os.path.basename(harness).replace(".cu", ".so"))
+    proc = subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-O2", "-std=c++17",
+                           "-gencode=arch=compute_80,code=sm_80", "-o", out, harness],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return ctypes.CDLL(out)
