@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
+from .batch_norm import _activate, _activation_grad_mask
 
 ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
 
@@ -27,26 +28,6 @@ BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
 FWD_KEY = ["C_out", "OH", "OW", "BLOCK_P", "TILES"]
 BWD_KEY = ["C_in", "C_out", "H", "W", "OH", "OW"]
-
-
-@triton.jit
-def _activate(y, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:
-        y = tl.maximum(y, 0.0)
-    elif ACTIVATION == 2:
-        y = tl.minimum(tl.maximum(y, 0.0), 6.0)
-    return y
-
-
-@triton.jit
-def _activation_grad(dy, out, ACTIVATION: tl.constexpr):
-    # Masks from the activation's *output*, as PyTorch's threshold/hardtanh backward:
-    # ReLU passes where out > 0, ReLU6 where 0 < out < 6 (out == 6 means pre >= 6).
-    if ACTIVATION == 1:
-        dy = tl.where(out > 0.0, dy, 0.0)
-    elif ACTIVATION == 2:
-        dy = tl.where((out > 0.0) & (out < 6.0), dy, 0.0)
-    return dy
 
 
 @triton.jit
@@ -180,7 +161,8 @@ def _depthwise_bwd_input_kernel(
                 offs = dy_base + (oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None]
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
                 if ACTIVATION != 0:
-                    dy = _activation_grad(dy, tl.load(Out + offs, mask=mask, other=0.0).to(ACC), ACTIVATION)
+                    out = tl.load(Out + offs, mask=mask, other=0.0).to(ACC)
+                    dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
                 w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
                 acc += dy * w[None, :]
     dx_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
@@ -226,7 +208,8 @@ def _depthwise_bwd_weight_reduce_kernel(
                       + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
             dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
             if ACTIVATION != 0:
-                dy = _activation_grad(dy, tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC), ACTIVATION)
+                out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
+                dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
             if tap < KH * KW:
                 ih = oh * sh - ph + (tap // KW) * dh
                 iw = ow * sw - pw + (tap % KW) * dw
