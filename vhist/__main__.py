@@ -32,7 +32,7 @@ def model_stats(name: str, image_size: int | None = None) -> dict:
     # (autocast checks) need a real device type, and fake tensors compute nothing.
     with torch.device("meta"):
         model = vhist.create_model(name, image_size=image_size).eval()
-    size = image_size or default_image_size(model)
+    size = image_size or vhist.models.model_config(name).image_size
     counter = FlopCounterMode(display=False)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")
@@ -44,17 +44,10 @@ def model_stats(name: str, image_size: int | None = None) -> dict:
 
 
 def default_image_size(model) -> int:
-    """The paper's input size of a zoo model (227 AlexNet, 299 Inception-v3/v4/ResNet, else 224)."""
-    from vhist.models.alexnet import AlexNet
-    from vhist.models.inception_resnet import InceptionResNet
-    from vhist.models.inception_v3 import Inception3
-    from vhist.models.inception_v4 import InceptionV4
-
-    if isinstance(model, AlexNet):
-        return 227
-    if isinstance(model, (Inception3, InceptionV4, InceptionResNet)):
-        return 299
-    return 224
+    """The paper's input size of a zoo model built by :func:`vhist.create_model`, as its
+    registration records it (224 for a module not built by the registry)."""
+    config = getattr(model, "default_config", None)
+    return config.image_size if config is not None else 224
 
 
 def _models(args) -> int:

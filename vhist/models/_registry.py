@@ -1,22 +1,49 @@
-"""Model registry: ``@register_model`` entrypoints, :func:`create_model`, :func:`list_models`."""
+"""Model registry: ``@register_model`` entrypoints with their default configuration,
+:func:`create_model`, :func:`list_models`, :func:`model_config`."""
 from __future__ import annotations
 
+import difflib
 import fnmatch
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What a model's registration records, as timm's default configs do.
+
+    Attributes:
+        image_size: the paper's input resolution, used when ``image_size`` is None.
+        small_below: inputs smaller than this switch the stem to the family's
+            small-input (CIFAR-style) variant.
+    """
+
+    image_size: int = 224
+    small_below: int = 64
+
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_CONFIGS: dict[str, ModelConfig] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Registers ``fn`` under its function name. Entrypoints take ``num_classes``,
-    ``image_size`` (None for the paper's size) and model-specific keyword arguments."""
-    name = fn.__name__
-    if name in _MODELS:
-        raise ValueError(f"model {name!r} is registered twice")
-    _MODELS[name] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *, image_size: int = 224, small_below: int = 64):
+    """Registers an entrypoint under its function name, with its default configuration.
+
+    Used bare (``@register_model``: 224 px, small stem below 64) or with the model's
+    values (``@register_model(image_size=299, small_below=75)``). Entrypoints take
+    ``num_classes``, ``image_size`` and model-specific keyword arguments.
+    """
+    def register(entry: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = entry.__name__
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = entry
+        _CONFIGS[name] = ModelConfig(image_size, small_below)
+        return entry
+
+    return register(fn) if fn is not None else register
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -25,8 +52,29 @@ def list_models(pattern: str | None = None) -> list[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
+def unknown_model_message(name: str) -> str:
+    """``unknown model 'x'`` with the closest registered names (difflib)."""
+    close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.6)
+    family = [n for n in sorted(_MODELS) if name.split("_")[0] and n.startswith(name.split("_")[0])]
+    close += [n for n in family if n not in close][:max(0, 5 - len(close))]
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown model {name!r}; {hint}`vhist models` lists them all"
+
+
+def model_config(name: str) -> ModelConfig:
+    """The default configuration ``name`` was registered with.
+
+    Raises:
+        ValueError: for an unknown name (the message lists close matches).
+    """
+    if name not in _MODELS:
+        raise ValueError(unknown_model_message(name))
+    return _CONFIGS[name]
+
+
 def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, **kwargs) -> nn.Module:
-    """Builds the registered model ``name``.
+    """Builds the registered model ``name``; the model's ``default_config`` attribute
+    holds its :class:`ModelConfig`.
 
     Args:
         name: a name from :func:`list_models`.
@@ -38,8 +86,7 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
     Raises:
         ValueError: for an unknown name (the message lists close matches).
     """
-    if name not in _MODELS:
-        close = [n for n in _MODELS if name.split("_")[0] in n][:8]
-        raise ValueError(f"unknown model {name!r}; " + (f"did you mean one of {close}? " if close else "")
-                         + "see vhist.list_models()")
-    return _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    config = model_config(name)
+    model = _MODELS[name](num_classes=num_classes, image_size=image_size or config.image_size, **kwargs)
+    model.default_config = config
+    return model

@@ -32,6 +32,7 @@ from vhist.models._common import check_image_size, run_features, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 128
+IMAGE_SIZE = 227
 
 
 def _pool(size: int) -> int:
@@ -91,13 +92,13 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(run_features(self.features, x), 1))
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def alexnet(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> AlexNet:
     """AlexNet, two towers (Krizhevsky et al., "ImageNet Classification with Deep CNNs", NeurIPS 2012)."""
-    return AlexNet(num_classes, image_size or 227, towers=2, **kwargs)
+    return AlexNet(num_classes, image_size or IMAGE_SIZE, towers=2, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def alexnet_single_tower(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> AlexNet:
     """AlexNet in one tower (Krizhevsky et al., "ImageNet Classification with Deep CNNs", NeurIPS 2012)."""
-    return AlexNet(num_classes, image_size or 227, towers=1, **kwargs)
+    return AlexNet(num_classes, image_size or IMAGE_SIZE, towers=1, **kwargs)

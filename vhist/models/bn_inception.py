@@ -31,6 +31,7 @@ from vhist.models._common import check_image_size, init_conv_bn, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 64
+IMAGE_SIZE = 224
 
 # Figure 5 of the paper: (#1×1, #3×3 reduce, #3×3, double #3×3 reduce, double #3×3,
 # pool, pool proj, stride). #1×1 = 0 and proj = 0 mark the stride-2 modules, whose pool
@@ -143,7 +144,7 @@ class BNInception(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def bn_inception(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> BNInception:
     """BN-Inception (Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training", ICML 2015)."""
-    return BNInception(num_classes, image_size or 224, **kwargs)
+    return BNInception(num_classes, image_size or IMAGE_SIZE, **kwargs)

@@ -42,6 +42,7 @@ from vhist.models._common import check_image_size, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 75
+IMAGE_SIZE = 299
 Scales = Union[float, Sequence[float]]
 
 
@@ -252,13 +253,13 @@ class InceptionResNet(nn.Module):
         return self.classif(self.head_drop(x))
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def inception_resnet_v1(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> InceptionResNet:
     """Inception-ResNet-v1 (Szegedy et al., "Inception-v4, Inception-ResNet and ...", AAAI 2017)."""
-    return InceptionResNet(1, num_classes, image_size or 299, **kwargs)
+    return InceptionResNet(1, num_classes, image_size or IMAGE_SIZE, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def inception_resnet_v2(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> InceptionResNet:
     """Inception-ResNet-v2 (Szegedy et al., "Inception-v4, Inception-ResNet and ...", AAAI 2017)."""
-    return InceptionResNet(2, num_classes, image_size or 299, **kwargs)
+    return InceptionResNet(2, num_classes, image_size or IMAGE_SIZE, **kwargs)

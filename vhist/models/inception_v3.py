@@ -38,6 +38,7 @@ from vhist.models._registry import register_model
 
 InceptionOutputs = namedtuple("InceptionOutputs", ["logits", "aux_logits"])
 SMALL_BELOW = 75
+IMAGE_SIZE = 299
 
 
 def BasicConv2d(cin: int, cout: int, kernel_size, stride=1, padding=0) -> vnn.ConvBNAct:
@@ -236,7 +237,7 @@ class Inception3(nn.Module):
         return InceptionOutputs(x, aux) if aux is not None else x
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def inception_v3(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> Inception3:
     """Inception-v3 (Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", CVPR 2016)."""
-    return Inception3(num_classes, image_size or 299, **kwargs)
+    return Inception3(num_classes, image_size or IMAGE_SIZE, **kwargs)

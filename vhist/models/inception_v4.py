@@ -27,6 +27,7 @@ from vhist.models._common import check_image_size, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 75
+IMAGE_SIZE = 299
 
 
 def conv_block(cin: int, cout: int, kernel_size, stride=1, padding=0) -> vnn.ConvBNAct:
@@ -199,7 +200,7 @@ class InceptionV4(nn.Module):
         return self.last_linear(self.head_drop(x))
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def inception_v4(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> InceptionV4:
     """Inception-v4 (Szegedy et al., "Inception-v4, Inception-ResNet and the Impact of Residual Connections", AAAI 2017)."""
-    return InceptionV4(num_classes, image_size or 299, **kwargs)
+    return InceptionV4(num_classes, image_size or IMAGE_SIZE, **kwargs)

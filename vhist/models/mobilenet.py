@@ -33,6 +33,7 @@ from vhist.models._common import ConvNormAct, check_image_size, init_conv_bn
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 64
+IMAGE_SIZE = 224
 
 
 class DepthwiseSeparable(nn.Module):
@@ -162,13 +163,13 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def mobilenet_v1(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> MobileNetV1:
     """MobileNetV1 (Howard et al., "MobileNets: Efficient CNNs for Mobile Vision Applications", 2017)."""
-    return MobileNetV1(num_classes, image_size or 224, **kwargs)
+    return MobileNetV1(num_classes, image_size or IMAGE_SIZE, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def mobilenet_v2(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> MobileNetV2:
     """MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018)."""
-    return MobileNetV2(num_classes, image_size or 224, **kwargs)
+    return MobileNetV2(num_classes, image_size or IMAGE_SIZE, **kwargs)

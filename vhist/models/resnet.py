@@ -25,6 +25,7 @@ from vhist.models._common import check_image_size, init_conv_bn, scaled
 from vhist.models._registry import register_model
 
 SMALL_MAX = 64  # image sizes up to this use the CIFAR stem
+IMAGE_SIZE = 224
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> vnn.Conv2d:
@@ -132,28 +133,20 @@ class ResNet(nn.Module):
 
 
 def _resnet(block, layers, num_classes, image_size, **kwargs) -> ResNet:
-    return ResNet(block, layers, num_classes=num_classes, image_size=image_size or 224, **kwargs)
+    return ResNet(block, layers, num_classes=num_classes, image_size=image_size or IMAGE_SIZE, **kwargs)
 
 
-@register_model
-def resnet18(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
-    """ResNet-18 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
-    return _resnet(BasicBlock, [2, 2, 2, 2], num_classes, image_size, **kwargs)
+def _entrypoint(name: str, block, layers: list[int]):
+    def entry(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
+        return _resnet(block, layers, num_classes, image_size, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f'ResNet-{name[6:]} (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016).'
+    return register_model(entry, image_size=IMAGE_SIZE, small_below=SMALL_MAX + 1)
 
 
-@register_model
-def resnet34(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
-    """ResNet-34 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
-    return _resnet(BasicBlock, [3, 4, 6, 3], num_classes, image_size, **kwargs)
-
-
-@register_model
-def resnet50(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
-    """ResNet-50 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
-    return _resnet(Bottleneck, [3, 4, 6, 3], num_classes, image_size, **kwargs)
-
-
-@register_model
-def resnet101(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> ResNet:
-    """ResNet-101 (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016)."""
-    return _resnet(Bottleneck, [3, 4, 23, 3], num_classes, image_size, **kwargs)
+# name: (block, blocks per stage), the paper's Table 1
+_VARIANTS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+             "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3])}
+for _name, _variant in _VARIANTS.items():
+    globals()[_name] = _entrypoint(_name, *_variant)

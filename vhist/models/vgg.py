@@ -34,6 +34,7 @@ CFGS = {
     "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 SMALL_BELOW = 64
+IMAGE_SIZE = 224
 
 
 def make_layers(cfg, batch_norm: bool = False, lrn: bool = False, channel_divisor: int = 1) -> nn.Sequential:
@@ -97,63 +98,33 @@ class VGG(nn.Module):
 def _vgg(cfg: str, batch_norm: bool, num_classes: int, image_size: Optional[int], lrn: bool = False,
          channel_divisor: int = 1, **kwargs) -> VGG:
     features = make_layers(CFGS[cfg], batch_norm, lrn, channel_divisor)
-    return VGG(features, num_classes, image_size or 224, channel_divisor=channel_divisor, **kwargs)
+    return VGG(features, num_classes, image_size or IMAGE_SIZE, channel_divisor=channel_divisor, **kwargs)
 
 
 _PAPER = '(Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition", ICLR 2015)'
 
 
-@register_model
-def vgg11(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("A", False, num_classes, image_size, **kwargs)
+def _entrypoint(name: str, cfg: str, batch_norm: bool, lrn: bool, doc: str):
+    def entry(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
+        return _vgg(cfg, batch_norm, num_classes, image_size, lrn=lrn, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{doc} {_PAPER}."
+    return register_model(entry, image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 
 
-@register_model
-def vgg11_lrn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("A", False, num_classes, image_size, lrn=True, **kwargs)
-
-
-@register_model
-def vgg13(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("B", False, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("D", False, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg19(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("E", False, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg11_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("A", True, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg13_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("B", True, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg16_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("D", True, num_classes, image_size, **kwargs)
-
-
-@register_model
-def vgg19_bn(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VGG:
-    return _vgg("E", True, num_classes, image_size, **kwargs)
-
-
-vgg11.__doc__ = f"VGG-11, configuration A {_PAPER}."
-vgg11_lrn.__doc__ = f"VGG-11 with LRN, configuration A-LRN {_PAPER}."
-vgg13.__doc__ = f"VGG-13, configuration B {_PAPER}."
-vgg16.__doc__ = f"VGG-16, configuration D {_PAPER}."
-vgg19.__doc__ = f"VGG-19, configuration E {_PAPER}."
-vgg11_bn.__doc__ = f"VGG-11 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration A {_PAPER}."
-vgg13_bn.__doc__ = f"VGG-13 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration B {_PAPER}."
-vgg16_bn.__doc__ = f"VGG-16 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration D {_PAPER}."
-vgg19_bn.__doc__ = f"VGG-19 with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration E {_PAPER}."
+_BN = "with BatchNorm after every conv (Ioffe & Szegedy 2015), configuration"
+# name: (configuration, batch_norm, lrn, docstring)
+_VARIANTS = {
+    "vgg11": ("A", False, False, "VGG-11, configuration A"),
+    "vgg11_lrn": ("A", False, True, "VGG-11 with LRN, configuration A-LRN"),
+    "vgg13": ("B", False, False, "VGG-13, configuration B"),
+    "vgg16": ("D", False, False, "VGG-16, configuration D"),
+    "vgg19": ("E", False, False, "VGG-19, configuration E"),
+    "vgg11_bn": ("A", True, False, f"VGG-11 {_BN} A"),
+    "vgg13_bn": ("B", True, False, f"VGG-13 {_BN} B"),
+    "vgg16_bn": ("D", True, False, f"VGG-16 {_BN} D"),
+    "vgg19_bn": ("E", True, False, f"VGG-19 {_BN} E"),
+}
+for _name, _variant in _VARIANTS.items():
+    globals()[_name] = _entrypoint(_name, *_variant)

@@ -37,6 +37,7 @@ from vhist.models._common import check_image_size, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 64
+IMAGE_SIZE = 224
 
 
 class SelfAttention(nn.MultiheadAttention):
@@ -162,23 +163,23 @@ def timm_to_vhist(state_dict: dict) -> dict:
 def _vit(num_classes, image_size, num_layers, num_heads, hidden_dim, mlp_dim, patch_size=None, depth=None,
          **kwargs) -> VisionTransformer:
     """``depth`` overrides the number of encoder layers (12): fewer only to make tests fast."""
-    return VisionTransformer(image_size or 224, patch_size, depth or num_layers, num_heads, hidden_dim, mlp_dim,
+    return VisionTransformer(image_size or IMAGE_SIZE, patch_size, depth or num_layers, num_heads, hidden_dim, mlp_dim,
                              num_classes=num_classes, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def vit_tiny_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
     """ViT-Ti/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; widths of DeiT-Ti)."""
     return _vit(num_classes, image_size, 12, 3, 192, 768, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def vit_small_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
     """ViT-S/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; widths of DeiT-S)."""
     return _vit(num_classes, image_size, 12, 6, 384, 1536, **kwargs)
 
 
-@register_model
+@register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)
 def vit_base_patch16(num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> VisionTransformer:
     """ViT-B/16 (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021)."""
     return _vit(num_classes, image_size, 12, 12, 768, 3072, **kwargs)

@@ -124,7 +124,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from vhist.train.data import DatasetError
-    from vhist.train.engine import evaluate_checkpoint
+    from vhist.train.evaluation import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.workers,

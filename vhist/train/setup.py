@@ -1,0 +1,306 @@
+"""The set-up stage of ``vhist train``: one :class:`Run` with everything a run needs
+(model, loaders, optimizer, schedule, scaler, run folder, distributed info), built and
+validated before the run folder is created."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from vhist.train import checkpoint as ckpt
+from vhist.train import distributed as D
+from vhist.train.data import DataBundle, EpochBatches, SampleSet, build_cache, load_data, make_loader
+from vhist.train.guards import SyncBNProbe
+from vhist.train.recipes import LRSchedule, Recipe, build_optimizer, get_recipe
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``vhist train`` takes besides the recipe's hyperparameters."""
+
+    model: Optional[str] = None                    # required unless resuming
+    data: Optional[str] = None                     # required unless resuming
+    recipe: str = "modern"
+    overrides: dict = field(default_factory=dict)  # recipe fields set on the command line
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    seed: int = 0
+    val_fraction: float = 0.1
+    workers: Optional[int] = None                  # None: 8 on GPU, 0 on CPU
+    device: str = "auto"
+    backend: Optional[str] = None
+    channels_last: Optional[bool] = None           # None: on GPU only
+    sync_bn: bool = False
+    cache: bool = False
+    cache_dir: Optional[str] = None
+    resume: Optional[str] = None
+    stop_after_epochs: Optional[int] = None
+    bench_loader: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    eval_batch_size: Optional[int] = None
+
+
+@dataclass
+class Loaders:
+    """The three splits' loaders, the training sampler and the split sizes."""
+
+    train: Any
+    sampler: EpochBatches
+    val: Any
+    test: Any
+    sizes: dict                          # {"train": n, "val": n, "test": n}
+    steps_per_epoch: int
+    cached_augment: Optional[tuple]      # (augment, size) when augmenting on the device
+
+
+@dataclass
+class Run:
+    """One training run, set up: what every later stage reads."""
+
+    cfg: TrainConfig
+    recipe: Recipe
+    data: DataBundle
+    device: torch.device
+    dist: D.DistInfo
+    amp_dtype: Optional[torch.dtype]
+    channels_last: bool
+    workers: int
+    model: torch.nn.Module               # the module (its state_dict is what is saved)
+    net: torch.nn.Module                 # what runs the forward: model, or its DDP wrapper
+    loaders: Loaders
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    criterion: torch.nn.Module
+    probe: Optional[SyncBNProbe]
+    resume_state: Optional[dict]
+    run_dir: Optional[Path] = None
+    config: dict = field(default_factory=dict)
+
+
+def main_print(dist: D.DistInfo, *args) -> None:
+    """``print`` on the main process only."""
+    if dist.is_main:
+        print(*args, flush=True)
+
+
+def resolve_recipe(cfg: TrainConfig, data: DataBundle) -> Recipe:
+    """The named recipe with the overrides, adapted to the data where not overridden:
+    CIFAR-style arrays keep their native resolution and use pad-and-crop."""
+    recipe = get_recipe(cfg.recipe, **cfg.overrides)
+    if data.kind in ("cifar10", "cifar100", "synthetic"):
+        changes = {}
+        if "image_size" not in cfg.overrides:
+            changes["image_size"] = data.native_size
+        if "augment" not in cfg.overrides and data.kind != "synthetic":
+            changes["augment"] = "cifar"
+        recipe = dataclasses.replace(recipe, **changes)
+    return recipe
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
+    """The device of this process and the process group (``torchrun``)."""
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    dist = D.init_from_env(device.type)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    return device, dist
+
+
+def load_resume(cfg: TrainConfig) -> Optional[dict]:
+    """The checkpoint of ``--resume``, with the run's identity copied into ``cfg``: only
+    device-side options may change, and ``--data`` may point at a moved copy."""
+    if not cfg.resume:
+        if not cfg.model or not cfg.data:
+            raise ValueError("vhist train needs --model and --data (or --resume CHECKPOINT)")
+        return None
+    state = ckpt.load(cfg.resume)
+    saved = state["train_config"]
+    for key in ("model", "recipe", "overrides", "seed", "val_fraction", "sync_bn", "cache", "run_name"):
+        setattr(cfg, key, saved[key])
+    cfg.data = cfg.data or saved["data"]
+    return state
+
+
+def amp_dtype(recipe: Recipe, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of the recipe's ``amp`` on ``device`` (None: off)."""
+    amp = recipe.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def _configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torch.device, channels_last: bool,
+                dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
+    import vhist
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size)
+    if cfg.sync_bn:
+        model = vhist.nn.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net
+
+
+def _cached_sources(cfg: TrainConfig, data: DataBundle, recipe: Recipe, dist: D.DistInfo) -> dict:
+    """(source, indices) per split: the data's own, or uint8 caches built once by rank 0."""
+    sources = {"train": (data.train, data.train_idx), "val": (data.train, data.val_idx),
+               "test": (data.test, data.test_idx)}
+    if not (cfg.cache and data.kind == "folder"):
+        return sources
+    cache_size = round(recipe.image_size / 0.875)
+    cache_dir = Path(cfg.cache_dir or Path(data.root) / ".vhist-cache")
+    for tag, (src, idx) in list(sources.items()):
+        if dist.is_main:
+            built = build_cache(src, idx, cache_size, cache_dir, f"{tag}-seed{cfg.seed}")
+        D.barrier()
+        if not dist.is_main:
+            built = build_cache(src, idx, cache_size, cache_dir, f"{tag}-seed{cfg.seed}")
+        sources[tag] = (built, np.arange(len(built)))
+    return sources
+
+
+def build_loaders(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torch.device, workers: int,
+                  dist: D.DistInfo) -> Loaders:
+    """Seeded, rank-sharded loaders of the train, validation and test splits."""
+    cached = cfg.cache
+    sources = _cached_sources(cfg, data, recipe, dist)
+    size, augment, pin = recipe.image_size, recipe.augment, device.type == "cuda"
+    eval_bs = cfg.eval_batch_size or recipe.batch_size
+
+    def eval_loader(tag: str):
+        src, idx = sources[tag]
+        return make_loader(SampleSet(src, idx, size, augment, False, cfg.seed, raw=cached),
+                           EpochBatches(len(idx), eval_bs, cfg.seed, False, dist.rank, dist.world), workers, pin)
+
+    train_src, train_idx = sources["train"]
+    train_set = SampleSet(train_src, train_idx, size, augment, True, cfg.seed, raw=cached)
+    sampler = EpochBatches(len(train_set), recipe.batch_size, cfg.seed, True, dist.rank, dist.world)
+    val_loader, test_loader = eval_loader("val"), eval_loader("test")
+    train_loader = make_loader(train_set, sampler, workers, pin)
+    if len(sampler) == 0:
+        raise ValueError(f"the training split has {len(train_set)} images per process, fewer than one batch "
+                         f"(--batch-size {recipe.batch_size})")
+    return Loaders(train_loader, sampler, val_loader, test_loader,
+                   {tag: len(idx) for tag, (_, idx) in sources.items()}, len(sampler),
+                   (augment, size) if cached else None)
+
+
+def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo) -> Run:
+    """Validates the arguments, loads the data and builds the model, loaders and optimizer
+    (restoring them from ``--resume``). The run folder is not created here."""
+    resume_state = load_resume(cfg)
+    data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
+    recipe = resolve_recipe(cfg, data)
+    amp = amp_dtype(recipe, device)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    workers = (8 if device.type == "cuda" else 0) if cfg.workers is None else cfg.workers
+    _configure_determinism(cfg, device)
+    model, net = build_model(cfg, data, recipe, device, channels_last, dist)
+    loaders = build_loaders(cfg, data, recipe, device, workers, dist)
+    optimizer = build_optimizer(model, recipe)
+    schedule = LRSchedule(optimizer, recipe, loaders.steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    probe = SyncBNProbe(model) if cfg.sync_bn else None
+    return Run(cfg, recipe, data, device, dist, amp, channels_last, workers, model, net, loaders, optimizer,
+               schedule, scaler, criterion, probe, resume_state)
+
+
+def _versions() -> dict:
+    import triton
+
+    import vhist
+
+    return {"vhist": vhist.__version__, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_config(run: Run) -> dict:
+    """What ``config.json`` records: the command, resolved recipe, data, model, device, versions."""
+    import vhist
+
+    cfg, data = run.cfg, run.data
+    return {
+        "command": " ".join(sys.argv), "train_config": dataclasses.asdict(cfg), "recipe": run.recipe.to_dict(),
+        "data": {"kind": data.kind, "root": data.root, "classes": data.classes, **run.loaders.sizes,
+                 "notes": data.notes},
+        "model": cfg.model, "parameters": sum(p.numel() for p in run.model.parameters()),
+        "device": _device_name(run.device), "world_size": run.dist.world,
+        "backend": vhist.resolve_backend(run.device),
+        "amp": str(run.amp_dtype) if run.amp_dtype else "off", "channels_last": run.channels_last,
+        "workers": run.workers, "cache": cfg.cache, "versions": _versions(),
+    }
+
+
+def create_run_dir(run: Run) -> Path:
+    """Creates the run folder (the checkpoint's own folder when resuming) and writes
+    ``config.json``; prints the run's header."""
+    cfg, dist = run.cfg, run.dist
+    if cfg.resume:
+        run_dir = Path(cfg.resume).resolve().parent
+    else:
+        name = cfg.run_name or f"{cfg.model}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if dist.enabled:
+            box = [name]
+            torch.distributed.broadcast_object_list(box, src=0)
+            name = box[0]
+        run_dir = Path(cfg.out_dir) / name
+    run.run_dir, run.config = run_dir, run_config(run)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.json", "w") as f:
+            json.dump(run.config, f, indent=2)
+    D.barrier()
+    _print_header(run)
+    return run_dir
+
+
+def _print_header(run: Run) -> None:
+    cfg, data, dist, sizes = run.cfg, run.data, run.dist, run.loaders.sizes
+    main_print(dist, f"run folder: {run.run_dir}")
+    main_print(dist, f"recipe {cfg.recipe} (resolved):\n" + json.dumps(run.recipe.to_dict(), indent=2))
+    main_print(dist, f"data: {data.kind} {data.root}: {sizes['train']} train / {sizes['val']} validation / "
+                     f"{sizes['test']} test images, {data.num_classes} classes" +
+               "".join(f"\n  note: {n}" for n in data.notes))
+    main_print(dist, f"model {cfg.model}: {run.config['parameters']:,} parameters on {run.config['device']} "
+                     f"x{dist.world}, backend {run.config['backend']}, amp {run.config['amp']}, "
+                     f"channels_last {run.channels_last}, sync_bn {cfg.sync_bn}")
