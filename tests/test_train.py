@@ -137,27 +137,26 @@ def test_resume_is_bitwise(tmp_path, cifar):
     _assert_same_state(straight, _final_state(run))
 
     # Ctrl-C in the middle of epoch 1 (the 4th training forward), then resume
-    reset_hooks()
-    train_helpers.HOOKS["interrupt_at"] = 4
-    rc, run = _train(tmp_path, cifar, "interrupted", *args)
-    assert rc == 130
-    mid = _final_state(run)
-    assert mid["epoch"] == 0 and mid["step"] == 3
-    reset_hooks()
-    assert main(["train", "--resume", str(run / "last.pt"), "--workers", "0", "--backend", "torch"]) == 0
-    _assert_same_state(straight, _final_state(run))
+    run = _interrupt_and_resume(tmp_path, cifar, args, "interrupted", "interrupt_at", 4, straight, (0, 3))
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
 
     # a real SIGINT during the 9th forward (epoch 2, step 3): the step finishes, then it saves
+    _interrupt_and_resume(tmp_path, cifar, args, "sigint", "sigint_at", 9, straight, (1, 3))
+
+
+def _interrupt_and_resume(tmp_path, cifar, args, name, hook, at, straight, where):
+    """Interrupts a run at the ``at``-th training forward, checks the checkpoint is at
+    (epoch, step) ``where``, resumes it and checks it ends bit-for-bit as ``straight``."""
     reset_hooks()
-    train_helpers.HOOKS["sigint_at"] = 9
-    rc, run = _train(tmp_path, cifar, "sigint", *args)
+    train_helpers.HOOKS[hook] = at
+    rc, run = _train(tmp_path, cifar, name, *args)
     assert rc == 130
     mid = _final_state(run)
-    assert mid["epoch"] == 1 and mid["step"] == 3
+    assert (mid["epoch"], mid["step"]) == where
     reset_hooks()
     assert main(["train", "--resume", str(run / "last.pt"), "--workers", "0", "--backend", "torch"]) == 0
     _assert_same_state(straight, _final_state(run))
+    return run
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cifar, capsys):

@@ -43,13 +43,17 @@ class TinyNet(nn.Module):
         return out
 
 
-def _tiny_train_net(num_classes=10, image_size=None, **kwargs):
-    return TinyNet(num_classes)
+def register_tiny(name: str, cls) -> None:
+    """Registers ``cls(num_classes)`` as zoo model ``name`` (once per process)."""
+    def entry(num_classes=10, image_size=None, **kwargs):
+        return cls(num_classes)
+
+    entry.__name__ = name
+    if name not in list_models():
+        register_model(entry)
 
 
-_tiny_train_net.__name__ = "tiny_train_net"
-if "tiny_train_net" not in list_models():
-    register_model(_tiny_train_net)
+register_tiny("tiny_train_net", TinyNet)
 
 
 def reset_hooks():
@@ -118,13 +122,7 @@ class PairNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _tiny_pair_net(num_classes=10, image_size=None, **kwargs):
-    return PairNet(num_classes)
-
-
-_tiny_pair_net.__name__ = "tiny_pair_net"
-if "tiny_pair_net" not in list_models():
-    register_model(_tiny_pair_net)
+register_tiny("tiny_pair_net", PairNet)
 
 
 class DirectFusedNet(PairNet):
@@ -139,10 +137,4 @@ class DirectFusedNet(PairNet):
         return self.fc(x.mean((2, 3)))
 
 
-def _tiny_direct_fused_net(num_classes=10, image_size=None, **kwargs):
-    return DirectFusedNet(num_classes)
-
-
-_tiny_direct_fused_net.__name__ = "tiny_direct_fused_net"
-if "tiny_direct_fused_net" not in list_models():
-    register_model(_tiny_direct_fused_net)
+register_tiny("tiny_direct_fused_net", DirectFusedNet)

@@ -1,9 +1,31 @@
-"""The ``vhist`` command line (also ``python -m vhist``)."""
+"""The ``vhist`` command line (also ``python -m vhist``).
+
+Expected failures (bad arguments, data, checkpoints, devices or backends) end with one
+line on stderr, ``vhist <command>: error: ...``, and exit code 2; ``--debug`` or
+``VHIST_DEBUG=1`` shows their traceback. Anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+DESCRIPTION = """\
+vhist: the history of vision architectures, run on hand-written kernels.
+Train and evaluate the zoo's models, list them, and show the active backend."""
+EPILOG = """\
+Expected errors print one line and exit with code 2; --debug (or VHIST_DEBUG=1) shows
+their traceback. Run 'vhist COMMAND --help' for a command's options."""
+EXIT_USAGE = 2
+
+
+def expected_errors() -> tuple:
+    """The exception types a CLI user causes (and can fix): reported in one line."""
+    from vhist.backend import BackendUnavailable
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, BackendUnavailable,
+            NotImplementedError)
 
 
 def _info(args) -> int:
@@ -12,8 +34,12 @@ def _info(args) -> int:
 
     import vhist
 
+    info = vhist.backend_info()
     print(json.dumps({"vhist": vhist.__version__, "torch": torch.__version__, "triton": triton.__version__,
-                      **vhist.backend_info()}, indent=2))
+                      **info}, indent=2))
+    if "error" in info:
+        print(f"vhist info: error: {info['error']}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -55,8 +81,11 @@ def _models(args) -> int:
 
     names = vhist.list_models(args.pattern)
     if not names:
-        print(f"no model matches {args.pattern!r}", file=sys.stderr)
-        return 1
+        pattern = args.pattern
+        raise ValueError(vhist.models.unknown_model_message(pattern) if not any(c in pattern for c in "*?[")
+                         else f"no model matches {pattern!r}; `vhist models` lists them all")
+    if args.image_size is not None and args.image_size < 16:
+        raise ValueError(f"--image-size must be >= 16, got {args.image_size}")
     rows = [model_stats(name, args.image_size) for name in names]
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -67,12 +96,24 @@ def _models(args) -> int:
     return 0
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on a (sub)parser: show the traceback of an expected error too."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an expected error (also VHIST_DEBUG=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vhist", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="versions and the active backend")
+    """The ``vhist`` parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="vhist", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_flag(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = commands.add_parser("info", help="versions and the active backend",
+                               description="Versions, the active vhist backend and what this machine can run.")
     info.set_defaults(run=_info)
-    models = commands.add_parser("models", help="the model zoo: params and GMACs at the default input size")
+    models = commands.add_parser("models", help="the model zoo: params and GMACs at the default input size",
+                                 description="The model zoo: parameters and GMACs at each model's default "
+                                             "input size (or --image-size).")
     models.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*'")
     models.add_argument("--image-size", type=int, default=None, help="input size instead of each model's default")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -81,12 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parser(commands)
+    for sub in commands.choices.values():
+        add_debug_flag(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one ``vhist`` command; returns its exit code (2 for an expected error)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    debug = getattr(args, "debug", False) or os.environ.get("VHIST_DEBUG", "") not in ("", "0")
+    try:
+        return args.run(args)
+    except expected_errors() as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"vhist {args.command}: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator
 
 import torch
@@ -29,6 +30,10 @@ ENV_VAR = "VHIST_BACKEND"
 # Innermost use_backend() last. A plain list rather than a ContextVar: torch.compile can
 # read (and guard on) a module-level list, not a ContextVar.
 _backend_stack: list[str] = []
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here: no CUDA, or Triton without its interpreter on CPU."""
 
 
 def _validate(name: str, source: str) -> str:
@@ -73,9 +78,24 @@ def resolve_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run through the CPU interpreter in this process."""
+def _env_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter in this process.
+
+    Triton decides when it is imported: its ``@triton.jit`` library functions become
+    interpreted or compiled functions then, and setting ``TRITON_INTERPRET`` afterwards
+    does not change them. This reads that decision (the variable only while Triton is
+    not imported yet).
+    """
+    if "triton" not in sys.modules:
+        return _env_interpret()
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.sigmoid, InterpretedFunction)
 
 
 def backend_info() -> dict:
@@ -84,11 +104,17 @@ def backend_info() -> dict:
     Returns:
         A dict with the requested backend (``None`` when the per-device default
         applies), where the choice came from, the defaults per device, whether Triton is
-        interpreted, whether CUDA is available, and whether the CUDA C++ extensions
-        (the ``cuda`` backend) can be built here (``cuda_extension``).
+        interpreted (as decided when Triton was imported), whether CUDA is available,
+        and whether the CUDA C++ extensions (the ``cuda`` backend) can be built here
+        (``cuda_extension``). An invalid ``$VHIST_BACKEND`` is reported under ``error``
+        instead of raised.
     """
-    name, source = _requested()
-    return {
+    try:
+        name, source = _requested()
+        error = None
+    except ValueError as exc:
+        name, source, error = None, f"${ENV_VAR}", str(exc)
+    info = {
         "backend": name,
         "source": source,
         "default_cuda": "triton",
@@ -97,6 +123,9 @@ def backend_info() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "cuda_extension": _cuda_extension_status(),
     }
+    if error is not None:
+        info["error"] = error
+    return info
 
 
 def _cuda_extension_status() -> dict:

@@ -82,36 +82,35 @@ class Block35(_Residual):
         return self._join([self.branch0(x), self.branch1(x), self.branch2(x)], x)
 
 
-class Block17(_Residual):
-    """17×17 residual block: v2 Fig. 17 (1088 wide), v1 Fig. 11 (896 wide)."""
+class _FactorizedBlock(_Residual):
+    """A residual block whose second branch is a 1×1, then a 1×K and K×1 pair."""
+
+    K = 7
 
     def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True):
         super().__init__()
         b0, (b1a, b1b, b1c) = widths
+        k, p = self.K, self.K // 2
         self.scale, self.relu = scale, relu
         self.branch0 = conv_block(cin, b0, 1)
-        self.branch1 = nn.Sequential(conv_block(cin, b1a, 1), conv_block(b1a, b1b, (1, 7), padding=(0, 3)),
-                                     conv_block(b1b, b1c, (7, 1), padding=(3, 0)))
+        self.branch1 = nn.Sequential(conv_block(cin, b1a, 1), conv_block(b1a, b1b, (1, k), padding=(0, p)),
+                                     conv_block(b1b, b1c, (k, 1), padding=(p, 0)))
         self.conv2d = vnn.Conv2d(b0 + b1c, cin, 1)
 
     def forward(self, x):
         return self._join([self.branch0(x), self.branch1(x)], x)
 
 
-class Block8(_Residual):
-    """8×8 residual block: v2 Fig. 19 (2080 wide), v1 Fig. 13 (1792 wide)."""
+class Block17(_FactorizedBlock):
+    """17×17 residual block: v2 Fig. 17 (1088 wide), v1 Fig. 11 (896 wide); 1×7 and 7×1."""
 
-    def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True):
-        super().__init__()
-        b0, (b1a, b1b, b1c) = widths
-        self.scale, self.relu = scale, relu
-        self.branch0 = conv_block(cin, b0, 1)
-        self.branch1 = nn.Sequential(conv_block(cin, b1a, 1), conv_block(b1a, b1b, (1, 3), padding=(0, 1)),
-                                     conv_block(b1b, b1c, (3, 1), padding=(1, 0)))
-        self.conv2d = vnn.Conv2d(b0 + b1c, cin, 1)
+    K = 7
 
-    def forward(self, x):
-        return self._join([self.branch0(x), self.branch1(x)], x)
+
+class Block8(_FactorizedBlock):
+    """8×8 residual block: v2 Fig. 19 (2080 wide), v1 Fig. 13 (1792 wide); 1×3 and 3×1."""
+
+    K = 3
 
 
 class Mixed_5b(nn.Module):

@@ -5,7 +5,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from vhist.backend import resolve_backend
+from vhist.backend import BackendUnavailable, resolve_backend, triton_interpreted
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -28,16 +28,27 @@ def dispatch(op: str, impls: Mapping[str, Callable], device: torch.device) -> Ca
     return impl
 
 
-def check_triton_device(op: str, device: torch.device) -> None:
+def triton_cpu_ready() -> bool:
+    """Whether the triton backend can run CPU tensors: Triton and vhist's kernels were
+    both imported under the interpreter."""
     from vhist.kernels._config import INTERPRETED
 
-    if device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            f"vhist op '{op}': the triton backend runs CPU tensors only through Triton's "
-            "interpreter; set TRITON_INTERPRET=1 before importing vhist, or use CUDA tensors"
-        )
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"vhist op '{op}': the triton backend does not support device {device}")
+    return INTERPRETED and triton_interpreted()
+
+
+def check_triton_device(op: str, device: torch.device) -> None:
+    """Raises :class:`vhist.backend.BackendUnavailable` unless the triton backend can run
+    on ``device``: CUDA, or CPU through Triton's interpreter, which Triton and vhist's
+    kernels must both have been imported under."""
+    if device.type == "cpu":
+        if not triton_cpu_ready():
+            raise BackendUnavailable(
+                f"vhist op '{op}': the triton backend runs CPU tensors only through Triton's interpreter, "
+                "and this process did not start with it (TRITON_INTERPRET=1 counts only when set before "
+                "triton and vhist are imported); start with TRITON_INTERPRET=1, use CUDA tensors, or "
+                "choose the torch backend")
+    elif device.type != "cuda":
+        raise BackendUnavailable(f"vhist op '{op}': the triton backend does not support device {device}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:

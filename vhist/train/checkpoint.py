@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT = "vhist-train-1"
+FORMAT_PREFIX = "vhist-train-"
+FORMAT = FORMAT_PREFIX + "1"
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
@@ -28,18 +31,62 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable vhist training checkpoint of this format version."""
+
+
+def _check_readable(path: Path) -> None:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a legacy pickle stream."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; use a last.pt or best.pt written by vhist train")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is a damaged zip archive ({exc}); "
+                                  "use a last.pt or best.pt written by vhist train") from None
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path} is damaged (entry {bad} fails its CRC check); "
+                                  "use another last.pt or best.pt")
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged (a zip archive without its central "
+                              "directory); use another last.pt or best.pt")
+    if head[:1] != b"\x80":  # every pickle protocol >= 2 starts with PROTO (0x80)
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint (neither a zip archive nor a pickle: "
+                              f"truncated, or another kind of file); use a last.pt or best.pt written by vhist train")
+
+
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Loads a vhist training checkpoint.
+    """Loads a vhist training checkpoint, validating it before anything is built from it.
 
     Raises:
-        FileNotFoundError / ValueError: missing file or not a vhist training checkpoint.
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable (truncated, not a torch file), not a vhist training
+            checkpoint, or of another format version.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vhist training checkpoint (format {FORMAT})")
+        raise FileNotFoundError(f"checkpoint {path} does not exist" if not path.exists()
+                                else f"checkpoint {path} is a folder, not a file")
+    _check_readable(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, AttributeError,
+            ModuleNotFoundError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
+                              "damaged: use another last.pt or best.pt") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(found, str) or not found.startswith(FORMAT_PREFIX):
+        raise CheckpointError(f"{path} is not a vhist training checkpoint (no '{FORMAT}' format tag); "
+                              "vhist eval and --resume take the last.pt / best.pt of a vhist train run")
+    if found != FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {found!r}; this vhist reads {FORMAT!r}: "
+                              "use the vhist version that wrote it")
     return state
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from vhist.train.recipes import RECIPES, describe_recipes
 from vhist.train.transforms import AUGMENTATIONS
@@ -56,7 +55,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         "train", help="train a model (recipes: " + ", ".join(RECIPES) + ")",
         description="Train a zoo model on Imagenette, CIFAR, any image-folder tree or synthetic data.",
         epilog=TRAIN_EPILOG.format(recipes=describe_recipes()), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model name (vhist.list_models())")
+    p.add_argument("--model", help="model name (list them with: vhist models)")
     p.add_argument("--data", help="dataset spec (see below)")
     p.add_argument("--recipe", default="modern", choices=list(RECIPES), help="named recipe (default: modern)")
     g = p.add_argument_group("recipe overrides")
@@ -69,8 +68,11 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     r.add_argument("--out-dir", default="runs", help="parent folder of run folders (default: runs)")
     r.add_argument("--run-name", help="run folder name (default: MODEL-RECIPE-TIMESTAMP)")
     r.add_argument("--resume", metavar="CHECKPOINT", help="continue a run bit-for-bit from its last.pt")
+    r.add_argument("--eval", action="store_true",
+                   help="with --resume of a finished run: evaluate its best.pt on the test split again")
     r.add_argument("--stop-after-epochs", type=int, help="end this invocation after N epochs (resumable)")
-    r.add_argument("--log-every", type=int, default=10, help="steps between progress / NaN checks")
+    r.add_argument("--log-every", type=int, default=10,
+                   help="steps between NaN checks and, off a terminal, progress lines (also every 30 s)")
     d = p.add_argument_group("device and data loading")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     d.add_argument("--backend", choices=["triton", "cuda", "torch"], help="vhist op backend (default per device)")
@@ -103,34 +105,44 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     return p
 
 
+# CLI flags outside the recipe: (lowest allowed value, attribute); None values are unset.
+RUN_BOUNDS = {"--log-every": (1, "log_every"), "--workers": (0, "workers"),
+              "--stop-after-epochs": (1, "stop_after_epochs"), "--bench-loader": (0, "bench_loader"),
+              "--batch-size": (1, "batch_size")}
+
+
+def check_run_flags(args) -> None:
+    """Raises ValueError naming the flag for a run option out of range."""
+    for name, (low, attr) in RUN_BOUNDS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if hasattr(args, "val_fraction") and not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be >= 0 and < 1, got {args.val_fraction:g}")
+
+
 def run_train(args) -> int:
-    from vhist.train.data import DatasetError
+    """``vhist train``; expected errors propagate to :func:`vhist.__main__.main`."""
     from vhist.train.engine import TrainConfig, train
 
+    check_run_flags(args)
     overrides = {k: getattr(args, k) for k in [*RECIPE_FLAGS, "nesterov"] if getattr(args, k) is not None}
     cfg = TrainConfig(model=args.model, data=args.data, recipe=args.recipe, overrides=overrides,
                       out_dir=args.out_dir, run_name=args.run_name, seed=args.seed, val_fraction=args.val_fraction,
                       workers=args.workers, device=args.device, backend=args.backend,
                       channels_last=args.channels_last, sync_bn=args.sync_bn, cache=args.cache,
                       cache_dir=args.cache_dir, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
-                      bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every)
-    try:
-        summary = train(cfg)
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
-        print(f"vhist train: error: {exc}", file=sys.stderr)
-        return 2
-    return summary["exit_code"]
+                      bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every,
+                      eval_finished=args.eval)
+    return train(cfg)["exit_code"]
 
 
 def run_eval(args) -> int:
-    from vhist.train.data import DatasetError
+    """``vhist eval``: prints the result as JSON."""
     from vhist.train.evaluation import evaluate_checkpoint
 
-    try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.workers,
-                                     args.device, args.backend)
-    except (DatasetError, FileNotFoundError, ValueError) as exc:
-        print(f"vhist eval: error: {exc}", file=sys.stderr)
-        return 2
+    check_run_flags(args)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.workers,
+                                 args.device, args.backend)
     print(json.dumps(result, indent=2))
     return 0

@@ -21,6 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -29,11 +30,11 @@ import torch.nn.functional as F
 
 from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
-from vhist.train.guards import (EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, RunEnded, StopRequest,
+from vhist.train.guards import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunEnded, StopRequest,
                                 TrainingDiverged)
-from vhist.train.metrics import progress_bar, write_metrics
-from vhist.train.setup import (Run, TrainConfig, create_run_dir, main_print, resolve_device, resolve_recipe,
-                               setup_run)
+from vhist.train.metrics import StepProgress, progress_bar, write_metrics
+from vhist.train.setup import (Run, TrainConfig, create_run_dir, is_finished, load_resume, main_print,
+                               resolve_device, resolve_recipe, setup_run)
 from vhist.train.transforms import device_augment, normalize
 
 __all__ = ["EXIT_DIVERGED", "EXIT_INTERRUPTED", "EXIT_OK", "RunState", "TrainConfig", "TrainingDiverged",
@@ -214,17 +215,17 @@ def train_step(run: Run, ep: EpochProgress, images, labels, epoch: int) -> None:
     ep.nonfinite |= ~torch.isfinite(loss.detach())
 
 
-def _check(run: Run, ep: EpochProgress, bar, epoch: int, stop: StopRequest) -> None:
-    """Every ``--log-every`` steps: the NaN check (all ranks) and the progress; at every
-    step (every check under DDP): a pending Ctrl-C."""
+def _check(run: Run, ep: EpochProgress, progress: StepProgress, epoch: int, stop: StopRequest) -> None:
+    """Every ``--log-every`` steps: the NaN check (all ranks) and the progress (also when
+    a plain progress line is due); at every step (every check under DDP): a pending Ctrl-C."""
     dist, device = run.dist, run.device
     check = ep.step % run.cfg.log_every == 0 or ep.step == run.loaders.steps_per_epoch
     if check:
         if D.any_flag(bool(ep.nonfinite.item()), device):
             raise TrainingDiverged(f"non-finite loss at epoch {epoch + 1}, step {ep.step}")
-        if dist.is_main and bar.n:
-            bar.set_postfix(loss=f"{ep.loss_sum.item() / max(ep.count, 1):.4f}",
-                            acc=f"{100 * ep.correct.item() / max(ep.count, 1):.1f}%", img_s=f"{ep.img_per_s():.0f}")
+    if dist.is_main and progress.n and (check or progress.line_due()):
+        progress.report(ep.step, run.loaders.steps_per_epoch, ep.loss_sum.item() / max(ep.count, 1),
+                        100 * ep.correct.item() / max(ep.count, 1), ep.img_per_s())
     if stop.flag if not dist.enabled else (check and D.any_flag(stop.flag, device)):
         raise KeyboardInterrupt
 
@@ -260,8 +261,8 @@ def train_one_epoch(run: Run, state: RunState, stop: StopRequest) -> EpochProgre
     run.net.train()
     run.loaders.sampler.set_epoch(state.epoch, state.step)
     ep = EpochProgress(run, state)
-    bar = progress_bar(run.loaders.steps_per_epoch - state.step, f"epoch {state.epoch + 1}/{run.recipe.epochs}",
-                       run.dist.is_main)
+    bar = StepProgress(run.loaders.steps_per_epoch - state.step, f"epoch {state.epoch + 1}/{run.recipe.epochs}",
+                       run.dist.is_main, run.cfg.log_every)
     try:
         for images, labels, bad in run.loaders.train:
             ep.take_snapshot()
@@ -273,7 +274,7 @@ def train_one_epoch(run: Run, state: RunState, stop: StopRequest) -> EpochProgre
             run.schedule.step()
             ep.step += 1
             ep.phase = "between"
-            bar.update(1)
+            bar.update()
             _check(run, ep, bar, state.epoch, stop)
     except KeyboardInterrupt:
         bar.close()
@@ -361,31 +362,63 @@ def finish_run(run: Run, state: RunState, outcome: RunEnded) -> dict:
             json.dump(summary, f, indent=2)
     if corrupt:
         main_print(run.dist, f"skipped {len(corrupt)} corrupt image(s) (listed in summary.json)")
-    main_print(run.dist, f"{summary['status']}: {summary['message']}")
+    if outcome.status != "failed":  # a failure's message is the CLI's error line
+        main_print(run.dist, f"{summary['status']}: {summary['message']}")
     return summary
 
 
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) a training run; returns the summary dict (also written to
-    ``summary.json``). The summary's ``exit_code`` is 0 (done or stopped by
-    ``--stop-after-epochs``), 3 (diverged) or 130 (interrupted, resumable)."""
+    ``summary.json``). The summary's ``exit_code`` is 0 (done, already complete, or
+    stopped by ``--stop-after-epochs``), 3 (diverged) or 130 (interrupted, resumable).
+
+    Arguments, checkpoint, device, backend and data are validated before the run folder
+    is created; an error after that leaves the folder with a ``summary.json`` whose
+    status is ``failed``."""
     from vhist.backend import use_backend
 
+    start_wall = time.time()
+    resume_state = load_resume(cfg)
+    if resume_state is not None and is_finished(resume_state):
+        return finished_run(cfg, resume_state)
     device, dist = resolve_device(cfg)
     context = use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
     try:
         with context:
-            start_wall = time.time()
-            run = setup_run(cfg, device, dist)
+            run = setup_run(cfg, device, dist, resume_state)
             if cfg.bench_loader:
                 return bench_loader(run)
             state = RunState.start(run, start_wall)
             create_run_dir(run)
             if run.resume_state is not None:
                 main_print(dist, f"resuming from {cfg.resume}: epoch {state.epoch + 1}, step {state.step}")
-            return finish_run(run, state, fit(run, state))
+            try:
+                return finish_run(run, state, fit(run, state))
+            except Exception as exc:
+                finish_run(run, state, RunEnded("failed", EXIT_FAILED, f"{type(exc).__name__}: {exc}"))
+                raise
     finally:
         D.cleanup()
+
+
+def finished_run(cfg: TrainConfig, state: dict) -> dict:
+    """``--resume`` of a run that has trained all its epochs: says so and, only with
+    ``--eval``, evaluates its ``best.pt`` on the test split again."""
+    run_dir = Path(cfg.resume).resolve().parent
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    print(f"run {run_dir} is already complete ({state['epoch']}/{state['recipe']['epochs']} epochs"
+          + (f"; {summary['message']}" if summary.get("message") else "") + "): nothing to train"
+          + ("" if cfg.eval_finished else "; add --eval to evaluate its best.pt on the test split again"), flush=True)
+    if cfg.eval_finished:
+        from vhist.train.evaluation import evaluate_checkpoint
+
+        best = run_dir / "best.pt" if (run_dir / "best.pt").is_file() else Path(cfg.resume)
+        result = evaluate_checkpoint(str(best), cfg.data, "test", workers=cfg.workers, device=cfg.device,
+                                     backend=cfg.backend)
+        print(json.dumps(result, indent=2), flush=True)
+        summary["evaluation"] = result
+    return {**summary, "status": "complete", "exit_code": EXIT_OK}
 
 
 def bench_loader(run: Run) -> dict:

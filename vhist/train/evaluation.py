@@ -9,6 +9,7 @@ import torch
 from vhist.train import checkpoint as ckpt
 from vhist.train.data import EpochBatches, SampleSet, load_data, make_loader
 from vhist.train.engine import evaluate
+from vhist.train.setup import check_backend, parse_device
 
 
 def evaluate_checkpoint(path: str, data_spec: Optional[str] = None, split: str = "test", batch_size: int = 128,
@@ -21,9 +22,10 @@ def evaluate_checkpoint(path: str, data_spec: Optional[str] = None, split: str =
     import vhist
     from vhist.backend import use_backend
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    state = ckpt.load(path, map_location=dev)
+    state = ckpt.load(path)  # validated before anything else runs
+    dev = parse_device(device)
+    with use_backend(backend) if backend else contextlib.nullcontext():
+        check_backend(dev, backend)
     tc = state["train_config"]
     data = load_data(data_spec or tc["data"], tc["val_fraction"], tc["seed"])
     if data.num_classes != state["num_classes"]:

@@ -8,7 +8,8 @@ import threading
 
 import torch
 
-EXIT_OK, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 3, 130
+# 2 is also the CLI's exit code for an expected error (bad arguments, data, device).
+EXIT_OK, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
 
 
 class TrainingDiverged(RuntimeError):

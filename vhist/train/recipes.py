@@ -47,28 +47,32 @@ class Recipe:
         return d
 
 
+# What the seed report's two runs share, the SGD of the AlexNet and VGG papers, and the
+# RMSProp of the Inception papers.
+_SEED = dict(optimizer="adamw", lr=1e-4, weight_decay=0.1, epochs=90, schedule="step", step_epochs=30, gamma=0.1,
+             augment="alexnet")
+_PAPER_SGD = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="step", gamma=0.1,
+                  augment="alexnet")
+_RMSPROP = dict(optimizer="rmsprop", lr=0.045, momentum=0.0, rmsprop_alpha=0.9, rmsprop_eps=1.0, weight_decay=4e-5,
+                batch_size=32, epochs=100, image_size=299, schedule="step", step_epochs=2, gamma=0.94,
+                grad_clip=2.0, augment="rrc")
+
 RECIPES: dict[str, Recipe] = {
     "seed-alexnet": Recipe(
-        description="the seed report's AlexNet run on Imagenette (65.0% test)",
-        optimizer="adamw", lr=1e-4, weight_decay=0.1, batch_size=64, epochs=90, image_size=227,
-        schedule="step", step_epochs=30, gamma=0.1, augment="alexnet",
-        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 64, 227 px, 90 epochs, lr x0.1 every 30"),
+        description="the seed report's AlexNet run on Imagenette (65.0% test)", batch_size=64, image_size=227,
+        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 64, 227 px, 90 epochs, lr x0.1 every 30", **_SEED),
     "seed-vgg": Recipe(
-        description="the seed report's VGG-16 run on Imagenette (68.5% test)",
-        optimizer="adamw", lr=1e-4, weight_decay=0.1, batch_size=128, epochs=90, image_size=224,
-        schedule="step", step_epochs=30, gamma=0.1, augment="alexnet",
-        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 128, 224 px, 90 epochs, lr x0.1 every 30"),
+        description="the seed report's VGG-16 run on Imagenette (68.5% test)", batch_size=128, image_size=224,
+        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 128, 224 px, 90 epochs, lr x0.1 every 30", **_SEED),
     "paper-alexnet": Recipe(
         description="Krizhevsky et al. 2012: SGD momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 "
                     "three times, batch 128, ~90 epochs, PCA colour jitter",
-        optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, epochs=90, image_size=227,
-        schedule="step", step_epochs=30, gamma=0.1, augment="alexnet",
+        batch_size=128, epochs=90, image_size=227, step_epochs=30, **_PAPER_SGD,
         source="AlexNet paper §5 (lr divided by 10 on plateau; here every 30 epochs)"),
     "paper-vgg": Recipe(
         description="Simonyan & Zisserman 2015: SGD momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 "
                     "on plateau, batch 256, 74 epochs",
-        optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=256, epochs=74, image_size=224,
-        schedule="step", step_epochs=25, gamma=0.1, augment="alexnet",
+        batch_size=256, epochs=74, image_size=224, step_epochs=25, **_PAPER_SGD,
         source="VGG paper §3.1 (lr decreased 3 times; here every 25 epochs)"),
     "paper-resnet": Recipe(
         description="He et al. 2016: SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 every 30 epochs, "
@@ -79,16 +83,11 @@ RECIPES: dict[str, Recipe] = {
     "paper-inception-v3": Recipe(
         description="Szegedy et al. 2016: RMSProp (decay 0.9, eps 1.0), lr 0.045 x0.94 every 2 epochs, "
                     "gradient clipping 2.0, label smoothing 0.1, 299 px",
-        optimizer="rmsprop", lr=0.045, momentum=0.0, rmsprop_alpha=0.9, rmsprop_eps=1.0, weight_decay=4e-5,
-        batch_size=32, epochs=100, image_size=299, schedule="step", step_epochs=2, gamma=0.94,
-        label_smoothing=0.1, grad_clip=2.0, augment="rrc",
+        label_smoothing=0.1, **_RMSPROP,
         source="Inception-v3 paper §8 and §7 (label smoothing 0.1); weight decay 4e-5 from TF-slim's reference training"),
     "paper-inception-v4": Recipe(
         description="Szegedy et al. 2017: RMSProp (decay 0.9, eps 1.0), lr 0.045 x0.94 every 2 epochs, 299 px",
-        optimizer="rmsprop", lr=0.045, momentum=0.0, rmsprop_alpha=0.9, rmsprop_eps=1.0, weight_decay=4e-5,
-        batch_size=32, epochs=100, image_size=299, schedule="step", step_epochs=2, gamma=0.94,
-        grad_clip=2.0, augment="rrc",
-        source="Inception-v4 paper §4; weight decay 4e-5 and clipping 2.0 as for Inception-v3"),
+        **_RMSPROP, source="Inception-v4 paper §4; weight decay 4e-5 and clipping 2.0 as for Inception-v3"),
     "modern": Recipe(
         description="SGD nesterov, cosine with 5 warm-up epochs, label smoothing 0.1, bf16 autocast, "
                     "no weight decay on norms and biases",
@@ -117,10 +116,25 @@ def get_recipe(name: str, **overrides) -> Recipe:
                "augment": ("alexnet", "rrc", "cifar", "none"), "amp": ("auto", "bf16", "fp16", "off")}
     for key, values in allowed.items():
         if getattr(recipe, key) not in values:
-            raise ValueError(f"{key} must be one of {', '.join(values)}, got {getattr(recipe, key)!r}")
-    if recipe.batch_size < 1 or recipe.epochs < 1 or recipe.image_size < 8:
-        raise ValueError("batch_size and epochs must be >= 1 and image_size >= 8")
+            raise ValueError(f"{flag(key)} must be one of {', '.join(values)}, got {getattr(recipe, key)!r}")
+    for key, (low, strict, high) in BOUNDS.items():
+        value = getattr(recipe, key)
+        if value < low or (strict and value == low) or (high is not None and value >= high):
+            bound = f"{'>' if strict else '>='} {low:g}" + (f" and < {high:g}" if high is not None else "")
+            raise ValueError(f"{flag(key)} must be {bound}, got {value:g}")
     return recipe
+
+
+# field: (lower bound, whether the bound is strict, exclusive upper bound or None)
+BOUNDS = {"lr": (0, True, None), "momentum": (0, False, None), "weight_decay": (0, False, None),
+          "batch_size": (1, False, None), "epochs": (1, False, None), "image_size": (8, False, None),
+          "step_epochs": (1, False, None), "gamma": (0, True, None), "warmup_epochs": (0, False, None),
+          "min_lr": (0, False, None), "label_smoothing": (0, False, 1), "grad_clip": (0, False, None)}
+
+
+def flag(field_name: str) -> str:
+    """The ``vhist train`` flag that sets a recipe field (``batch_size`` → ``--batch-size``)."""
+    return "--" + field_name.replace("_", "-")
 
 
 def describe_recipes() -> str:

@@ -48,6 +48,7 @@ class TrainConfig:
     deterministic: bool = False
     log_every: int = 10
     eval_batch_size: Optional[int] = None
+    eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
 
 
 @dataclass
@@ -108,24 +109,71 @@ def resolve_recipe(cfg: TrainConfig, data: DataBundle) -> Recipe:
     return recipe
 
 
+def parse_device(spec: str, flag: str = "--device") -> torch.device:
+    """The device ``spec`` names (``auto``: CUDA when available), checked to exist here.
+
+    Raises:
+        ValueError: naming ``flag``, for a malformed spec or a device this machine lacks.
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{flag} {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{flag} {spec}: vhist runs on cpu or cuda devices")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"{flag} {spec}: CUDA is not available here ({why}); use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, D.DistInfo]:
     """The device of this process and the process group (``torchrun``)."""
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.device)
+    device = parse_device(cfg.device)
     dist = D.init_from_env(device.type)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     return device, dist
 
 
+def check_backend(device: torch.device, flag_value: Optional[str]) -> str:
+    """The backend the run's ops will use on ``device`` (inside its ``use_backend``),
+    checked to run there.
+
+    Raises:
+        BackendUnavailable: triton on CPU without the interpreter, cuda on a CPU device.
+    """
+    import vhist
+    from vhist.backend import BackendUnavailable
+    from vhist.ops._dispatch import triton_cpu_ready
+
+    backend = vhist.resolve_backend(device)
+    where = f"--backend {flag_value}" if flag_value else f"backend {backend}"
+    if backend == "triton" and device.type == "cpu" and not triton_cpu_ready():
+        raise BackendUnavailable(
+            f"{where} on a CPU device needs Triton's interpreter: set TRITON_INTERPRET=1 before starting vhist "
+            "(setting it after import has no effect), or use --backend torch or a CUDA device")
+    if backend == "cuda" and device.type != "cuda":
+        raise BackendUnavailable(f"{where} runs CUDA tensors only; use a CUDA --device or --backend torch")
+    return backend
+
+
 def load_resume(cfg: TrainConfig) -> Optional[dict]:
-    """The checkpoint of ``--resume``, with the run's identity copied into ``cfg``: only
-    device-side options may change, and ``--data`` may point at a moved copy."""
+    """The checkpoint of ``--resume`` (validated), with the run's identity copied into
+    ``cfg``: only device-side options may change, and ``--data`` may point at a moved
+    copy. Without ``--resume``, checks that ``--model`` and ``--data`` are given and
+    that the model exists."""
+    import vhist
+
     if not cfg.resume:
         if not cfg.model or not cfg.data:
-            raise ValueError("vhist train needs --model and --data (or --resume CHECKPOINT)")
+            missing = " and ".join(f for f, v in (("--model", cfg.model), ("--data", cfg.data)) if not v)
+            raise ValueError(f"vhist train needs {missing} (or --resume CHECKPOINT)")
+        vhist.models.model_config(cfg.model)
         return None
     state = ckpt.load(cfg.resume)
     saved = state["train_config"]
@@ -133,6 +181,11 @@ def load_resume(cfg: TrainConfig) -> Optional[dict]:
         setattr(cfg, key, saved[key])
     cfg.data = cfg.data or saved["data"]
     return state
+
+
+def is_finished(state: dict) -> bool:
+    """Whether a checkpoint's run has trained all of its recipe's epochs."""
+    return state["step"] == 0 and state["epoch"] >= state["recipe"]["epochs"]
 
 
 def amp_dtype(recipe: Recipe, device: torch.device) -> Optional[torch.dtype]:
@@ -217,10 +270,10 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: to
                    (augment, size) if cached else None)
 
 
-def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo) -> Run:
-    """Validates the arguments, loads the data and builds the model, loaders and optimizer
-    (restoring them from ``--resume``). The run folder is not created here."""
-    resume_state = load_resume(cfg)
+def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_state: Optional[dict]) -> Run:
+    """Validates the backend and recipe, loads the data and builds the model, loaders and
+    optimizer. The run folder is not created here."""
+    check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
     recipe = resolve_recipe(cfg, data)
     amp = amp_dtype(recipe, device)
@@ -298,9 +351,16 @@ def _print_header(run: Run) -> None:
     cfg, data, dist, sizes = run.cfg, run.data, run.dist, run.loaders.sizes
     main_print(dist, f"run folder: {run.run_dir}")
     main_print(dist, f"recipe {cfg.recipe} (resolved):\n" + json.dumps(run.recipe.to_dict(), indent=2))
-    main_print(dist, f"data: {data.kind} {data.root}: {sizes['train']} train / {sizes['val']} validation / "
+    where = f"synthetic images ({data.root.partition(':')[2] or 'defaults'})" if data.kind == "synthetic" \
+        else f"{data.kind} at {data.root}"
+    main_print(dist, f"data: {where}: {sizes['train']} train / {sizes['val']} validation / "
                      f"{sizes['test']} test images, {data.num_classes} classes" +
                "".join(f"\n  note: {n}" for n in data.notes))
     main_print(dist, f"model {cfg.model}: {run.config['parameters']:,} parameters on {run.config['device']} "
                      f"x{dist.world}, backend {run.config['backend']}, amp {run.config['amp']}, "
                      f"channels_last {run.channels_last}, sync_bn {cfg.sync_bn}")
+    recipe = run.recipe
+    if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
+        print(f"warning: the warm-up ({recipe.warmup_epochs:g} epochs) is not shorter than the run ({recipe.epochs} "
+              f"epochs): the learning rate never reaches its base value {recipe.lr:g}; lower --warmup-epochs "
+              "or raise --epochs", file=sys.stderr, flush=True)
