@@ -13,22 +13,11 @@ from vhist.train.recipes import RECIPES, get_recipe
 from vhist.train.transforms import device_augment, eval_transform, train_transform
 
 import train_helpers
-from train_helpers import reset_hooks, write_cifar10, write_image_folder
+from train_helpers import one_thread_fresh_hooks, reset_hooks, write_cifar10, write_image_folder  # noqa: F401
 
 ARTIFACTS = ("config.json", "metrics.jsonl", "metrics.csv", "curves.png", "best.pt", "last.pt", "summary.json")
 FAST = ["--model", "tiny_train_net", "--recipe", "modern", "--lr", "0.05", "--warmup-epochs", "0",
         "--batch-size", "8", "--workers", "0", "--backend", "torch"]
-
-
-@pytest.fixture(autouse=True)
-def _hooks():
-    # One thread: these models are tiny, and intra-op threads only contend on a shared CI box.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_hooks()
-    yield
-    reset_hooks()
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

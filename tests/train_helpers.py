@@ -7,6 +7,7 @@ import signal
 import socket
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -58,6 +59,18 @@ register_tiny("tiny_train_net", TinyNet)
 
 def reset_hooks():
     HOOKS.update(nan_at=None, interrupt_at=None, sigint_at=None, calls=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_fresh_hooks():
+    """Autouse in the modules that import it: one intra-op thread (these models are tiny,
+    and threads only contend on a shared CI box) and no misbehaviour hook left set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset_hooks()
+    yield
+    reset_hooks()
+    torch.set_num_threads(threads)
 
 
 def class_images(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
