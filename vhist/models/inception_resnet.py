@@ -165,6 +165,18 @@ def _scales(scale: Scales) -> tuple[float, float, float]:
     return scales
 
 
+# Per version: residual blocks per grid, the grids' widths (35, 17, 8), and the branch
+# widths of each stage (v2: Figs. 16-19 and timm's layout; v1: Figs. 10-13).
+_LAYOUTS = {
+    2: {"blocks": (10, 20, 9), "widths": (320, 1088, 2080), "b35": (32, 32, (32, 48, 64)),
+        "m6a": (256, 256, 384, 384), "b17": (192, (128, 160, 192)), "m7a": (256, 384, 288, 288, 320),
+        "b8": (192, (192, 224, 256))},
+    1: {"blocks": (5, 10, 5), "widths": (256, 896, 1792), "b35": (32, 32, (32, 32, 32)),
+        "m6a": (192, 192, 256, 384), "b17": (128, (128, 128, 128)), "m7a": (256, 384, 256, 256, 256),
+        "b8": (192, (192, 192, 192))},
+}
+
+
 class InceptionResNet(nn.Module):
     """Inception-ResNet-v1 or -v2.
 
@@ -202,36 +214,24 @@ class InceptionResNet(nn.Module):
         self.maxpool_3a = nn.MaxPool2d(3, 2)
         self.conv2d_3b = conv_block(c(64), c(80), 1)
         self.conv2d_4a = conv_block(c(80), c(192), 3, padding=pad)
+        layout = _LAYOUTS[version]
+        n35, n17, n8 = num_blocks or layout["blocks"]
+        w35, w17, w8 = (c(w) for w in layout["widths"])
+        cs = lambda t: tuple(cs(v) if isinstance(v, tuple) else c(v) for v in t)  # noqa: E731
         if version == 2:
-            n35, n17, n8 = num_blocks or (10, 20, 9)
             self.maxpool_5a = nn.MaxPool2d(3, 2)
             self.mixed_5b = Mixed_5b(channel_divisor)
-            w35, w17, w8 = c(320), c(1088), c(2080)
-            self.repeat = nn.Sequential(*[Block35(w35, (c(32), c(32), (c(32), c(48), c(64))), s35)
-                                          for _ in range(n35)])
-            self.mixed_6a = Mixed_6a(w35, c(256), c(256), c(384), c(384))
-            self.repeat_1 = nn.Sequential(*[Block17(w17, (c(192), (c(128), c(160), c(192))), s17)
-                                            for _ in range(n17)])
-            self.mixed_7a = Mixed_7a(w17, c(256), c(384), c(288), c(288), c(320))
-            self.repeat_2 = nn.Sequential(*[Block8(w8, (c(192), (c(192), c(224), c(256))), s8)
-                                            for _ in range(n8)])
-            self.block8 = Block8(w8, (c(192), (c(192), c(224), c(256))), 1.0, relu=False)
-            self.conv2d_7b = conv_block(w8, c(1536), 1)
-            num_features = c(1536)
         else:
-            n35, n17, n8 = num_blocks or (5, 10, 5)
             self.conv2d_4b = conv_block(c(192), c(256), 3, 2)
-            w35, w17, w8 = c(256), c(896), c(1792)
-            self.repeat = nn.Sequential(*[Block35(w35, (c(32), c(32), (c(32), c(32), c(32))), s35)
-                                          for _ in range(n35)])
-            self.mixed_6a = Mixed_6a(w35, c(192), c(192), c(256), c(384))
-            self.repeat_1 = nn.Sequential(*[Block17(w17, (c(128), (c(128), c(128), c(128))), s17)
-                                            for _ in range(n17)])
-            self.mixed_7a = Mixed_7a(w17, c(256), c(384), c(256), c(256), c(256))
-            self.repeat_2 = nn.Sequential(*[Block8(w8, (c(192), (c(192), c(192), c(192))), s8)
-                                            for _ in range(n8)])
-            self.block8 = Block8(w8, (c(192), (c(192), c(192), c(192))), 1.0, relu=False) if final_block else None
-            num_features = w8
+        self.repeat = nn.Sequential(*[Block35(w35, cs(layout["b35"]), s35) for _ in range(n35)])
+        self.mixed_6a = Mixed_6a(w35, *cs(layout["m6a"]))
+        self.repeat_1 = nn.Sequential(*[Block17(w17, cs(layout["b17"]), s17) for _ in range(n17)])
+        self.mixed_7a = Mixed_7a(w17, *cs(layout["m7a"]))
+        self.repeat_2 = nn.Sequential(*[Block8(w8, cs(layout["b8"]), s8) for _ in range(n8)])
+        self.block8 = Block8(w8, cs(layout["b8"]), 1.0, relu=False) if final_block else None
+        if version == 2:
+            self.conv2d_7b = conv_block(w8, c(1536), 1)
+        num_features = c(1536) if version == 2 else w8
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(dropout)
         self.classif = nn.Linear(num_features, num_classes)
