@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
-from vhist.train.recipes import RECIPES, describe_recipes
+from vhist.train.recipes import RECIPES, Recipe, describe_recipes
 from vhist.train.transforms import AUGMENTATIONS
 
 TRAIN_EPILOG = """\
@@ -30,24 +31,29 @@ examples:
   vhist eval --checkpoint runs/<run>/best.pt --data ~/data/imagenette2-320
 """
 
-# CLI flag → recipe field, for the overrides.
-RECIPE_FLAGS = {
-    "optimizer": (str, "sgd, adamw or rmsprop"),
-    "lr": (float, "base learning rate"),
-    "momentum": (float, "SGD / RMSProp momentum"),
-    "weight_decay": (float, "weight decay"),
-    "batch_size": (int, "batch size per process"),
-    "epochs": (int, "number of epochs"),
-    "image_size": (int, "training and evaluation resolution"),
-    "schedule": (str, "step, cosine or constant"),
-    "step_epochs": (int, "step schedule: epochs between decays"),
-    "gamma": (float, "step schedule: decay factor"),
-    "warmup_epochs": (float, "linear warm-up epochs"),
-    "label_smoothing": (float, "label smoothing of the cross-entropy"),
-    "grad_clip": (float, "clip the gradient norm to this (0: off)"),
-    "augment": (str, f"training augmentation: {', '.join(AUGMENTATIONS)}"),
-    "amp": (str, "auto (bf16 on GPU, off on CPU), bf16, fp16 or off"),
-}
+# The recipe fields that have a flag (--lr sets lr), with their help texts; the type is the field's.
+RECIPE_HELP = """\
+optimizer        sgd, adamw or rmsprop
+lr               base learning rate
+momentum         SGD / RMSProp momentum
+weight_decay     weight decay
+batch_size       batch size per process
+epochs           number of epochs
+image_size       training and evaluation resolution
+schedule         step, cosine or constant
+step_epochs      step schedule: epochs between decays
+gamma            step schedule: decay factor
+warmup_epochs    linear warm-up epochs
+label_smoothing  label smoothing of the cross-entropy
+grad_clip        clip the gradient norm to this (0: off)
+augment          training augmentation: {augment}
+amp              auto (bf16 on GPU, off on CPU), bf16, fp16 or off"""
+_TYPES = {"str": str, "int": int, "float": float}
+_FIELD_TYPES = {f.name: _TYPES[str(f.type)] for f in dataclasses.fields(Recipe) if str(f.type) in _TYPES}
+# CLI flag → recipe field, for the overrides: {field: (type, help)}.
+RECIPE_FLAGS = {name: (_FIELD_TYPES[name], text.strip())
+                for name, text in (line.split(maxsplit=1) for line in
+                                   RECIPE_HELP.format(augment=", ".join(AUGMENTATIONS)).splitlines())}
 
 
 def add_train_parser(commands) -> argparse.ArgumentParser:
