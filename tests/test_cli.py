@@ -116,6 +116,12 @@ def test_bad_arguments_name_the_flag_and_leave_no_folder(tmp_path, capsys, args,
     assert not (tmp_path / "runs").exists()
 
 
+def test_eval_flag_needs_resume(tmp_path, capsys):
+    assert _train(tmp_path, "--eval") == 2
+    assert "--eval goes with --resume" in _error_line(capsys, "train")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_model_pattern_in_vhist_models(capsys):
     assert main(["models", "resnet19"]) == 2
     assert "did you mean resnet18" in _error_line(capsys, "models")

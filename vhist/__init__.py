@@ -5,4 +5,5 @@ from vhist import nn  # noqa: E402
 from vhist.models import create_model, list_models  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendUnavailable", "backend_info", "resolve_backend", "use_backend", "ops", "nn", "create_model", "list_models"]
+__all__ = ["BACKENDS", "BackendUnavailable", "backend_info", "resolve_backend", "use_backend", "ops", "nn",
+           "create_model", "list_models"]

@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("VHIST_DEBUG", "") not in ("", "0")
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"vhist {args.command}: interrupted", file=sys.stderr, flush=True)
+        return 130
     except expected_errors() as exc:
         if debug:
             raise

@@ -132,6 +132,8 @@ def run_train(args) -> int:
     from vhist.train.engine import TrainConfig, train
 
     check_run_flags(args)
+    if args.eval and not args.resume:
+        raise ValueError("--eval goes with --resume CHECKPOINT of a finished run (use vhist eval for any checkpoint)")
     overrides = {k: getattr(args, k) for k in [*RECIPE_FLAGS, "nesterov"] if getattr(args, k) is not None}
     cfg = TrainConfig(model=args.model, data=args.data, recipe=args.recipe, overrides=overrides,
                       out_dir=args.out_dir, run_name=args.run_name, seed=args.seed, val_fraction=args.val_fraction,
