@@ -139,6 +139,20 @@ def test_failure_after_start_keeps_folder_with_failed_summary(tmp_path, capsys):
     assert (tmp_path / "late" / "config.json").is_file()
 
 
+def test_a_bug_keeps_its_traceback_and_is_recorded(tmp_path, monkeypatch):
+    import vhist.train.engine as engine
+
+    def broken(*args):
+        raise TypeError("a bug in the metrics writer")
+
+    monkeypatch.setattr(engine, "write_metrics", broken)
+    with pytest.raises(TypeError, match="a bug in the metrics writer"):
+        _train(tmp_path, "--run-name", "bug")
+    summary = json.loads((tmp_path / "runs" / "bug" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["exit_code"] == 1
+    assert summary["message"] == "TypeError: a bug in the metrics writer"
+
+
 # ----------------------------------------------------------------------------- cases 3, 4, 7: backends
 
 

@@ -20,14 +20,6 @@ their traceback. Run 'vhist COMMAND --help' for a command's options."""
 EXIT_USAGE = 2
 
 
-def expected_errors() -> tuple:
-    """The exception types a CLI user causes (and can fix): reported in one line."""
-    from vhist.backend import BackendUnavailable
-
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, BackendUnavailable,
-            NotImplementedError)
-
-
 def _info(args) -> int:
     import torch
     import triton
@@ -129,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``vhist`` command; returns its exit code (2 for an expected error)."""
+    from vhist.train.guards import expected_errors
+
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("VHIST_DEBUG", "") not in ("", "0")
     try:

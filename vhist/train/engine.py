@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
-from vhist.train.guards import (EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunEnded, StopRequest,
-                                TrainingDiverged)
+from vhist.train.guards import (EXIT_BUG, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunEnded,
+                                StopRequest, TrainingDiverged, expected_errors)
 from vhist.train.metrics import StepProgress, progress_bar, write_metrics
 from vhist.train.setup import (Run, TrainConfig, create_run_dir, is_finished, load_resume, main_print,
                                resolve_device, resolve_recipe, setup_run)
@@ -395,7 +395,8 @@ def train(cfg: TrainConfig) -> dict:
             try:
                 return finish_run(run, state, fit(run, state))
             except Exception as exc:
-                finish_run(run, state, RunEnded("failed", EXIT_FAILED, f"{type(exc).__name__}: {exc}"))
+                code = EXIT_FAILED if isinstance(exc, expected_errors()) else EXIT_BUG
+                finish_run(run, state, RunEnded("failed", code, f"{type(exc).__name__}: {exc}"))
                 raise
     finally:
         D.cleanup()

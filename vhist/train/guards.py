@@ -8,8 +8,17 @@ import threading
 
 import torch
 
-# 2 is also the CLI's exit code for an expected error (bad arguments, data, device).
-EXIT_OK, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 2, 3, 130
+# 2: an expected error (as the CLI's), 1: a bug (a traceback).
+EXIT_OK, EXIT_BUG, EXIT_FAILED, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def expected_errors() -> tuple:
+    """The exception types a user causes and can fix (bad arguments, data, checkpoints,
+    devices or backends): the CLI reports them in one line with exit code 2."""
+    from vhist.backend import BackendUnavailable
+
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, BackendUnavailable,
+            NotImplementedError)
 
 
 class TrainingDiverged(RuntimeError):
