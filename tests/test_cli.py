@@ -16,13 +16,24 @@ from vhist.train import checkpoint as ckpt
 from vhist.train.checkpoint import CheckpointError
 from vhist.train.metrics import curves_figure, plot_curves
 
-import train_helpers  # noqa: F401  (registers tiny_train_net)
-from train_helpers import one_thread_fresh_hooks  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = "synthetic:classes=3,size=8,train=40,test=12"
 FAST = ["--model", "tiny_train_net", "--data", DATA, "--lr", "0.05", "--warmup-epochs", "0", "--batch-size", "6",
         "--workers", "0", "--backend", "torch", "--epochs", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_models():
+    """Registers the tiny test models (tests/train_helpers.py) when these tests run, not
+    when they are collected: tests/test_models.py lists exactly the zoo. One intra-op
+    thread: the models are tiny, and threads only contend on a shared CI box."""
+    import train_helpers  # noqa: F401
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _error_line(capsys, command: str) -> str:
