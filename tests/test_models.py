@@ -73,8 +73,30 @@ def test_registry_lists_exactly_the_table():
 
 
 def test_unknown_model_error():
-    with pytest.raises(ValueError, match="unknown model 'resnet_51'.*resnet18"):
+    with pytest.raises(ValueError, match="unknown model 'resnet_51'.*resnet18.*`vhist models`"):
         vhist.create_model("resnet_51")
+    with pytest.raises(ValueError, match="did you mean resnet18"):
+        vhist.models.model_config("resnet19")
+
+
+# The small-input stems' thresholds, as each family's module docstring documents them.
+SMALL_BELOW = {"alexnet": 128, "resnet": 65, "inception": 75, "vgg": 64, "mobilenet": 64, "bn_inception": 64}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_default_config_recorded_at_registration(name):
+    config = vhist.models.model_config(name)
+    assert config.image_size == DEFAULT_SIZE.get(name, 224)
+    family = next((f for f in ("bn_inception", "inception", "alexnet", "resnet", "vgg", "mobilenet")
+                   if name.startswith(f)), "vit")
+    assert config.small_below == SMALL_BELOW.get(family, 64)
+    with torch.device("meta"):
+        model = vhist.create_model(name)
+        assert model.default_config is config
+        if hasattr(model, "small_input"):  # ViT changes its patch size instead (checked at 32 px below)
+            assert not model.small_input
+            assert vhist.create_model(name, image_size=config.small_below).small_input is False
+            assert vhist.create_model(name, image_size=config.small_below - 1).small_input is True
 
 
 @pytest.mark.parametrize("name", MODELS)
