@@ -57,3 +57,20 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setattr(config, "INTERPRETED", False)
     with use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         dispatch("batch_norm", {"triton": lambda: None}, CPU)
+
+
+def test_interpreter_mode_is_what_triton_decided_at_import(monkeypatch):
+    # Without CUDA the suite starts with TRITON_INTERPRET=1 (conftest); changing it now changes nothing.
+    started = backend_info()["triton_interpret"]
+    assert started is (not torch.cuda.is_available())
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if started else "1")
+    assert backend_info()["triton_interpret"] is started
+    if started:
+        with use_backend("triton"):
+            assert dispatch("batch_norm", {"triton": lambda: "ran"}, CPU)() == "ran"
+
+
+def test_bad_env_backend_is_reported_not_raised(monkeypatch):
+    monkeypatch.setenv("VHIST_BACKEND", "nope")
+    info = backend_info()
+    assert info["backend"] is None and "'nope'" in info["error"] and "triton, cuda, torch" in info["error"]
