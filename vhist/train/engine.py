@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,6 +409,8 @@ def finished_run(cfg: TrainConfig, state: dict) -> dict:
     run_dir = Path(cfg.resume).resolve().parent
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the process group is not started: rank 0 speaks
+        return {**summary, "status": "complete", "exit_code": EXIT_OK}
     print(f"run {run_dir} is already complete ({state['epoch']}/{state['recipe']['epochs']} epochs"
           + (f"; {summary['message']}" if summary.get("message") else "") + "): nothing to train"
           + ("" if cfg.eval_finished else "; add --eval to evaluate its best.pt on the test split again"), flush=True)
