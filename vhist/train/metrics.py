@@ -70,9 +70,12 @@ def _clip_spikes(ax, history: list[dict]) -> None:
     if not spikes:
         return
     ax.set_ylim(values[0] / 1.5, cap)
+    last = max(e for e, _ in points)
     for epoch, value in spikes:
         ax.plot([epoch], [cap], "^", color="red", markersize=9, clip_on=False, zorder=5)
-        ax.annotate(f"{value:.3g}", (epoch, cap), textcoords="offset points", xytext=(6, -12), color="red")
+        right = epoch == last and last > 1  # keep the label inside the axes
+        ax.annotate(f"{value:.3g}", (epoch, cap), textcoords="offset points", xytext=(-6 if right else 6, -12),
+                    ha="right" if right else "left", color="red")
     ax.set_title(f"loss (clipped at {SPIKE_FACTOR:g}x the median: red marks)")
 
 
