@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
+from .common import activate, activation_grad_mask, chan_merge
 
 
 def _configs(block_c_block_s_warps):
@@ -43,9 +44,9 @@ def _tile_offsets(n, s_block, c, stride_n, stride_c, stride_s):
 
 # Algorithm 1, statistics. Each program reduces its chunk tile by tile: a tile's exact
 # mean and sum of squared deviations (M2) come from the registers in two passes, and
-# are merged into the running (count, mean, M2) with Chan et al.'s pairwise formula:
-#   delta = m_b - m_a,  m = m_a + delta*n_b/n,  M2 = M2_a + M2_b + delta^2*n_a*n_b/n.
-# Nothing forms E[x^2] - E[x]^2, so |mean| >> std does not cancel.
+# are merged into the running (count, mean, M2) with Chan et al.'s pairwise formula
+# (kernels/common.py: chan_merge). Nothing forms E[x^2] - E[x]^2, so |mean| >> std does
+# not cancel.
 @triton.jit
 def _bn_fwd_stats_kernel(
     X,          # (N, C, S) activation, any strides
@@ -76,11 +77,7 @@ def _bn_fwd_stats_kernel(
             tile_mean = tl.sum(x, axis=0) / tile_count
             dev = tl.where(mask, x - tile_mean[None, :], 0.0)
             tile_m2 = tl.sum(dev * dev, axis=0)
-            new_count = count + tile_count
-            delta = tile_mean - mean
-            mean += delta * (tile_count / new_count)
-            m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-            count = new_count
+            count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
 
     tl.store(PartMean + chunk * C + c, mean, mask=c_mask)
     tl.store(PartM2 + chunk * C + c, m2, mask=c_mask)
@@ -119,11 +116,7 @@ def _bn_fwd_finalize_kernel(
         block_mean = tl.sum(part_count[:, None] * part_mean, axis=0) / block_count
         dev = tl.where(mask, part_mean - block_mean[None, :], 0.0)
         block_m2 = tl.sum(part_m2 + part_count[:, None] * dev * dev, axis=0)
-        new_count = count + block_count
-        delta = block_mean - mean
-        mean += delta * (block_count / new_count)
-        m2 += block_m2 + delta * delta * (count * block_count / new_count)
-        count = new_count
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
 
     var = m2 / count
     tl.store(Mean + c, mean, mask=c_mask)
@@ -138,32 +131,9 @@ def _bn_fwd_finalize_kernel(
         tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
 
 
-# ACTIVATION codes (vhist.ops.batch_norm.ACTIVATION_CODES), shared with the conv kernels:
-# the fused conv + BN + activation ops run their elementwise epilogue and their backward
+# ACTIVATION codes (vhist.ops.common.Activation), shared with the conv kernels: the
+# fused conv + BN + activation ops run their elementwise epilogue and their backward
 # through the kernels below.
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6)
-    if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACTIVATION == 2:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
-    return z
-
-
-@triton.jit
-def _activation_grad_mask(z, ACTIVATION: tl.constexpr):
-    # Where the activation's derivative is 1 (else 0), as PyTorch's relu / hardtanh
-    # backward define it. Evaluated on the pre-activation, or equally on the output.
-    if ACTIVATION == 1:
-        keep = z > 0.0
-    elif ACTIVATION == 2:
-        keep = (z > 0.0) & (z < 6.0)
-    else:
-        keep = z == z
-    return keep
 
 
 @triton.jit
@@ -177,7 +147,7 @@ def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr,
         z = x * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
             z += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.where(_activation_grad_mask(z, ACTIVATION), dy, 0.0)
+        dy = tl.where(activation_grad_mask(z, ACTIVATION), dy, 0.0)
     return dy
 
 
@@ -232,7 +202,7 @@ def _bn_fwd_apply_kernel(
             y = x * scale[None, :] + shift[None, :]
             if HAS_RESIDUAL:
                 y += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-            y = _activate(y, ACTIVATION)
+            y = activate(y, ACTIVATION)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

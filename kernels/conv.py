@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .batch_norm import _activate, _activation_grad_mask
+from .common import activate, activation_grad_mask
 
 
 def _configs(rows, stages=3):
@@ -116,7 +116,7 @@ def _conv2d_fwd_kernel(
     out_mask = m_mask[:, None] & co_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(Res + y_offs, mask=out_mask, other=0.0).to(ACC)
-    acc = _activate(acc, ACTIVATION)
+    acc = activate(acc, ACTIVATION)
     tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
@@ -178,7 +178,7 @@ def _conv2d_bwd_dgrad_kernel(
                     a = tl.load(DY + offs, mask=a_mask, other=0.0)
                     if ACTIVATION != 0:
                         y = tl.load(Y + offs, mask=a_mask, other=0.0)
-                        a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+                        a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
                     b = tl.load(w_tap[None, :] + c[:, None].to(tl.int64) * swo,
                                 mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
                     acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
@@ -239,7 +239,7 @@ def _conv2d_bwd_wgrad_kernel(
         a = tl.load(DY + dy_offs, mask=a_mask, other=0.0)
         if ACTIVATION != 0:
             y = tl.load(Y + dy_offs, mask=a_mask, other=0.0)
-            a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+            a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
         if HAS_DBIAS:
             db += tl.sum(a.to(ACC), axis=1)
         ih = oh * stride_h - pad_h + kh * dil_h

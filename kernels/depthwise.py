@@ -16,9 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .batch_norm import _activate, _activation_grad_mask
-
-ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+from .common import activate, activation_grad_mask, chan_merge
 
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
@@ -97,7 +95,7 @@ def _depthwise_fwd_kernel(
                   + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
         if HAS_RESIDUAL:
             acc += tl.load(R + y_offs, mask=mask, other=0.0).to(ACC)
-        y = _activate(acc, ACTIVATION).to(Y.dtype.element_ty)
+        y = activate(acc, ACTIVATION).to(Y.dtype.element_ty)
         tl.store(Y + y_offs, y, mask=mask)
         if STATS:
             # Statistics of the value BatchNorm will normalize: the stored (rounded) output.
@@ -107,11 +105,7 @@ def _depthwise_fwd_kernel(
                 tile_mean = tl.sum(ys, axis=0) / tile_count
                 dev = tl.where(mask, ys - tile_mean[None, :], 0.0)
                 tile_m2 = tl.sum(dev * dev, axis=0)
-                new_count = run_count + tile_count
-                delta = tile_mean - run_mean
-                run_mean += delta * (tile_count / new_count)
-                run_m2 += tile_m2 + delta * delta * (run_count * tile_count / new_count)
-                run_count = new_count
+                run_count, run_mean, run_m2 = chan_merge(run_count, run_mean, run_m2, tile_count, tile_mean, tile_m2)
     if STATS:
         tl.store(PartMean + pid_p * C_out + co, run_mean, mask=c_mask)
         tl.store(PartM2 + pid_p * C_out + co, run_m2, mask=c_mask)
@@ -162,7 +156,7 @@ def _depthwise_bwd_input_kernel(
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
                 if ACTIVATION != 0:
                     out = tl.load(Out + offs, mask=mask, other=0.0).to(ACC)
-                    dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
+                    dy = tl.where(activation_grad_mask(out, ACTIVATION), dy, 0.0)
                 w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
                 acc += dy * w[None, :]
     dx_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
@@ -209,7 +203,7 @@ def _depthwise_bwd_weight_reduce_kernel(
             dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
             if ACTIVATION != 0:
                 out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
-                dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
+                dy = tl.where(activation_grad_mask(out, ACTIVATION), dy, 0.0)
             if tap < KH * KW:
                 ih = oh * sh - ph + (tap // KW) * dh
                 iw = ow * sw - pw + (tap % KW) * dw

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vhist
-import vhist.ops.depthwise as depthwise_ops
+import vhist.ops.heuristics as heuristics
 from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
 
 from conftest import DEVICE, HAS_GPU
@@ -219,7 +219,7 @@ def test_fused_depthwise_bn_act_fwd_bwd(case, training):
 def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
     """NCHW input, and one program covering both pixel tiles (72 pixels), so that the
     epilogue's Chan merge across tiles (a full tile and a partial one) is exercised."""
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", 1)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 1)
     case = FUSED_CASES[0]
     y, grads, rm, _ = run_fused("triton", case, True, fmt="contiguous")
     y_ref, grads_ref, rm_ref, _ = run_fused("torch", case, True, fmt="contiguous")
@@ -230,7 +230,7 @@ def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
 
 
 def test_fused_depthwise_bn_act_determinism(monkeypatch):
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", 2)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 2)
     case = (2, 4, 13, 12, 1, 3, 1, 1, "relu6", False)  # more than one stats tile and chunk
     first, second = run_fused("triton", case, True), run_fused("triton", case, True)
     assert torch.equal(first[0], second[0])
@@ -244,7 +244,7 @@ def test_fused_depthwise_bn_act_mean_offset(max_partials, monkeypatch, triton_ba
     """|mean| >> std in the conv output: the epilogue's per-tile (mean, M2) partials keep
     the variance accurate where E[y^2] - E[y]^2 in fp32 would cancel (one partial per
     tile, or tiles merged inside a program)."""
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", max_partials)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", max_partials)
     x = torch.randn(4, 2, 9, 9, device=DEVICE) + 1000.0
     weight = torch.full((2, 1, 3, 3), 1.0 / 9, device=DEVICE)
     running_mean, running_var = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
