@@ -18,6 +18,9 @@ import triton.language as tl
 from ._config import autotune
 from .common import activate, activation_grad_mask, chan_merge
 
+# The weight-gradient kernels' name of the shared activation-gradient mask.
+_activation_grad_mask = activation_grad_mask
+
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
 # channel tile and the warps are tuned.
@@ -203,7 +206,7 @@ def _depthwise_bwd_weight_reduce_kernel(
             dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
             if ACTIVATION != 0:
                 out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
-                dy = tl.where(activation_grad_mask(out, ACTIVATION), dy, 0.0)
+                dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
             if tap < KH * KW:
                 ih = oh * sh - ph + (tap // KW) * dh
                 iw = ow * sw - pw + (tap % KW) * dw

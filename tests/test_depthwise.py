@@ -271,6 +271,32 @@ def test_fused_depthwise_bn_act_module_routes_depthwise(triton_backend):
     assert_close(block.bn.running_var, ref[1].running_var, name="running_var", atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 7, 7), (4, 7, 7)], ids=["batched", "unbatched"])
+def test_depthwise_conv2d_module_routes_depthwise(shape, monkeypatch, triton_backend):
+    """vhist.nn.Conv2d with groups == in_channels (multiplier 2) runs the depthwise op,
+    forward and backward equal to F.conv2d; a grouped conv that is not depthwise does not."""
+    calls = []
+    depthwise = vhist.nn.functional.depthwise_conv2d
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return depthwise(*args, **kwargs)
+
+    monkeypatch.setattr(vhist.nn.functional, "depthwise_conv2d", spy)
+    conv = vhist.nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4).to(DEVICE).double()
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    y_ref = F.conv2d(x, conv.weight, conv.bias, 2, 1, 1, 4)
+    assert calls == [(8, 1, 3, 3)]
+    assert_close(y, y_ref, name="output", atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(y.sum(), (x, conv.weight, conv.bias))
+    grads_ref = torch.autograd.grad(y_ref.sum(), (x, conv.weight, conv.bias))
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert_close(g, g_ref, name=f"grad {name}", atol=1e-12, rtol=1e-12)
+    vhist.nn.Conv2d(4, 8, 3, groups=2).to(DEVICE).double()(x.detach())
+    assert len(calls) == 1, "a grouped, non-depthwise conv must run the dense conv"
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_depthwise_bn_act_compile(training, triton_backend):
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"

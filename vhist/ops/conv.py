@@ -9,13 +9,12 @@ Registered custom ops (each with a fake implementation, so ``torch.compile`` tra
 * ``vhist::conv2d_fwd`` / ``vhist::conv2d_bwd``: conv with bias, residual and activation
   epilogue; the backward masks dy by the activation derivative on the fly inside dgrad
   and wgrad (recovered from the saved output), wgrad is split-K with partial buffers.
-* ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd``: training. The conv epilogue writes the
-  conv output and per-tile BN partials (count, mean, M2); ``bn_fwd_finalize`` merges them
-  (Chan) and updates the running statistics; one ``bn_fwd_apply`` pass applies scale,
-  shift, residual and activation. Backward: ``bn_bwd_reduce`` / ``bn_bwd_finalize`` /
-  ``bn_bwd_dx`` with the activation mask recomputed from the saved conv output, then
-  dgrad and wgrad on dy_conv. Saved: input, weight, conv output, mean, rstd.
-* Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
+* ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
+  :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
+  passes. Training: the conv epilogue writes the conv output and per-tile BN partials
+  (count, mean, M2), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
+  backward through BatchNorm's reduce/dx kernels, then dgrad and wgrad on dy_conv.
+  Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
   and runs one ``conv2d_fwd`` launch with bias, residual and activation in the epilogue.
 
 Activations are NCHW or channels_last; NCHW inputs are converted once at the op

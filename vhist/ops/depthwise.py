@@ -89,6 +89,11 @@ def _geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, g
     return DepthwiseGeometry(n, c_in, h, w, c_out, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether the kernels see ``x`` as NHWC (:func:`vhist.ops.common.is_channels_last`)."""
+    return is_channels_last(x)
+
+
 def _empty_output(like: torch.Tensor, shape, channels_last: bool, dtype=None) -> torch.Tensor:
     return empty_4d(shape, like, channels_last, dtype)
 
@@ -148,7 +153,7 @@ def depthwise_conv2d_fwd(
         The output, channels-last when the input is, contiguous otherwise.
     """
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    output = _empty_output(input, geom.out_shape, is_channels_last(input))
+    output = _empty_output(input, geom.out_shape, _channels_last(input))
     if residual is not None:
         residual = like_layout(residual, output)
     _launch_fwd(input, weight, bias, residual, geom, activation, output)
@@ -250,7 +255,7 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
 
 def _fwd_fake(input, weight, bias, residual, stride, padding, dilation, activation):
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    return _empty_output(input, geom.out_shape, is_channels_last(input))
+    return _empty_output(input, geom.out_shape, _channels_last(input))
 
 
 def _bwd_input_fake(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation):
@@ -289,7 +294,7 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = grad_residual = None
         if need_dx:
-            grad_input = bwd_input(grad_output, output, weight, list(input.shape), is_channels_last(input),
+            grad_input = bwd_input(grad_output, output, weight, list(input.shape), _channels_last(input),
                                    stride, padding, dilation, activation)
         if need_dw or need_db:
             grad_weight, grad_bias = bwd_weight(grad_output, output, input, list(weight.shape), stride, padding,
@@ -426,7 +431,7 @@ IMPLS = {"triton": _depthwise_triton, "cuda": _depthwise_cuda, "torch": referenc
 
 def _forward_with_stats(input, weight, geom: DepthwiseGeometry):
     acc, c = acc_dtype(input.dtype), geom.c_out
-    conv_out = _empty_output(input, geom.out_shape, is_channels_last(input))
+    conv_out = _empty_output(input, geom.out_shape, _channels_last(input))
     _, tiles = heuristics.depthwise_fwd_tiling(geom.positions, True)
     part_mean, part_m2 = input.new_empty((tiles, c), dtype=acc), input.new_empty((tiles, c), dtype=acc)
     part_count = input.new_empty((tiles,), dtype=acc)
@@ -435,7 +440,7 @@ def _forward_with_stats(input, weight, geom: DepthwiseGeometry):
 
 
 def _grad_input(dy_conv, input, weight, geom: DepthwiseGeometry):
-    return _bwd_input_impl(dy_conv, None, weight, list(input.shape), is_channels_last(input), *geom.op_args(), 0)
+    return _bwd_input_impl(dy_conv, None, weight, list(input.shape), _channels_last(input), *geom.op_args(), 0)
 
 
 def _grad_weight(dy_conv, input, weight, geom: DepthwiseGeometry):
@@ -448,7 +453,7 @@ FUSED_PASSES = ConvPasses(
     forward_with_stats=_forward_with_stats,
     grad_input=_grad_input,
     grad_weight=_grad_weight,
-    empty_output=lambda like, shape: _empty_output(like, shape, is_channels_last(like)),
+    empty_output=lambda like, shape: _empty_output(like, shape, _channels_last(like)),
     empty_grad_weight=lambda weight: weight.new_empty(weight.shape),
 )
 FUSED_OPS = define_fused_ops(FUSED_OP, FUSED_PASSES)
