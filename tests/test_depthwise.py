@@ -167,6 +167,25 @@ def test_depthwise_geometry_same_padding():
     assert geom.padding == (1, 2, 1, 1) and (geom.oh, geom.ow) == (6, 5)
 
 
+@pytest.mark.parametrize("op", ["depthwise", "conv"])
+def test_geometry_pair_arguments(op):
+    """Dense and depthwise convs normalize stride/padding/dilation alike: an int, a
+    1-tuple and a 2-tuple; bools and triples are rejected."""
+    from vhist.ops.conv import conv_geometry
+
+    def geometry(stride, padding, dilation):
+        if op == "conv":
+            return conv_geometry("conv2d", (1, 2, 9, 9), (2, 2, 3, 3), stride, padding, dilation, 1)
+        return depthwise_geometry((1, 2, 9, 9), (2, 1, 3, 3), stride, padding, dilation)
+
+    g = geometry((2,), [1], (1, 2))
+    assert (g.stride, g.padding, g.dilation) == ((2, 2), (1, 1, 1, 1), (1, 2)) and (g.oh, g.ow) == (5, 4)
+    assert geometry(2, 1, 1) == geometry((2, 2), (1, 1), [1])
+    for bad in (True, (1, 1, 1), 1.0):
+        with pytest.raises(ValueError, match="stride must be an int or a pair"):
+            geometry(bad, 1, 1)
+
+
 # ----------------------------------------------------------------------------- fused op
 
 FUSED_CASES = [

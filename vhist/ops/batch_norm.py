@@ -166,7 +166,8 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
     part_dy = x.new_empty((geom.num_chunks, c), dtype=acc)
     part_dy_xhat = x.new_empty((geom.num_chunks, c), dtype=acc)
     _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
-        grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean), or_placeholder(residual, x),
+        grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
+        or_placeholder(residual, x),
         part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=acc_tl,
         ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
         HAS_B=bias is not None)
@@ -201,7 +202,8 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if want_dresidual else x.new_empty((0,))
     _pick(kernels.bn_bwd_dx, geom)[geom.grid](
-        grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean), or_placeholder(sum_dy_xhat, mean),
+        grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean),
+        or_placeholder(sum_dy_xhat, mean),
         or_placeholder(bias, mean), or_placeholder(residual, x), grad_residual if want_dresidual else grad_input,
         *geom.args(), eps, 1.0 / (count or geom.count),
         TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, ACC=tl_acc(x.dtype),
