@@ -28,7 +28,7 @@ FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4)
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
 FWD_KEY = ["C_OUT", "OH", "OW", "BLOCK_P", "TILES"]
-BWD_KEY = ["C_IN", "C_OUT", "H", "W", "OH", "OW"]
+BWD_KEY = ["C_in", "C_out", "H", "W", "OH", "OW"]
 
 
 @triton.jit
@@ -253,6 +253,9 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
-depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_input_kernel)
+# The input-gradient kernel's sizes follow the naming convention (C_IN, C_OUT); BWD_KEY
+# keeps the weight-gradient kernel's argument names.
+BWD_INPUT_KEY = ["C_IN", "C_OUT", "H", "W", "OH", "OW"]
+depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_kernel)
 depthwise_bwd_weight_reduce = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_weight_reduce_kernel)
 depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel

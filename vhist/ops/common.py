@@ -115,13 +115,13 @@ def activation_code(op: str, activation) -> int:
 
 def activation_grad(grad: torch.Tensor, output: Optional[torch.Tensor], activation: int) -> torch.Tensor:
     """``grad * act'(z)`` from the activation's output, with PyTorch's conventions for the
-    derivative at the kinks (relu: 0 < y; relu6: 0 < y < 6), as a new tensor (custom
-    ops may not return an alias of an input)."""
+    derivative at the kinks (relu: 0 < y; relu6: 0 < y < 6); ``grad`` itself without an
+    activation."""
     if activation == Activation.RELU:
         return torch.where(output > 0, grad, 0)
     if activation == Activation.RELU6:
         return torch.where((output > 0) & (output < 6), grad, 0)
-    return grad.clone()
+    return grad
 
 
 # ----------------------------------------------------------------------------- BatchNorm arguments

@@ -300,6 +300,8 @@ def conv2d_bwd(
     dres = empty()
     if want_dres:
         dres = activation_grad(grad_output, output, activation)
+        # A distinct tensor: custom ops may not return an alias of an input.
+        dres = dres.clone() if dres is grad_output else dres
     return dx, dw, db, dres
 
 

