@@ -17,8 +17,7 @@ import triton
 from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import check_float_dtype, dispatch
-# dense_layout, is_channels_last_dense and like_layout are also imported from here by
-# the LRN launchers.
+# is_channels_last_dense stays importable from here, its former home.
 from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
                               like_layout, or_placeholder, tl_acc)
 
