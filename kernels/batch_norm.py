@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
+from .common import activate, activation_grad_mask, chan_merge
 
 
 def _configs(block_c_block_s_warps):
@@ -35,25 +36,25 @@ def _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW):
 
 
 @triton.jit
-def _tile_offsets(n, s_block, c, stride_n, stride_c, stride_s):
+def _tile_offsets(n, s_block, c, stride_xn, stride_xc, stride_xs):
     # int64 offsets: an activation can hold more than 2**31 elements.
-    return (tl.cast(n, tl.int64) * stride_n + s_block.to(tl.int64)[:, None] * stride_s
-            + c.to(tl.int64)[None, :] * stride_c)
+    return (tl.cast(n, tl.int64) * stride_xn + s_block.to(tl.int64)[:, None] * stride_xs
+            + c.to(tl.int64)[None, :] * stride_xc)
 
 
 # Algorithm 1, statistics. Each program reduces its chunk tile by tile: a tile's exact
 # mean and sum of squared deviations (M2) come from the registers in two passes, and
-# are merged into the running (count, mean, M2) with Chan et al.'s pairwise formula:
-#   delta = m_b - m_a,  m = m_a + delta*n_b/n,  M2 = M2_a + M2_b + delta^2*n_a*n_b/n.
-# Nothing forms E[x^2] - E[x]^2, so |mean| >> std does not cancel.
+# are merged into the running (count, mean, M2) with Chan et al.'s pairwise formula
+# (kernels/common.py: chan_merge). Nothing forms E[x^2] - E[x]^2, so |mean| >> std does
+# not cancel.
 @triton.jit
 def _bn_fwd_stats_kernel(
     X,          # (N, C, S) activation, any strides
-    PartMean,   # (num_chunks, C) per-chunk mean, accumulation dtype
-    PartM2,     # (num_chunks, C) per-chunk sum of squared deviations
-    PartCount,  # (num_chunks,) elements per channel in each chunk
+    PartMean,   # (NUM_CHUNKS, C) per-chunk mean, accumulation dtype
+    PartM2,     # (NUM_CHUNKS, C) per-chunk sum of squared deviations
+    PartCount,  # (NUM_CHUNKS,) elements per channel in each chunk
     N, C, S,
-    stride_n, stride_c, stride_s,
+    stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -71,16 +72,12 @@ def _bn_fwd_stats_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             s_mask = s < s_end
             mask = s_mask[:, None] & c_mask[None, :]
-            x = tl.load(X + _tile_offsets(n, s, c, stride_n, stride_c, stride_s), mask=mask, other=0.0).to(ACC)
+            x = tl.load(X + _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs), mask=mask, other=0.0).to(ACC)
             tile_count = tl.sum(s_mask.to(ACC), axis=0)
             tile_mean = tl.sum(x, axis=0) / tile_count
             dev = tl.where(mask, x - tile_mean[None, :], 0.0)
             tile_m2 = tl.sum(dev * dev, axis=0)
-            new_count = count + tile_count
-            delta = tile_mean - mean
-            mean += delta * (tile_count / new_count)
-            m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-            count = new_count
+            count, mean, m2 = chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
 
     tl.store(PartMean + chunk * C + c, mean, mask=c_mask)
     tl.store(PartM2 + chunk * C + c, m2, mask=c_mask)
@@ -99,7 +96,7 @@ def _bn_fwd_finalize_kernel(
     Rstd,         # (C,) 1 / sqrt(biased batch var + eps)
     RunningMean,  # (C,) updated in place when UPDATE_RUNNING
     RunningVar,   # (C,) updated in place with the unbiased variance
-    C, num_chunks, momentum, eps,
+    C, NUM_CHUNKS, momentum, eps,
     UPDATE_RUNNING: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -107,9 +104,9 @@ def _bn_fwd_finalize_kernel(
     count = tl.zeros([1], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for k0 in range(0, num_chunks, BLOCK_K):
+    for k0 in range(0, NUM_CHUNKS, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < num_chunks
+        k_mask = k < NUM_CHUNKS
         mask = k_mask[:, None] & c_mask[None, :]
         offs = k[:, None] * C + c[None, :]
         part_count = tl.load(PartCount + k, mask=k_mask, other=0.0)
@@ -119,11 +116,7 @@ def _bn_fwd_finalize_kernel(
         block_mean = tl.sum(part_count[:, None] * part_mean, axis=0) / block_count
         dev = tl.where(mask, part_mean - block_mean[None, :], 0.0)
         block_m2 = tl.sum(part_m2 + part_count[:, None] * dev * dev, axis=0)
-        new_count = count + block_count
-        delta = block_mean - mean
-        mean += delta * (block_count / new_count)
-        m2 += block_m2 + delta * delta * (count * block_count / new_count)
-        count = new_count
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
 
     var = m2 / count
     tl.store(Mean + c, mean, mask=c_mask)
@@ -138,32 +131,9 @@ def _bn_fwd_finalize_kernel(
         tl.store(RunningVar + c, running_var.to(RunningVar.dtype.element_ty), mask=c_mask)
 
 
-# ACTIVATION codes (vhist.ops.batch_norm.ACTIVATION_CODES), shared with the conv kernels:
-# the fused conv + BN + activation ops run their elementwise epilogue and their backward
+# ACTIVATION codes (vhist.ops.common.Activation), shared with the conv kernels: the
+# fused conv + BN + activation ops run their elementwise epilogue and their backward
 # through the kernels below.
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6)
-    if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACTIVATION == 2:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
-    return z
-
-
-@triton.jit
-def _activation_grad_mask(z, ACTIVATION: tl.constexpr):
-    # Where the activation's derivative is 1 (else 0), as PyTorch's relu / hardtanh
-    # backward define it. Evaluated on the pre-activation, or equally on the output.
-    if ACTIVATION == 1:
-        keep = z > 0.0
-    elif ACTIVATION == 2:
-        keep = (z > 0.0) & (z < 6.0)
-    else:
-        keep = z == z
-    return keep
 
 
 @triton.jit
@@ -177,12 +147,12 @@ def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr,
         z = x * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
             z += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.where(_activation_grad_mask(z, ACTIVATION), dy, 0.0)
+        dy = tl.where(activation_grad_mask(z, ACTIVATION), dy, 0.0)
     return dy
 
 
 @triton.jit
-def _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps,
+def _load_scale_shift(Mean, Rstd, W, Bias, c, c_mask, eps,
                       RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       ACC: tl.constexpr):
     # y = (x - mean) * rstd * w + b  =  x * scale + shift
@@ -195,7 +165,7 @@ def _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps,
         scale = scale * tl.load(W + c, mask=c_mask, other=0.0).to(ACC)
     shift = -mean * scale
     if HAS_B:
-        shift += tl.load(B + c, mask=c_mask, other=0.0).to(ACC)
+        shift += tl.load(Bias + c, mask=c_mask, other=0.0).to(ACC)
     return mean, rstd, scale, shift
 
 
@@ -210,10 +180,10 @@ def _bn_fwd_apply_kernel(
     Y,     # (N, C, S) output, same strides as X
     Mean,  # (C,) batch or running mean
     Rstd,  # (C,) 1/sqrt(var + eps), or the running variance when RSTD_FROM_VAR
-    W, B,  # (C,) affine weight and bias (unused when HAS_W / HAS_B are False)
+    W, Bias,  # (C,) affine weight and bias (unused when HAS_W / HAS_B are False)
     Res,   # (N, C, S) residual, same strides as X (unused unless HAS_RESIDUAL)
     N, C, S,
-    stride_n, stride_c, stride_s,
+    stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -222,17 +192,17 @@ def _bn_fwd_apply_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     n_start, n_end, s_start, s_end = _chunk_bounds(tl.program_id(1), N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
-    _, _, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
+    _, _, scale, shift = _load_scale_shift(Mean, Rstd, W, Bias, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
     for n in range(n_start, n_end):
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             y = x * scale[None, :] + shift[None, :]
             if HAS_RESIDUAL:
                 y += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-            y = _activate(y, ACTIVATION)
+            y = activate(y, ACTIVATION)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -248,12 +218,12 @@ def _bn_bwd_reduce_kernel(
     X,      # (N, C, S) forward input
     Mean,   # (C,) saved mean (or running mean in eval)
     Rstd,   # (C,) saved rstd (or running variance when RSTD_FROM_VAR)
-    W, B,   # (C,) affine parameters (read only with ACTIVATION, to recompute the mask)
+    W, Bias,   # (C,) affine parameters (read only with ACTIVATION, to recompute the mask)
     Res,    # (N, C, S) forward residual, same strides as X (unused unless HAS_RESIDUAL)
-    PartSumDy,      # (num_chunks, C)
-    PartSumDyXhat,  # (num_chunks, C)
+    PartSumDy,      # (NUM_CHUNKS, C)
+    PartSumDyXhat,  # (NUM_CHUNKS, C)
     N, C, S,
-    stride_n, stride_c, stride_s,
+    stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
@@ -263,14 +233,14 @@ def _bn_bwd_reduce_kernel(
     c_mask = c < C
     chunk = tl.program_id(1)
     n_start, n_end, s_start, s_end = _chunk_bounds(chunk, N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
-    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
+    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, Bias, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
     for n in range(n_start, n_end):
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
             x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
@@ -284,10 +254,10 @@ def _bn_bwd_reduce_kernel(
 # these sums (paper, backward of Algorithm 1); they are written in the parameter dtype.
 @triton.jit
 def _bn_bwd_finalize_kernel(
-    PartSumDy, PartSumDyXhat,  # (num_chunks, C) from _bn_bwd_reduce_kernel
+    PartSumDy, PartSumDyXhat,  # (NUM_CHUNKS, C) from _bn_bwd_reduce_kernel
     SumDy, SumDyXhat,          # (C,) accumulation dtype
     DW, DB,                    # (C,) gradients of weight and bias
-    C, num_chunks,
+    C, NUM_CHUNKS,
     WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -295,9 +265,9 @@ def _bn_bwd_finalize_kernel(
     c_mask = c < C
     sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
     sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-    for k0 in range(0, num_chunks, BLOCK_K):
+    for k0 in range(0, NUM_CHUNKS, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        mask = (k < num_chunks)[:, None] & c_mask[None, :]
+        mask = (k < NUM_CHUNKS)[:, None] & c_mask[None, :]
         offs = k[:, None] * C + c[None, :]
         sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=mask, other=0.0), axis=0)
         sum_dy_xhat += tl.sum(tl.load(PartSumDyXhat + offs, mask=mask, other=0.0), axis=0)
@@ -321,11 +291,11 @@ def _bn_bwd_dx_kernel(
     Mean, Rstd,  # (C,) as in _bn_bwd_reduce_kernel
     W,           # (C,) affine weight (unused when HAS_W is False)
     SumDy, SumDyXhat,  # (C,) from _bn_bwd_finalize_kernel (unused in eval)
-    B,           # (C,) affine bias (read only with ACTIVATION and HAS_B)
+    Bias,        # (C,) affine bias (read only with ACTIVATION and HAS_B)
     Res,         # (N, C, S) forward residual, same strides (unused unless HAS_RESIDUAL)
     DRes,        # (N, C, S) residual gradient, same strides (unused unless WRITE_DRES)
     N, C, S,
-    stride_n, stride_c, stride_s,
+    stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps, inv_count,
     TRAINING: tl.constexpr, RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -335,7 +305,7 @@ def _bn_bwd_dx_kernel(
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     n_start, n_end, s_start, s_end = _chunk_bounds(tl.program_id(1), N, S, N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW)
-    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, B, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
+    mean, rstd, scale, shift = _load_scale_shift(Mean, Rstd, W, Bias, c, c_mask, eps, RSTD_FROM_VAR, HAS_W, HAS_B, ACC)
     if TRAINING:
         mean_dy = tl.load(SumDy + c, mask=c_mask, other=0.0) * inv_count
         mean_dy_xhat = tl.load(SumDyXhat + c, mask=c_mask, other=0.0) * inv_count
@@ -343,7 +313,7 @@ def _bn_bwd_dx_kernel(
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(n, s, c, stride_n, stride_c, stride_s)
+            offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
             dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
             if WRITE_DRES:
                 tl.store(DRes + offs, dy.to(DRes.dtype.element_ty), mask=mask)

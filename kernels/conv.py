@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .batch_norm import _activate, _activation_grad_mask
+from .common import activate, activation_grad_mask
 
 
 def _configs(rows, stages=3):
@@ -32,7 +32,7 @@ GEMM_CONFIGS = _configs([
 FP64_CONFIGS = _configs([(32, 32, 8, 4), (16, 32, 16, 4), (32, 16, 16, 4)], stages=2)
 WGRAD_REDUCE_BLOCK = 1024
 
-FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "stride_h", "stride_w"]
+FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w"]
 
 
 @triton.jit
@@ -62,8 +62,10 @@ def _conv2d_fwd_kernel(
     PartM2,     # (num_m_tiles, C_out) per-tile sum of squared deviations (STATS)
     PartCount,  # (num_m_tiles,) valid rows per tile (STATS)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sxn, sxc, sxh, sxw, swo, swi, swh, sww, syn, syc, syh, syw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_yn, stride_yc, stride_yh, stride_yw,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -78,24 +80,24 @@ def _conv2d_fwd_kernel(
     co_mask = co < CG_OUT
     co_g = g * CG_OUT + co
     ck = tl.arange(0, BLOCK_K)
-    x_base = X + n.to(tl.int64) * sxn + (g * CG_IN).to(tl.int64) * sxc
-    w_base = Wt + co_g.to(tl.int64) * swo
+    x_base = X + n.to(tl.int64) * stride_xn + (g * CG_IN).to(tl.int64) * stride_xc
+    w_base = Wt + co_g.to(tl.int64) * stride_wo
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for kh in range(KH):
-        ih = oh * stride_h - pad_h + kh * dil_h
+        ih = oh * conv_stride_h - pad_h + kh * dil_h
         h_ok = m_mask & (ih >= 0) & (ih < H)
         for kw in range(KW):
-            iw = ow * stride_w - pad_w + kw * dil_w
+            iw = ow * conv_stride_w - pad_w + kw * dil_w
             row_ok = h_ok & (iw >= 0) & (iw < W)
-            x_row = x_base + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            w_tap = w_base + kh * swh + kw * sww
+            x_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            w_tap = w_base + kh * stride_wh + kw * stride_ww
             for c0 in range(0, CG_IN, BLOCK_K):
                 c = c0 + ck
                 c_ok = c < CG_IN
-                a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * sxc,
+                a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * stride_xc,
                             mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_tap[None, :] + c[:, None] * swi, mask=c_ok[:, None] & co_mask[None, :], other=0.0)
+                b = tl.load(w_tap[None, :] + c[:, None] * stride_wi, mask=c_ok[:, None] & co_mask[None, :], other=0.0)
                 acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
     if HAS_BIAS:
@@ -111,12 +113,12 @@ def _conv2d_fwd_kernel(
         tl.store(PartM2 + part, tl.sum(dev * dev, axis=0), mask=co_mask)
         if (pid_n == 0) & (g == 0):
             tl.store(PartCount + pid_m + tl.arange(0, 1), count + tl.zeros([1], dtype=ACC))
-    y_offs = (n.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] \
-        + co_g.to(tl.int64)[None, :] * syc
+    y_offs = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None] \
+        + co_g.to(tl.int64)[None, :] * stride_yc
     out_mask = m_mask[:, None] & co_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(Res + y_offs, mask=out_mask, other=0.0).to(ACC)
-    acc = _activate(acc, ACTIVATION)
+    acc = activate(acc, ACTIVATION)
     tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
@@ -136,55 +138,57 @@ def _conv2d_bwd_dgrad_kernel(
     Wt,   # (C_out, CG_IN, KH, KW) weight
     DX,   # (N, C_in, H, W) input gradient
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdyn, sdyc, sdyh, sdyw, swo, swi, swh, sww, sdxn, sdxc, sdxh, sdxw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     ACTIVATION: tl.constexpr, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    phases = stride_h * stride_w
+    phases = conv_stride_h * conv_stride_w
     g, phase = tl.program_id(2) // phases, tl.program_id(2) % phases
-    ph, pw = phase // stride_w, phase % stride_w
-    # Rows of this phase: h = hh * stride_h + ph, w = ww * stride_w + pw.
-    hh_n, ww_n = tl.cdiv(H, stride_h), tl.cdiv(W, stride_w)
+    ph, pw = phase // conv_stride_w, phase % conv_stride_w
+    # Rows of this phase: h = hh * conv_stride_h + ph, w = ww * conv_stride_w + pw.
+    hh_n, ww_n = tl.cdiv(H, conv_stride_h), tl.cdiv(W, conv_stride_w)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = m // (hh_n * ww_n)
-    h = ((m // ww_n) % hh_n) * stride_h + ph
-    w = (m % ww_n) * stride_w + pw
+    h = ((m // ww_n) % hh_n) * conv_stride_h + ph
+    w = (m % ww_n) * conv_stride_w + pw
     m_mask = (m < N * hh_n * ww_n) & (h < H) & (w < W)
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = ci < CG_IN
     ck = tl.arange(0, BLOCK_K)
-    dy_base = n.to(tl.int64) * sdyn + (g * CG_OUT).to(tl.int64) * sdyc
-    w_base = Wt + (g * CG_OUT).to(tl.int64) * swo + ci.to(tl.int64) * swi
+    dy_base = n.to(tl.int64) * stride_dyn + (g * CG_OUT).to(tl.int64) * stride_dyc
+    w_base = Wt + (g * CG_OUT).to(tl.int64) * stride_wo + ci.to(tl.int64) * stride_wi
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for kh in range(KH):
         for kw in range(KW):
             # C remainder: zero exactly when the (possibly negative) offset is divisible.
-            if ((ph + pad_h - kh * dil_h) % stride_h == 0) & ((pw + pad_w - kw * dil_w) % stride_w == 0):
+            if ((ph + pad_h - kh * dil_h) % conv_stride_h == 0) & ((pw + pad_w - kw * dil_w) % conv_stride_w == 0):
                 th = h + pad_h - kh * dil_h
                 tw = w + pad_w - kw * dil_w
-                oh = th // stride_h
-                ow = tw // stride_w
+                oh = th // conv_stride_h
+                ow = tw // conv_stride_w
                 row_ok = m_mask & (th >= 0) & (oh < OH) & (tw >= 0) & (ow < OW)
-                dy_row = dy_base + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw
-                w_tap = w_base + kh * swh + kw * sww
+                dy_row = dy_base + oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw
+                w_tap = w_base + kh * stride_wh + kw * stride_ww
                 for c0 in range(0, CG_OUT, BLOCK_K):
                     c = c0 + ck
                     c_ok = c < CG_OUT
-                    offs = dy_row[:, None] + c[None, :].to(tl.int64) * sdyc
+                    offs = dy_row[:, None] + c[None, :].to(tl.int64) * stride_dyc
                     a_mask = row_ok[:, None] & c_ok[None, :]
                     a = tl.load(DY + offs, mask=a_mask, other=0.0)
                     if ACTIVATION != 0:
                         y = tl.load(Y + offs, mask=a_mask, other=0.0)
-                        a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
-                    b = tl.load(w_tap[None, :] + c[:, None].to(tl.int64) * swo,
+                        a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+                    b = tl.load(w_tap[None, :] + c[:, None].to(tl.int64) * stride_wo,
                                 mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
                     acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
-    dx_offs = (n.to(tl.int64) * sdxn + h.to(tl.int64) * sdxh + w.to(tl.int64) * sdxw)[:, None] \
-        + (g * CG_IN + ci).to(tl.int64)[None, :] * sdxc
+    dx_offs = (n.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw)[:, None] \
+        + (g * CG_IN + ci).to(tl.int64)[None, :] * stride_dxc
     tl.store(DX + dx_offs, acc.to(DX.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
 
 
@@ -202,8 +206,8 @@ def _conv2d_bwd_wgrad_kernel(
     PartDW,  # (SPLIT, C_out, KH, KW, CG_IN) partial weight gradients, contiguous
     PartDB,  # (SPLIT, C_out) partial bias gradients (unused unless HAS_DBIAS)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    sdyn, sdyc, sdyh, sdyw, sxn, sxc, sxh, sxw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_xn, stride_xc, stride_xh, stride_xw,
     POS_PER_SPLIT, GROUPS,
     HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr, FMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
@@ -233,20 +237,20 @@ def _conv2d_bwd_wgrad_kernel(
         n = p // (OH * OW)
         oh = (p // OW) % OH
         ow = p % OW
-        dy_offs = (n.to(tl.int64) * sdyn + oh.to(tl.int64) * sdyh + ow.to(tl.int64) * sdyw)[None, :] \
-            + co_g.to(tl.int64)[:, None] * sdyc
+        dy_offs = (n.to(tl.int64) * stride_dyn + oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw)[None, :] \
+            + co_g.to(tl.int64)[:, None] * stride_dyc
         a_mask = co_mask[:, None] & p_ok[None, :]
         a = tl.load(DY + dy_offs, mask=a_mask, other=0.0)
         if ACTIVATION != 0:
             y = tl.load(Y + dy_offs, mask=a_mask, other=0.0)
-            a = tl.where(_activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+            a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
         if HAS_DBIAS:
             db += tl.sum(a.to(ACC), axis=1)
-        ih = oh * stride_h - pad_h + kh * dil_h
-        iw = ow * stride_w - pad_w + kw * dil_w
+        ih = oh * conv_stride_h - pad_h + kh * dil_h
+        iw = ow * conv_stride_w - pad_w + kw * dil_w
         x_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_offs = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
-            + ci_g.to(tl.int64)[None, :] * sxc
+        x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
+            + ci_g.to(tl.int64)[None, :] * stride_xc
         b = tl.load(X + x_offs, mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
         acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
@@ -263,16 +267,16 @@ def _conv2d_bwd_wgrad_kernel(
 # order (fixed, so deterministic), cast to the parameter dtype.
 @triton.jit
 def _conv2d_bwd_wgrad_reduce_kernel(
-    Part,  # (SPLIT, numel) partials, accumulation dtype
-    Out,   # (numel,) result, contiguous
-    numel, SPLIT,
+    Part,  # (SPLIT, NUMEL) partials, accumulation dtype
+    Out,   # (NUMEL,) result, contiguous
+    NUMEL, SPLIT,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < numel
+    mask = i < NUMEL
     total = tl.zeros([BLOCK], dtype=ACC)
     for k in range(SPLIT):
-        total += tl.load(Part + k * numel + i, mask=mask, other=0.0)
+        total += tl.load(Part + k * NUMEL + i, mask=mask, other=0.0)
     tl.store(Out + i, total.to(Out.dtype.element_ty), mask=mask)
 
 

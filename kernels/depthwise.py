@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .batch_norm import _activate, _activation_grad_mask
+from .common import activate, activation_grad_mask, chan_merge
 
-ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
+# The weight-gradient kernels' name of the shared activation-gradient mask.
+_activation_grad_mask = activation_grad_mask
 
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
@@ -26,7 +27,7 @@ ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 2
 FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8))]
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
-FWD_KEY = ["C_out", "OH", "OW", "BLOCK_P", "TILES"]
+FWD_KEY = ["C_OUT", "OH", "OW", "BLOCK_P", "TILES"]
 BWD_KEY = ["C_in", "C_out", "H", "W", "OH", "OW"]
 
 
@@ -39,7 +40,8 @@ def _pixel_coords(p, HW, W):
 
 
 # Forward: y[n, oh, ow, co] = b[co] + sum_{kh, kw} w[co, kh, kw] *
-#   x[n, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw, co // MULT]   (zero outside the image),
+#   x[n, oh*conv_stride_h - pad_h + kh*dil_h, ow*conv_stride_w - pad_w + kw*dil_w, co // MULT]
+# (zero outside the image),
 # then "+ residual" and the activation in the epilogue (eval-mode fused op, BN folded
 # into w and b). A program computes TILES consecutive pixel tiles. With STATS, the
 # epilogue also reduces the stored output per channel for BatchNorm: each tile's exact
@@ -48,29 +50,29 @@ def _pixel_coords(p, HW, W):
 # finalize kernel of kernels/batch_norm.py.
 @triton.jit
 def _depthwise_fwd_kernel(
-    X,          # (N, C_in, H, W) input, any strides (NHWC is the fast one)
-    Wt,         # (C_out, 1, KH, KW) weight
-    B,          # (C_out,) bias (unused unless HAS_BIAS)
-    R,          # (N, C_out, OH, OW) residual, strides of Y (unused unless HAS_RESIDUAL)
-    Y,          # (N, C_out, OH, OW) output
-    PartMean,   # (num_programs_p, C_out) per-program mean of Y (STATS only)
-    PartM2,     # (num_programs_p, C_out) per-program sum of squared deviations
+    X,          # (N, C_IN, H, W) input, any strides (NHWC is the fast one)
+    Wt,         # (C_OUT, 1, KH, KW) weight
+    Bias,       # (C_OUT,) bias (unused unless HAS_BIAS)
+    Res,        # (N, C_OUT, OH, OW) residual, strides of Y (unused unless HAS_RESIDUAL)
+    Y,          # (N, C_OUT, OH, OW) output
+    PartMean,   # (num_programs_p, C_OUT) per-program mean of Y (STATS only)
+    PartM2,     # (num_programs_p, C_OUT) per-program sum of squared deviations
     PartCount,  # (num_programs_p,) pixels each program covered
-    N, C_in, H, W, C_out, OH, OW, MULT, TILES,
+    N, C_IN, H, W, C_OUT, OH, OW, MULT, TILES,
     stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wc, stride_wh, stride_ww,
+    stride_wo, stride_wh, stride_ww,
     stride_yn, stride_yc, stride_yh, stride_yw,
-    sh, sw, ph, pw, dh, dw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = co < C_out
+    c_mask = co < C_OUT
     ci = co // MULT
     if HAS_BIAS:
-        bias = tl.load(B + co, mask=c_mask, other=0.0).to(ACC)
+        bias = tl.load(Bias + co, mask=c_mask, other=0.0).to(ACC)
     run_count = tl.zeros([1], dtype=ACC)
     run_mean = tl.zeros([BLOCK_C], dtype=ACC)
     run_m2 = tl.zeros([BLOCK_C], dtype=ACC)
@@ -81,12 +83,12 @@ def _depthwise_fwd_kernel(
         x_base = X + n.to(tl.int64)[:, None] * stride_xn + ci.to(tl.int64)[None, :] * stride_xc
         acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         for kh in tl.static_range(KH):
-            ih = oh * sh - ph + kh * dh
+            ih = oh * conv_stride_h - pad_h + kh * dil_h
             h_ok = p_mask & (ih >= 0) & (ih < H)
             for kw in tl.static_range(KW):
-                iw = ow * sw - pw + kw * dw
+                iw = ow * conv_stride_w - pad_w + kw * dil_w
                 ok = h_ok & (iw >= 0) & (iw < W)
-                w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
+                w = tl.load(Wt + co * stride_wo + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
                 offs = ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
                 x = tl.load(x_base + offs[:, None], mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
                 acc += x * w[None, :]
@@ -96,8 +98,8 @@ def _depthwise_fwd_kernel(
         y_offs = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh
                   + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
         if HAS_RESIDUAL:
-            acc += tl.load(R + y_offs, mask=mask, other=0.0).to(ACC)
-        y = _activate(acc, ACTIVATION).to(Y.dtype.element_ty)
+            acc += tl.load(Res + y_offs, mask=mask, other=0.0).to(ACC)
+        y = activate(acc, ACTIVATION).to(Y.dtype.element_ty)
         tl.store(Y + y_offs, y, mask=mask)
         if STATS:
             # Statistics of the value BatchNorm will normalize: the stored (rounded) output.
@@ -107,66 +109,62 @@ def _depthwise_fwd_kernel(
                 tile_mean = tl.sum(ys, axis=0) / tile_count
                 dev = tl.where(mask, ys - tile_mean[None, :], 0.0)
                 tile_m2 = tl.sum(dev * dev, axis=0)
-                new_count = run_count + tile_count
-                delta = tile_mean - run_mean
-                run_mean += delta * (tile_count / new_count)
-                run_m2 += tile_m2 + delta * delta * (run_count * tile_count / new_count)
-                run_count = new_count
+                run_count, run_mean, run_m2 = chan_merge(run_count, run_mean, run_m2, tile_count, tile_mean, tile_m2)
     if STATS:
-        tl.store(PartMean + pid_p * C_out + co, run_mean, mask=c_mask)
-        tl.store(PartM2 + pid_p * C_out + co, run_m2, mask=c_mask)
+        tl.store(PartMean + pid_p * C_OUT + co, run_mean, mask=c_mask)
+        tl.store(PartM2 + pid_p * C_OUT + co, run_m2, mask=c_mask)
         if tl.program_id(1) == 0:
             tl.store(PartCount + pid_p + tl.arange(0, 1), run_count)
 
 
 # Input gradient as a gather (the transposed conv, no atomics): for input pixel (ih, iw)
 # and channel ci,  dx = sum_{m < MULT} sum_{kh, kw} w[co, kh, kw] * dy[n, oh, ow, co],
-# co = ci*MULT + m, over the taps where oh = (ih + ph - kh*dh) / sh (and likewise ow)
+# co = ci*MULT + m, over the taps where oh = (ih + pad_h - kh*dil_h) / conv_stride_h (and likewise ow)
 # is a whole number inside the output. dy is first masked by the activation's gradient
-# (ACTIVATION, from the forward output Out) when the forward had one.
+# (ACTIVATION, from the forward output Y) when the forward had one.
 @triton.jit
 def _depthwise_bwd_input_kernel(
-    DY,   # (N, C_out, OH, OW) upstream gradient
-    Out,  # (N, C_out, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
-    Wt,   # (C_out, 1, KH, KW) weight
-    DX,   # (N, C_in, H, W) input gradient
-    N, C_in, H, W, C_out, OH, OW, MULT,
-    stride_yn, stride_yc, stride_yh, stride_yw,
-    stride_wc, stride_wh, stride_ww,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    sh, sw, ph, pw, dh, dw,
+    DY,   # (N, C_OUT, OH, OW) upstream gradient
+    Y,    # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    Wt,   # (C_OUT, 1, KH, KW) weight
+    DX,   # (N, C_IN, H, W) input gradient
+    N, C_IN, H, W, C_OUT, OH, OW, MULT,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_wo, stride_wh, stride_ww,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < N * H * W
-    c_mask = ci < C_in
+    c_mask = ci < C_IN
     n, ih, iw = _pixel_coords(p, H * W, W)
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for m in range(MULT):
         co = ci * MULT + m
-        dy_base = n.to(tl.int64)[:, None] * stride_yn + co.to(tl.int64)[None, :] * stride_yc
+        dy_base = n.to(tl.int64)[:, None] * stride_dyn + co.to(tl.int64)[None, :] * stride_dyc
         for kh in tl.static_range(KH):
-            th = ih + ph - kh * dh
+            th = ih + pad_h - kh * dil_h
             thc = tl.maximum(th, 0)
-            oh = thc // sh
-            h_ok = p_mask & (th >= 0) & (oh * sh == thc) & (oh < OH)
+            oh = thc // conv_stride_h
+            h_ok = p_mask & (th >= 0) & (oh * conv_stride_h == thc) & (oh < OH)
             for kw in tl.static_range(KW):
-                tw = iw + pw - kw * dw
+                tw = iw + pad_w - kw * dil_w
                 twc = tl.maximum(tw, 0)
-                ow = twc // sw
-                ok = h_ok & (tw >= 0) & (ow * sw == twc) & (ow < OW)
+                ow = twc // conv_stride_w
+                ok = h_ok & (tw >= 0) & (ow * conv_stride_w == twc) & (ow < OW)
                 mask = ok[:, None] & c_mask[None, :]
-                offs = dy_base + (oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)[:, None]
+                offs = dy_base + (oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw)[:, None]
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
                 if ACTIVATION != 0:
-                    out = tl.load(Out + offs, mask=mask, other=0.0).to(ACC)
-                    dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
-                w = tl.load(Wt + co * stride_wc + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
+                    y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+                    dy = tl.where(activation_grad_mask(y, ACTIVATION), dy, 0.0)
+                w = tl.load(Wt + co * stride_wo + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
                 acc += dy * w[None, :]
-    dx_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
-        + ci.to(tl.int64)[None, :] * stride_xc
+    dx_offs = (n.to(tl.int64) * stride_dxn + ih.to(tl.int64) * stride_dxh + iw.to(tl.int64) * stride_dxw)[:, None] \
+        + ci.to(tl.int64)[None, :] * stride_dxc
     tl.store(DX + dx_offs, acc.to(DX.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -255,6 +253,9 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
-depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_input_kernel)
+# The input-gradient kernel's sizes follow the naming convention (C_IN, C_OUT); BWD_KEY
+# keeps the weight-gradient kernel's argument names.
+BWD_INPUT_KEY = ["C_IN", "C_OUT", "H", "W", "OH", "OW"]
+depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_kernel)
 depthwise_bwd_weight_reduce = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_weight_reduce_kernel)
 depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel

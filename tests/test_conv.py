@@ -242,3 +242,22 @@ def test_conv2d_fp32_layer_shapes(case):
     assert_close(y, y_ref, name="output", atol=1e-3, rtol=1e-3)
     for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
         assert_close(g, g_ref, name=f"grad_{i}", atol=5e-2, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- launch heuristics
+
+
+def test_conv2d_wgrad_heuristics_assert_configs(monkeypatch):
+    """The split-K weight gradient rounds splits to WGRAD_POSITION_ALIGN positions, which
+    every BLOCK_K of the GEMM configs must divide; a config that breaks it is caught."""
+    import triton
+
+    from vhist.kernels import conv as conv_kernels
+    from vhist.ops import heuristics
+
+    heuristics.check_kernel_configs.__wrapped__()  # the shipped configs pass
+    assert heuristics.wgrad_positions_per_split(1000, 3) == (384, 3)
+    bad = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 48}, num_warps=4)
+    monkeypatch.setattr(conv_kernels, "GEMM_CONFIGS", [*conv_kernels.GEMM_CONFIGS, bad])
+    with pytest.raises(AssertionError, match="BLOCK_K=48"):
+        heuristics.check_kernel_configs.__wrapped__()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vhist
-import vhist.ops.depthwise as depthwise_ops
+import vhist.ops.heuristics as heuristics
 from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
 
 from conftest import DEVICE, HAS_GPU
@@ -167,6 +167,25 @@ def test_depthwise_geometry_same_padding():
     assert geom.padding == (1, 2, 1, 1) and (geom.oh, geom.ow) == (6, 5)
 
 
+@pytest.mark.parametrize("op", ["depthwise", "conv"])
+def test_geometry_pair_arguments(op):
+    """Dense and depthwise convs normalize stride/padding/dilation alike: an int, a
+    1-tuple and a 2-tuple; bools and triples are rejected."""
+    from vhist.ops.conv import conv_geometry
+
+    def geometry(stride, padding, dilation):
+        if op == "conv":
+            return conv_geometry("conv2d", (1, 2, 9, 9), (2, 2, 3, 3), stride, padding, dilation, 1)
+        return depthwise_geometry((1, 2, 9, 9), (2, 1, 3, 3), stride, padding, dilation)
+
+    g = geometry((2,), [1], (1, 2))
+    assert (g.stride, g.padding, g.dilation) == ((2, 2), (1, 1, 1, 1), (1, 2)) and (g.oh, g.ow) == (5, 4)
+    assert geometry(2, 1, 1) == geometry((2, 2), (1, 1), [1])
+    for bad in (True, (1, 1, 1), 1.0):
+        with pytest.raises(ValueError, match="stride must be an int or a pair"):
+            geometry(bad, 1, 1)
+
+
 # ----------------------------------------------------------------------------- fused op
 
 FUSED_CASES = [
@@ -219,7 +238,7 @@ def test_fused_depthwise_bn_act_fwd_bwd(case, training):
 def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
     """NCHW input, and one program covering both pixel tiles (72 pixels), so that the
     epilogue's Chan merge across tiles (a full tile and a partial one) is exercised."""
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", 1)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 1)
     case = FUSED_CASES[0]
     y, grads, rm, _ = run_fused("triton", case, True, fmt="contiguous")
     y_ref, grads_ref, rm_ref, _ = run_fused("torch", case, True, fmt="contiguous")
@@ -230,7 +249,7 @@ def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
 
 
 def test_fused_depthwise_bn_act_determinism(monkeypatch):
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", 2)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 2)
     case = (2, 4, 13, 12, 1, 3, 1, 1, "relu6", False)  # more than one stats tile and chunk
     first, second = run_fused("triton", case, True), run_fused("triton", case, True)
     assert torch.equal(first[0], second[0])
@@ -244,7 +263,7 @@ def test_fused_depthwise_bn_act_mean_offset(max_partials, monkeypatch, triton_ba
     """|mean| >> std in the conv output: the epilogue's per-tile (mean, M2) partials keep
     the variance accurate where E[y^2] - E[y]^2 in fp32 would cancel (one partial per
     tile, or tiles merged inside a program)."""
-    monkeypatch.setattr(depthwise_ops, "MAX_STATS_PARTIALS", max_partials)
+    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", max_partials)
     x = torch.randn(4, 2, 9, 9, device=DEVICE) + 1000.0
     weight = torch.full((2, 1, 3, 3), 1.0 / 9, device=DEVICE)
     running_mean, running_var = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)
@@ -269,6 +288,32 @@ def test_fused_depthwise_bn_act_module_routes_depthwise(triton_backend):
             y_ref = ref(x)
         assert_close(block(x), y_ref, name=f"{mode} output", atol=2e-5, rtol=1e-5)
     assert_close(block.bn.running_var, ref[1].running_var, name="running_var", atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 7, 7), (4, 7, 7)], ids=["batched", "unbatched"])
+def test_depthwise_conv2d_module_routes_depthwise(shape, monkeypatch, triton_backend):
+    """vhist.nn.Conv2d with groups == in_channels (multiplier 2) runs the depthwise op,
+    forward and backward equal to F.conv2d; a grouped conv that is not depthwise does not."""
+    calls = []
+    depthwise = vhist.nn.functional.depthwise_conv2d
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return depthwise(*args, **kwargs)
+
+    monkeypatch.setattr(vhist.nn.functional, "depthwise_conv2d", spy)
+    conv = vhist.nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4).to(DEVICE).double()
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    y_ref = F.conv2d(x, conv.weight, conv.bias, 2, 1, 1, 4)
+    assert calls == [(8, 1, 3, 3)]
+    assert_close(y, y_ref, name="output", atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad(y.sum(), (x, conv.weight, conv.bias))
+    grads_ref = torch.autograd.grad(y_ref.sum(), (x, conv.weight, conv.bias))
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert_close(g, g_ref, name=f"grad {name}", atol=1e-12, rtol=1e-12)
+    vhist.nn.Conv2d(4, 8, 3, groups=2).to(DEVICE).double()(x.detach())
+    assert len(calls) == 1, "a grouped, non-depthwise conv must run the dense conv"
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -304,3 +304,9 @@ def test_fused_conv_bn_relu_fp32_layer_shapes(case):
         assert_close(g, g_ref, name=f"grad_{i}", atol=5e-2, rtol=1e-3)
     assert_close(rm, rm_ref, name="running_mean", atol=1e-4, rtol=1e-4)
     assert_close(rv, rv_ref, name="running_var", atol=1e-4, rtol=1e-4)
+
+
+def test_fused_conv_bn_relu_is_fused_conv_bn_act():
+    """``fused_conv_bn_relu`` is the documented alias of ``fused_conv_bn_act``."""
+    assert vhist.ops.fused_conv_bn_relu is vhist.ops.fused_conv_bn_act
+    assert vhist.nn.functional.fused_conv_bn_relu is vhist.nn.functional.fused_conv_bn_act

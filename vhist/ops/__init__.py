@@ -3,13 +3,17 @@
 Importing this package registers the ``vhist::*`` custom ops with ``torch.library``.
 """
 from vhist.ops.batch_norm import BatchNormFunction, batch_norm
-from vhist.ops.conv import conv2d, fused_conv_bn_relu
-from vhist.ops.depthwise import (DepthwiseConv2dFunction, FusedDepthwiseBNActFunction, depthwise_conv2d,
-                                  fused_depthwise_bn_act)
+from vhist.ops.conv import conv2d, fused_conv_bn_act, fused_conv_bn_relu
+from vhist.ops.depthwise import DepthwiseConv2dFunction, depthwise_conv2d, fused_depthwise_bn_act
+from vhist.ops.fused_bn import FusedConvBNFunction
 from vhist.ops.local_response_norm import local_response_norm
 from vhist.ops.sync_batch_norm import SyncBatchNormFunction, sync_batch_norm
 
-__all__ = ["BatchNormFunction", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_relu",
+# fused_conv_bn_relu is the design's name of fused_conv_bn_act, kept as an alias.
+__all__ = ["BatchNormFunction", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_act", "fused_conv_bn_relu",
            "fused_depthwise_bn_act", "local_response_norm"]
 __all__ += ["SyncBatchNormFunction", "sync_batch_norm"]
-__all__ += ["DepthwiseConv2dFunction", "FusedDepthwiseBNActFunction"]
+__all__ += ["DepthwiseConv2dFunction", "FusedConvBNFunction", "FusedDepthwiseBNActFunction"]
+
+# The fused depthwise op's autograd is the fused conv + BN scaffold's (one class for both).
+FusedDepthwiseBNActFunction = FusedConvBNFunction

@@ -15,26 +15,13 @@ import torch
 import triton
 
 from vhist import reference
-from vhist.ops._dispatch import check_float_dtype, check_same_device, dispatch
+from vhist.ops import heuristics
+from vhist.ops._dispatch import check_float_dtype, dispatch
+# is_channels_last_dense stays importable from here, its former home.
+from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
+                              like_layout, or_placeholder, tl_acc)
 
 OP = "batch_norm"
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation (and saved-statistics) dtype: fp64 for fp64, fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
 
 
 @dataclass(frozen=True)
@@ -69,46 +56,19 @@ class ChannelGeometry:
         return (triton.cdiv(self.c, meta["BLOCK_C"]), self.num_chunks)
 
 
-def is_channels_last_dense(x: torch.Tensor) -> bool:
-    """Whether ``x`` (N, C, *spatial) is dense with channels innermost."""
-    if x.dim() < 3:
-        return x.is_contiguous()
-    perm = (0, *range(2, x.dim()), 1)
-    return x.permute(perm).is_contiguous()
-
-
-def dense_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself if it is contiguous or channels-last dense, else one contiguous copy
-    made at the op boundary."""
-    if x.is_contiguous() or is_channels_last_dense(x):
-        return x
-    return x.contiguous()
-
-
-def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` with the strides of ``ref`` (converted once if they differ)."""
-    if t.stride() == ref.stride():
-        return t
-    return torch.empty_like(ref).copy_(t)
-
-
 def channel_geometry(x: torch.Tensor) -> ChannelGeometry:
     """The (N, C, S) view of a dense ``x`` and its reduction chunks."""
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
-    channels_contiguous = s == 1 or (not x.is_contiguous() and is_channels_last_dense(x))
+    channels_contiguous = s == 1 or is_channels_last(x)
     if channels_contiguous:
         # N and S are contiguous together: one flat "row" of N*S positions, stride C.
         rows, length, stride_n, stride_c, stride_s = 1, n * s, 0, 1, c
     else:
         rows, length, stride_n, stride_c, stride_s = n, s, c * s, s, 1
 
-    # Enough chunks to give every SM several programs, never fewer than 512 elements
-    # per chunk, and never more than 64K (which bounds one program's loop).
-    c_blocks = triton.cdiv(c, 64 if channels_contiguous else 2)
-    chunks = triton.cdiv(8 * _sm_count(x.device), c_blocks)
     total = rows * length
-    chunks = max(min(chunks, triton.cdiv(total, 512)), triton.cdiv(total, 65536), 1)
+    chunks = heuristics.bn_chunks(total, c, channels_contiguous, x.device)
     per_chunk = triton.cdiv(total, chunks)
     if per_chunk >= length:
         n_per_chunk, seg_len = per_chunk // length, length
@@ -121,17 +81,6 @@ def channel_geometry(x: torch.Tensor) -> ChannelGeometry:
 def _pick(kernels, geom: ChannelGeometry):
     channels_contiguous_kernel, spatial_contiguous_kernel = kernels
     return channels_contiguous_kernel if geom.channels_contiguous else spatial_contiguous_kernel
-
-
-# The ACTIVATION constexpr of the BN and conv kernels.
-ACTIVATION_CODES = {None: 0, "relu": 1, "relu6": 2}
-
-
-def activation_code(op: str, activation) -> int:
-    """The kernels' code for ``activation``; ValueError naming ``op`` for an unknown one."""
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"{op}: unknown activation {activation!r}; valid: {tuple(ACTIVATION_CODES)}")
-    return ACTIVATION_CODES[activation]
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
@@ -154,7 +103,7 @@ def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
     part_m2 = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
     part_count = x.new_empty((geom.num_chunks,), dtype=acc)
     _pick(kernels.bn_fwd_stats, geom)[geom.grid](
-        x, part_mean, part_m2, part_count, *geom.args(), ACC=_tl_acc(x.dtype))
+        x, part_mean, part_m2, part_count, *geom.args(), ACC=tl_acc(x.dtype))
     return part_mean, part_m2, part_count
 
 
@@ -166,12 +115,13 @@ def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momen
     c = part_mean.shape[1]
     mean, rstd = torch.empty_like(part_mean[0]), torch.empty_like(part_mean[0])
     update = running_mean is not None
-    block_c = min(triton.next_power_of_2(c), 128)
+    block_c = heuristics.bn_finalize_block_c(c)
     kernels.bn_fwd_finalize[(triton.cdiv(c, block_c),)](
         part_mean, part_m2, part_count, mean, rstd,
         running_mean if update else mean, running_var if update else rstd,
         c, part_count.shape[0], momentum, eps,
-        UPDATE_RUNNING=update, ACC=_tl_acc(part_mean.dtype), BLOCK_C=block_c, BLOCK_K=16)
+        UPDATE_RUNNING=update, ACC=tl_acc(part_mean.dtype), BLOCK_C=block_c,
+        BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
     return mean, rstd
 
 
@@ -186,9 +136,9 @@ def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = F
     if residual is not None:
         residual = like_layout(residual, x)
     _pick(kernels.bn_fwd_apply, geom)[geom.grid](
-        x, out, mean, rstd, _or(weight, mean), _or(bias, mean), _or(residual, x),
+        x, out, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean), or_placeholder(residual, x),
         *geom.args(), eps,
-        RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, HAS_B=bias is not None, ACC=_tl_acc(x.dtype),
+        RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, HAS_B=bias is not None, ACC=tl_acc(x.dtype),
         ACTIVATION=activation, HAS_RESIDUAL=residual is not None)
     return out
 
@@ -209,24 +159,26 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
     if residual is not None:
         residual = like_layout(residual, x)
     geom = channel_geometry(x)
-    acc, tl_acc, c = acc_dtype(x.dtype), _tl_acc(x.dtype), geom.c
+    acc, acc_tl, c = acc_dtype(x.dtype), tl_acc(x.dtype), geom.c
     want_dweight = want_dweight and weight is not None
     want_dbias = want_dbias and bias is not None
     part_dy = x.new_empty((geom.num_chunks, c), dtype=acc)
     part_dy_xhat = x.new_empty((geom.num_chunks, c), dtype=acc)
     _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
-        grad_output, x, mean, rstd, _or(weight, mean), _or(bias, mean), _or(residual, x),
-        part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=tl_acc,
+        grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
+        or_placeholder(residual, x),
+        part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=acc_tl,
         ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
         HAS_B=bias is not None)
     sum_dy, sum_dy_xhat = x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
     grad_weight = x.new_empty((c,), dtype=weight.dtype) if want_dweight else x.new_empty((0,))
     grad_bias = x.new_empty((c,), dtype=bias.dtype) if want_dbias else x.new_empty((0,))
-    block_c = min(triton.next_power_of_2(c), 128)
+    block_c = heuristics.bn_finalize_block_c(c)
     kernels.bn_bwd_finalize[(triton.cdiv(c, block_c),)](
         part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
         grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, geom.num_chunks,
-        WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=tl_acc, BLOCK_C=block_c, BLOCK_K=16)
+        WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=acc_tl, BLOCK_C=block_c,
+        BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
     return sum_dy, sum_dy_xhat, grad_weight, grad_bias
 
 
@@ -249,19 +201,14 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if want_dresidual else x.new_empty((0,))
     _pick(kernels.bn_bwd_dx, geom)[geom.grid](
-        grad_output, x, grad_input, mean, rstd, _or(weight, mean), _or(sum_dy, mean), _or(sum_dy_xhat, mean),
-        _or(bias, mean), _or(residual, x), grad_residual if want_dresidual else grad_input,
+        grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean),
+        or_placeholder(sum_dy_xhat, mean),
+        or_placeholder(bias, mean), or_placeholder(residual, x), grad_residual if want_dresidual else grad_input,
         *geom.args(), eps, 1.0 / (count or geom.count),
-        TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, ACC=_tl_acc(x.dtype),
+        TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, ACC=tl_acc(x.dtype),
         ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_B=bias is not None,
         WRITE_DRES=want_dresidual)
     return grad_input, grad_residual
-
-
-def _or(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
-    """A kernel pointer argument: ``tensor``, or a placeholder the kernel never reads
-    (its HAS_* flag is off)."""
-    return tensor if tensor is not None else placeholder
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -378,30 +325,21 @@ class BatchNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 
-def _check_inputs(input, running_mean, running_var, weight, bias, training):
-    check_same_device(OP, input=input, running_mean=running_mean, running_var=running_var,
-                      weight=weight, bias=bias)
-    for name, t in (("input", input), ("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        check_float_dtype(OP, name, t)
+def check_inputs(input, running_mean, running_var, weight, bias, training):
+    """The checks of :func:`batch_norm` (and :func:`vhist.ops.sync_batch_norm`).
+
+    Raises:
+        ValueError / TypeError: see :func:`vhist.ops.common.check_bn_args`, plus a
+            non-float, empty or not 2-D to 5-D input.
+    """
+    check_float_dtype(OP, "input", input)
     if not 2 <= input.dim() <= 5:
         raise ValueError(f"{OP}: expected a 2-D to 5-D input (N, C, ...), got {input.dim()}-D "
                          f"of shape {tuple(input.shape)}")
     if input.numel() == 0:
         raise ValueError(f"{OP}: empty input of shape {tuple(input.shape)}")
     c = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (c,):
-            raise ValueError(f"{OP}: {name} must have shape ({c},) to match the input's "
-                             f"{c} channels, got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{OP}: give both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{OP}: running_mean and running_var must be given in eval mode")
-    if training and input.numel() // c <= 1:
-        raise ValueError(f"{OP}: expected more than 1 value per channel when training, "
-                         f"got input of shape {tuple(input.shape)}")
+    check_bn_args(OP, c, input, weight, bias, running_mean, running_var, training, input.numel() // c)
 
 
 def _batch_norm_triton(input, running_mean, running_var, weight, bias, training, momentum, eps):
@@ -441,6 +379,6 @@ def batch_norm(
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.
     """
-    _check_inputs(input, running_mean, running_var, weight, bias, training)
+    check_inputs(input, running_mean, running_var, weight, bias, training)
     impl = dispatch(OP, IMPLS, input.device)
     return impl(input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -9,13 +9,12 @@ Registered custom ops (each with a fake implementation, so ``torch.compile`` tra
 * ``vhist::conv2d_fwd`` / ``vhist::conv2d_bwd``: conv with bias, residual and activation
   epilogue; the backward masks dy by the activation derivative on the fly inside dgrad
   and wgrad (recovered from the saved output), wgrad is split-K with partial buffers.
-* ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd``: training. The conv epilogue writes the
-  conv output and per-tile BN partials (count, mean, M2); ``bn_fwd_finalize`` merges them
-  (Chan) and updates the running statistics; one ``bn_fwd_apply`` pass applies scale,
-  shift, residual and activation. Backward: ``bn_bwd_reduce`` / ``bn_bwd_finalize`` /
-  ``bn_bwd_dx`` with the activation mask recomputed from the saved conv output, then
-  dgrad and wgrad on dy_conv. Saved: input, weight, conv output, mean, rstd.
-* Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
+* ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
+  :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
+  passes. Training: the conv epilogue writes the conv output and per-tile BN partials
+  (count, mean, M2), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
+  backward through BatchNorm's reduce/dx kernels, then dgrad and wgrad on dy_conv.
+  Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
   and runs one ``conv2d_fwd`` launch with bias, residual and activation in the epilogue.
 
 Activations are NCHW or channels_last; NCHW inputs are converted once at the op
@@ -31,62 +30,29 @@ import torch
 import triton
 
 from vhist import reference
+from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
-from vhist.ops.batch_norm import (ACTIVATION_CODES, _sm_count, _tl_acc, acc_dtype, activation_code, bn_apply,
-                                  bn_finalize, bn_grad_input, bn_grad_sums, like_layout)
+from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, empty_4d, like_layout,
+                              tl_acc, to_channels_last)
+from vhist.ops.conv_common import ConvGeometryBase, check_residual, positive_pair, resolve_padding
+from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
 
 OP = "conv2d"
-FUSED_OP = "fused_conv_bn_relu"
+FUSED_OP = "fused_conv_bn_act"
 
 
 # ----------------------------------------------------------------------------- geometry and checks
 
 
-def _pair(op: str, name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return int(value[0]), int(value[1])
-    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
-        return int(value[0]), int(value[0])
-    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-
-
 @dataclass(frozen=True)
-class ConvGeometry:
-    """A conv's sizes; padding is (top, bottom, left, right) so that PyTorch's asymmetric
-    'same' padding (odd total) is exact."""
+class ConvGeometry(ConvGeometryBase):
+    """A dense (grouped) conv's sizes: :class:`ConvGeometryBase` plus the groups."""
 
-    n: int
-    c_in: int
-    h: int
-    w: int
-    c_out: int
-    kh: int
-    kw: int
-    groups: int
-    stride: tuple[int, int]
-    padding: tuple[int, int, int, int]
-    dilation: tuple[int, int]
-
-    @property
-    def oh(self) -> int:
-        pt, pb = self.padding[:2]
-        return (self.h + pt + pb - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def ow(self) -> int:
-        pl, pr = self.padding[2:]
-        return (self.w + pl + pr - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
-
-    @property
-    def out_shape(self) -> tuple[int, int, int, int]:
-        return self.n, self.c_out, self.oh, self.ow
+    groups: int = 1
 
     def flops(self) -> int:
         """Multiply-adds x 2 of the forward."""
-        return 2 * self.n * self.oh * self.ow * self.c_out * (self.c_in // self.groups) * self.kh * self.kw
+        return 2 * self.positions * self.c_out * (self.c_in // self.groups) * self.kh * self.kw
 
 
 def conv_geometry(op, input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
@@ -102,28 +68,9 @@ def conv_geometry(op, input_shape, weight_shape, stride, padding, dilation, grou
     if cg_in * groups != c_in:
         raise ValueError(f"{op}: weight of shape {tuple(weight_shape)} with groups={groups} expects "
                          f"{cg_in * groups} input channels, but the input has {c_in}")
-    stride, dilation = _pair(op, "stride", stride), _pair(op, "dilation", dilation)
-    if min(stride) < 1:
-        raise ValueError(f"{op}: stride must be positive, got {stride}")
-    if min(dilation) < 1:
-        raise ValueError(f"{op}: dilation must be positive, got {dilation}")
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0, 0, 0, 0)
-        elif padding == "same":
-            if max(stride) > 1:
-                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions "
-                                 f"(stride={stride}), as in PyTorch")
-            total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-            pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
-        else:
-            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    else:
-        ph, pw = _pair(op, "padding", padding)
-        if min(ph, pw) < 0:
-            raise ValueError(f"{op}: padding must be non-negative, got {(ph, pw)}")
-        pads = (ph, ph, pw, pw)
-    geom = ConvGeometry(n, c_in, h, w, c_out, kh, kw, groups, stride, pads, dilation)
+    stride, dilation = positive_pair(op, "stride", stride), positive_pair(op, "dilation", dilation)
+    pads = resolve_padding(op, padding, stride, dilation, kh, kw)
+    geom = ConvGeometry(n, c_in, h, w, c_out, kh, kw, stride, pads, dilation, groups)
     eff_h, eff_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
     if eff_h > h + pads[0] + pads[1] or eff_w > w + pads[2] + pads[3]:
         raise ValueError(f"{op}: the (dilated) kernel ({eff_h}x{eff_w}) is larger than the padded input "
@@ -131,13 +78,9 @@ def conv_geometry(op, input_shape, weight_shape, stride, padding, dilation, grou
     return geom
 
 
-def _check_activation(op, activation):
-    activation_code(op, activation)
-
-
 def _check_conv_inputs(op, input, weight, bias, residual, stride, padding, dilation, groups, activation):
-    check_same_device(op, input=input, weight=weight, bias=bias, residual=residual)
-    for name, t in (("input", input), ("weight", weight), ("bias", bias), ("residual", residual)):
+    check_same_device(op, input=input, weight=weight, bias=bias)
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         check_float_dtype(op, name, t)
     if input.dim() != 4:
         raise ValueError(f"{op}: expected a 4-D input (N, C, H, W), got shape {tuple(input.shape)}")
@@ -147,27 +90,19 @@ def _check_conv_inputs(op, input, weight, bias, residual, stride, padding, dilat
         raise TypeError(f"{op}: input ({input.dtype}) and weight ({weight.dtype}) must have the same dtype")
     if input.numel() == 0:
         raise ValueError(f"{op}: empty input of shape {tuple(input.shape)}")
-    _check_activation(op, activation)
+    activation_code(op, activation)
     geom = conv_geometry(op, input.shape, weight.shape, stride, padding, dilation, groups)
     if bias is not None and bias.shape != (geom.c_out,):
         raise ValueError(f"{op}: bias must have shape ({geom.c_out},), got {tuple(bias.shape)}")
-    if residual is not None and tuple(residual.shape) != geom.out_shape:
-        raise ValueError(f"{op}: residual must have the output's shape {geom.out_shape}, "
-                         f"got {tuple(residual.shape)}")
-    if residual is not None and residual.dtype != input.dtype:
-        raise TypeError(f"{op}: residual ({residual.dtype}) must have the input's dtype ({input.dtype})")
+    check_residual(op, residual, input, geom.out_shape)
     return geom
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 def _empty_cl(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=torch.channels_last)
+    return empty_4d(shape, like, True, dtype)
 
 
 def _precision(dtype: torch.dtype) -> dict:
@@ -175,7 +110,7 @@ def _precision(dtype: torch.dtype) -> dict:
     fp32 follows ``torch.backends.cudnn.allow_tf32`` like PyTorch's conv."""
     fp64 = dtype == torch.float64
     tf32 = dtype != torch.float32 or torch.backends.cudnn.allow_tf32
-    return dict(FMA=fp64, INPUT_PRECISION="tf32" if tf32 and not fp64 else "ieee", ACC=_tl_acc(dtype))
+    return dict(FMA=fp64, INPUT_PRECISION="tf32" if tf32 and not fp64 else "ieee", ACC=tl_acc(dtype))
 
 
 def _pick_gemm(kernels, dtype):
@@ -200,7 +135,7 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
     num_tiles) of the BN statistics when ``stats``, else None."""
     from vhist.kernels import conv as kernels
 
-    weight = _channels_last(weight)
+    weight = to_channels_last(weight)
     out = _empty_cl(g.out_shape, input)
     if residual is not None:
         residual = like_layout(residual, out)
@@ -236,7 +171,7 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
 def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
     from vhist.kernels import conv as kernels
 
-    weight = _channels_last(weight)
+    weight = to_channels_last(weight)
     dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     cg_in = g.c_in // g.groups
 
@@ -254,12 +189,10 @@ def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: 
 
 
 def wgrad_split(g: ConvGeometry, device: torch.device) -> int:
-    """Number of split-K partials for the weight gradient: enough (weight tile x split)
-    programs to fill the GPU four times over, each reducing at least 2048 positions."""
-    positions = g.n * g.oh * g.ow
-    tiles = triton.cdiv(g.c_out // g.groups, 64) * triton.cdiv(g.c_in // g.groups, 64) * g.kh * g.kw * g.groups
-    want = triton.cdiv(4 * _sm_count(device), tiles)
-    return max(1, min(want, positions // 2048, 64))
+    """Number of split-K partials for the weight gradient (:func:`vhist.ops.heuristics.wgrad_split`)."""
+    tile = heuristics.WGRAD_TILE
+    weight_tiles = triton.cdiv(g.c_out // g.groups, tile) * triton.cdiv(g.c_in // g.groups, tile) * g.kh * g.kw
+    return heuristics.wgrad_split(g.positions, weight_tiles * g.groups, device)
 
 
 def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometry, activation: int,
@@ -268,10 +201,7 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
     from vhist.kernels import conv as kernels
 
     split = split or wgrad_split(g, grad.device)
-    positions = g.n * g.oh * g.ow
-    # A multiple of every BLOCK_K, so the splits tile the positions exactly.
-    per_split = triton.cdiv(triton.cdiv(positions, split), 64) * 64
-    split = triton.cdiv(positions, per_split)
+    per_split, split = heuristics.wgrad_positions_per_split(g.positions, split)
     acc = acc_dtype(grad.dtype)
     cg_in, cg_out = g.c_in // g.groups, g.c_out // g.groups
     numel = g.c_out * g.kh * g.kw * cg_in
@@ -291,55 +221,39 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
     if want_dw:
         dw = torch.empty(weight_shape, device=grad.device, dtype=weight_dtype, memory_format=torch.channels_last)
         kernels.conv2d_bwd_wgrad_reduce[(triton.cdiv(numel, block),)](
-            part_dw, dw, numel, split, ACC=_tl_acc(grad.dtype), BLOCK=block)
+            part_dw, dw, numel, split, ACC=tl_acc(grad.dtype), BLOCK=block)
     if want_db:
         db = grad.new_empty((g.c_out,), dtype=acc)
         kernels.conv2d_bwd_wgrad_reduce[(triton.cdiv(g.c_out, block),)](
-            part_db, db, g.c_out, split, ACC=_tl_acc(grad.dtype), BLOCK=block)
+            part_db, db, g.c_out, split, ACC=tl_acc(grad.dtype), BLOCK=block)
     return dw, db
 
 
-def _geometry_from(input, weight, stride, padding, dilation, groups) -> ConvGeometry:
-    return ConvGeometry(*input.shape, weight.shape[0], weight.shape[2], weight.shape[3], groups,
-                        tuple(stride), tuple(padding), tuple(dilation))
-
-
-def _activation_mask(output: torch.Tensor, activation: int) -> torch.Tensor:
-    # The derivative of relu / relu6 from their output: 0 < y (< 6).
-    if activation == 1:
-        return output > 0
-    return (output > 0) & (output < 6)
+def _geometry_from(input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
+    """The geometry of a registered op's (already validated) list arguments."""
+    return ConvGeometry(*input_shape, weight_shape[0], weight_shape[2], weight_shape[3], tuple(stride),
+                        tuple(padding), tuple(dilation), groups)
 
 
 @torch.library.custom_op("vhist::conv2d_fwd", mutates_args=())
-def conv2d_fwd(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    activation: int,
-) -> torch.Tensor:
-    """``act(conv2d(input, weight) + bias + residual)`` on the implicit-GEMM kernel.
-
-    Args:
-        padding: (top, bottom, left, right).
-        activation: 0 none, 1 relu, 2 relu6.
+def conv2d_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+               groups: int, activation: int) -> torch.Tensor:
+    """``act(conv2d(input, weight) + bias + residual)`` on the implicit-GEMM kernel, on the
+    validated arguments of :func:`conv2d` (padding as (top, bottom, left, right),
+    activation as its :class:`~vhist.ops.common.Activation` code).
 
     Returns:
         The output, channels_last.
     """
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
+    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
     out, _ = _conv_fwd_launch(input, weight, bias, residual, g, activation, stats=False)
     return out
 
 
 @conv2d_fwd.register_fake
 def _(input, weight, bias, residual, stride, padding, dilation, groups, activation):
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
+    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
     return _empty_cl(g.out_shape, input)
 
 
@@ -366,8 +280,8 @@ def conv2d_bwd(
         ``(grad_input, grad_weight, grad_bias, grad_residual)``, an entry not asked for
         empty. grad_bias is in the accumulation dtype.
     """
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
-    grad_output = _channels_last(grad_output)
+    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
+    grad_output = to_channels_last(grad_output)
     if output is not None:
         output = like_layout(output, grad_output)
     want_dx, want_dw, want_db, want_dres = output_mask
@@ -385,14 +299,15 @@ def conv2d_bwd(
     db = db if db is not None else empty()
     dres = empty()
     if want_dres:
-        dres = grad_output if activation == 0 else grad_output * _activation_mask(output, activation)
+        dres = activation_grad(grad_output, output, activation)
+        # A distinct tensor: custom ops may not return an alias of an input.
         dres = dres.clone() if dres is grad_output else dres
     return dx, dw, db, dres
 
 
 @conv2d_bwd.register_fake
 def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
+    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
     empty = input.new_empty
     return (_empty_cl(input.shape, input) if output_mask[0] else empty((0,)),
             _empty_cl(weight.shape, weight) if output_mask[1] else empty((0,)),
@@ -422,176 +337,47 @@ class Conv2dFunction(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-@torch.library.custom_op("vhist::fused_conv_bn_relu_fwd", mutates_args=("running_mean", "running_var"))
-def fused_conv_bn_relu_fwd(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor],
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    momentum: float,
-    eps: float,
-    activation: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward of conv + BN (batch statistics) + residual + activation.
-
-    Returns:
-        ``(output, conv_output, mean, rstd)``; the statistics in the accumulation dtype.
-    """
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
-    conv_out, (part_mean, part_m2, part_count, tiles) = _conv_fwd_launch(
-        input, weight, None, None, g, 0, stats=True)
-    mean, rstd = bn_finalize(part_mean[:tiles], part_m2[:tiles], part_count[:tiles], running_mean, running_var,
-                             momentum, eps)
-    out = bn_apply(conv_out, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation)
-    return out, conv_out, mean, rstd
+# ----------------------------------------------------------------------------- fused conv + BN + act
 
 
-@fused_conv_bn_relu_fwd.register_fake
-def _(input, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-      groups, momentum, eps, activation):
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
-    acc = acc_dtype(input.dtype)
-    return (_empty_cl(g.out_shape, input), _empty_cl(g.out_shape, input),
-            input.new_empty((g.c_out,), dtype=acc), input.new_empty((g.c_out,), dtype=acc))
+def _forward_with_stats(input, weight, g: ConvGeometry):
+    conv_out, (part_mean, part_m2, part_count, tiles) = _conv_fwd_launch(input, weight, None, None, g, 0, stats=True)
+    return conv_out, (part_mean[:tiles], part_m2[:tiles], part_count[:tiles])
 
 
-@torch.library.custom_op("vhist::fused_conv_bn_relu_bwd", mutates_args=())
-def fused_conv_bn_relu_bwd(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    conv_output: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    eps: float,
-    activation: int,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training backward of :func:`fused_conv_bn_relu_fwd`.
-
-    One reduction pass recomputes the activation mask from the conv output, the
-    statistics and the residual, and sums dz and dz * x_hat per channel; one elementwise
-    pass writes dy_conv (and dresidual); dgrad and wgrad then consume dy_conv.
-
-    Args:
-        output_mask: which of (input, weight, bn_weight, bn_bias, residual) need gradients.
-
-    Returns:
-        The five gradients, an entry not asked for empty.
-    """
-    g = _geometry_from(input, weight, stride, padding, dilation, groups)
-    want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
-    _, _, dgamma, dbeta = sums = bn_grad_sums(
-        grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
-        want_dweight=want_dgamma, want_dbias=want_dbeta)
-    dx, dw, dres = input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
-    if want_dx or want_dw or want_dres:
-        dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2], eps,
-                                      residual=residual, activation=activation, want_dresidual=want_dres)
-        if want_dx:
-            dx = _dgrad_launch(dy_conv, None, weight, g, 0, input)
-        if want_dw:
-            dw, _ = _wgrad_launch(dy_conv, None, input, weight.shape, weight.dtype, g, 0, True, False)
-    return dx, dw, dgamma, dbeta, dres
-
-
-@fused_conv_bn_relu_bwd.register_fake
-def _(grad_output, input, weight, conv_output, mean, rstd, bn_weight, bn_bias, residual, stride, padding,
-      dilation, groups, eps, activation, output_mask):
-    c = weight.shape[0]
-    return (_empty_cl(input.shape, input) if output_mask[0] else input.new_empty((0,)),
-            _empty_cl(weight.shape, weight) if output_mask[1] else input.new_empty((0,)),
-            input.new_empty((c,), dtype=bn_weight.dtype) if output_mask[2] and bn_weight is not None
-            else input.new_empty((0,)),
-            input.new_empty((c,), dtype=bn_bias.dtype) if output_mask[3] and bn_bias is not None
-            else input.new_empty((0,)),
-            torch.empty_like(conv_output) if output_mask[4] else input.new_empty((0,)))
-
-
-class FusedConvBNReLUFunction(torch.autograd.Function):
-    """Autograd for the training fused op. Saves the input, the weight, the conv output
-    and (mean, rstd), plus the residual the caller holds anyway; never a normalized or a
-    post-activation copy."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                stride, padding, dilation, groups, momentum, eps, activation):
-        out, conv_out, mean, rstd = torch.ops.vhist.fused_conv_bn_relu_fwd(
-            input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride, padding, dilation, groups, momentum, eps, activation)
-        ctx.save_for_backward(input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual)
-        ctx.args = (stride, padding, dilation, groups, eps, activation)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3], need[6]]
-        stride, padding, dilation, groups, eps, activation = ctx.args
-        dx, dw, dgamma, dbeta, dres = torch.ops.vhist.fused_conv_bn_relu_bwd(
-            grad_output, input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual,
-            stride, padding, dilation, groups, eps, activation, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None,
-                dgamma if mask[2] and bn_weight is not None else None,
-                dbeta if mask[3] and bn_bias is not None else None,
-                None, None, dres if mask[4] else None,
-                None, None, None, None, None, None, None)
+FUSED_PASSES = ConvPasses(
+    geometry=_geometry_from,
+    forward_with_stats=_forward_with_stats,
+    grad_input=lambda dy, input, weight, g: _dgrad_launch(dy, None, weight, g, 0, input),
+    grad_weight=lambda dy, input, weight, g: _wgrad_launch(dy, None, input, weight.shape, weight.dtype, g, 0,
+                                                           True, False)[0],
+    empty_output=lambda like, shape: _empty_cl(shape, like),
+    empty_grad_weight=lambda weight: _empty_cl(weight.shape, weight),
+)
+# vhist::fused_conv_bn_relu_fwd / _bwd: the registered names keep the design's name.
+FUSED_OPS = define_fused_ops("fused_conv_bn_relu", FUSED_PASSES)
 
 
 # ----------------------------------------------------------------------------- backends
 
 
-def _op_args(g: ConvGeometry):
-    return list(g.stride), list(g.padding), list(g.dilation), g.groups
-
-
 def _conv2d_triton(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
                    residual=None):
     g = conv_geometry(OP, input.shape, weight.shape, stride, padding, dilation, groups)
-    return Conv2dFunction.apply(_channels_last(input), weight, bias, residual, *_op_args(g),
+    return Conv2dFunction.apply(to_channels_last(input), weight, bias, residual, *g.op_args(), g.groups,
                                 ACTIVATION_CODES[activation])
 
 
-def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    """Eval BatchNorm folded into the conv: ``(weight * s, beta - mean * s)`` with
-    ``s = gamma / sqrt(var + eps)``, computed in the accumulation dtype as new tensors
-    (the stored parameters are untouched; autograd flows through the fold)."""
-    acc = acc_dtype(weight.dtype)
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if bn_weight is not None:
-        scale = scale * bn_weight.to(acc)
-    folded_weight = (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
-    folded_bias = -running_mean.to(acc) * scale
-    if bn_bias is not None:
-        folded_bias = folded_bias + bn_bias.to(acc)
-    return folded_weight, folded_bias
+def _eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int):
+    return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation)
 
 
 def _fused_triton(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
                   dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, activation="relu", residual=None):
     g = conv_geometry(FUSED_OP, input.shape, weight.shape, stride, padding, dilation, groups)
-    input = _channels_last(input)
-    code = ACTIVATION_CODES[activation]
-    if training:
-        return FusedConvBNReLUFunction.apply(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                                             residual, *_op_args(g), momentum, eps, code)
-    folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-    return Conv2dFunction.apply(input, folded_weight, folded_bias, residual, *_op_args(g), code)
+    return run_fused_triton(FUSED_OPS, _eval_conv, to_channels_last(input), weight, bn_weight, bn_bias,
+                            running_mean, running_var, g, g.groups, training=training, momentum=momentum, eps=eps,
+                            activation=activation, residual=residual)
 
 
 def _conv2d_reference(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
@@ -637,31 +423,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return out.squeeze(0) if unbatched else out
 
 
-def _check_fused_inputs(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                        dilation, groups, training, activation, residual):
-    g = _check_conv_inputs(FUSED_OP, input, weight, None, residual, stride, padding, dilation, groups, activation)
-    check_same_device(FUSED_OP, input=input, bn_weight=bn_weight, bn_bias=bn_bias,
-                      running_mean=running_mean, running_var=running_var)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_float_dtype(FUSED_OP, name, t)
-        if t is not None and t.shape != (g.c_out,):
-            raise ValueError(f"{FUSED_OP}: {name} must have shape ({g.c_out},) to match the conv's "
-                             f"{g.c_out} output channels, got {tuple(t.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{FUSED_OP}: give both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{FUSED_OP}: running_mean and running_var must be given in eval mode")
-    if training and g.n * g.oh * g.ow <= 1:
-        raise ValueError(f"{FUSED_OP}: expected more than 1 value per channel when training, got a conv "
-                         f"output of shape {g.out_shape}")
-
-
-def fused_conv_bn_relu(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
-                       padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
-                       activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None):
+def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                      padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
+                      activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None):
     """``act(batch_norm(conv2d(input, weight)) + residual)`` as one op, running statistics
-    included (see :func:`vhist.reference.fused_conv_bn_relu`).
+    included (see :func:`vhist.reference.fused_conv_bn_relu`). Also available as
+    :func:`fused_conv_bn_relu`, the name of the design.
 
     Args:
         input: (N, C_in, H, W), NCHW or channels_last.
@@ -679,9 +446,13 @@ def fused_conv_bn_relu(input, weight, bn_weight, bn_bias, running_mean, running_
         (N, C_out, OH, OW); channels_last on the triton backend.
     """
     input, weight, residual = autocast_inputs(input, weight, residual)
-    _check_fused_inputs(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                        dilation, groups, training, activation, residual)
+    g = _check_conv_inputs(FUSED_OP, input, weight, None, None, stride, padding, dilation, groups, activation)
+    check_fused_args(FUSED_OP, g, input, bn_weight, bn_bias, running_mean, running_var, training, residual)
     impl = dispatch(FUSED_OP, FUSED_IMPLS, input.device)
     return impl(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, dilation=dilation, groups=groups, training=training,
                 momentum=momentum, eps=eps, activation=activation, residual=residual)
+
+
+# The design's name for the fused op (it also runs ReLU6 and no activation).
+fused_conv_bn_relu = fused_conv_bn_act

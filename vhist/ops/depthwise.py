@@ -5,10 +5,10 @@ Backends: ``triton`` (kernels/depthwise.py), ``cuda`` (csrc/depthwise/) and ``to
 ``vhist::depthwise_conv2d_fwd``, ``vhist::depthwise_conv2d_bwd_input`` and
 ``vhist::depthwise_conv2d_bwd_weight`` (the CUDA ones as ``vhist::depthwise_conv2d_cuda_*``),
 each with a fake implementation so ``torch.compile`` traces them, and tied together by
-:class:`DepthwiseConv2dFunction`. The fused op is ``vhist::fused_depthwise_bn_act_fwd`` /
-``_bwd`` under :class:`FusedDepthwiseBNActFunction` in training, and the folded
-depthwise conv (BN folded into the weights, activation and residual in the epilogue)
-in eval.
+:class:`DepthwiseConv2dFunction`. The fused op ``vhist::fused_depthwise_bn_act_fwd`` /
+``_bwd`` is the scaffold of :mod:`vhist.ops.fused_bn` on the depthwise passes: training
+runs under :class:`~vhist.ops.fused_bn.FusedConvBNFunction`, eval is the folded
+depthwise conv (BN folded into the weights, activation and residual in the epilogue).
 """
 from __future__ import annotations
 
@@ -19,62 +19,35 @@ import torch
 import triton
 
 from vhist import reference
+from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
-from vhist.ops.batch_norm import (ACTIVATION_CODES, _sm_count, _tl_acc, acc_dtype, activation_code, bn_apply,
-                                  bn_finalize, bn_grad_input, bn_grad_sums, is_channels_last_dense, like_layout)
+from vhist.ops.common import (acc_dtype, activation_code, activation_grad, dense_layout, empty_4d, is_channels_last,
+                              like_layout)
+# The weight-gradient launcher below calls these two under their former private names.
+from vhist.ops.common import sm_count as _sm_count
+from vhist.ops.common import tl_acc as _tl_acc
+from vhist.ops.conv_common import ConvGeometryBase, positive_pair, resolve_padding
+from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
 
 OP = "depthwise_conv2d"
 FUSED_OP = "fused_depthwise_bn_act"
-FWD_BLOCK_P = 64  # output pixels per forward tile
-# The fused op's forward gives each program several pixel tiles so that the BN partials
-# (one per program) stay few enough for the single-pass finalize kernel to merge quickly.
-MAX_STATS_PARTIALS = 1024
+FWD_BLOCK_P = heuristics.DEPTHWISE_FWD_BLOCK_P  # output pixels per forward tile
 
 
 # ----------------------------------------------------------------------------- geometry
 
 
-def _pair(op: str, name: str, value) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return int(value[0]), int(value[1])
-    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
-
-
 @dataclass(frozen=True)
-class DepthwiseGeometry:
-    """Sizes of a depthwise conv: padding is (top, bottom, left, right), so that PyTorch's
-    asymmetric 'same' padding (odd total) is exact."""
-
-    n: int
-    c_in: int
-    h: int
-    w: int
-    c_out: int
-    kh: int
-    kw: int
-    stride: tuple[int, int]
-    padding: tuple[int, int, int, int]
-    dilation: tuple[int, int]
+class DepthwiseGeometry(ConvGeometryBase):
+    """Sizes of a depthwise conv (:class:`ConvGeometryBase`; groups = C_in)."""
 
     @property
     def multiplier(self) -> int:
         return self.c_out // self.c_in
 
-    @property
-    def oh(self) -> int:
-        top, bottom = self.padding[:2]
-        return (self.h + top + bottom - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
-
-    @property
-    def ow(self) -> int:
-        left, right = self.padding[2:]
-        return (self.w + left + right - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
-
     def conv_args(self) -> tuple:
-        """(sh, sw, ph, pw, dh, dw) as the kernels take them (begin padding only)."""
+        """(conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w) as the kernels take
+        them (begin padding only)."""
         return (*self.stride, self.padding[0], self.padding[2], *self.dilation)
 
 
@@ -98,28 +71,9 @@ def depthwise_geometry(input_shape, weight_shape, stride, padding, dilation, op:
                          f"positive multiple of the input's {c_in} channels")
     if kh < 1 or kw < 1:
         raise ValueError(f"{op}: empty kernel of shape {tuple(weight_shape)}")
-    sh, sw = _pair(op, "stride", stride)
-    dh, dw = _pair(op, "dilation", dilation)
-    if sh < 1 or sw < 1:
-        raise ValueError(f"{op}: stride must be >= 1, got {stride!r}")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"{op}: dilation must be >= 1, got {dilation!r}")
-    if isinstance(padding, str):
-        if padding == "valid":
-            pads = (0, 0, 0, 0)
-        elif padding == "same":
-            if (sh, sw) != (1, 1):
-                raise ValueError(f"{op}: padding='same' needs stride 1 (as F.conv2d), got {stride!r}")
-            total_h, total_w = dh * (kh - 1), dw * (kw - 1)
-            pads = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
-        else:
-            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    else:
-        ph, pw = _pair(op, "padding", padding)
-        if ph < 0 or pw < 0:
-            raise ValueError(f"{op}: padding must be >= 0, got {padding!r}")
-        pads = (ph, ph, pw, pw)
-    geom = DepthwiseGeometry(n, c_in, h, w, c_out, kh, kw, (sh, sw), pads, (dh, dw))
+    stride, dilation = positive_pair(op, "stride", stride), positive_pair(op, "dilation", dilation)
+    pads = resolve_padding(op, padding, stride, dilation, kh, kw)
+    geom = DepthwiseGeometry(n, c_in, h, w, c_out, kh, kw, stride, pads, dilation)
     if n == 0 or h == 0 or w == 0:
         raise ValueError(f"{op}: empty input of shape {tuple(input_shape)}")
     if geom.oh < 1 or geom.ow < 1:
@@ -129,19 +83,19 @@ def depthwise_geometry(input_shape, weight_shape, stride, padding, dilation, op:
     return geom
 
 
-def _geometry_from_lists(input_shape, weight_shape, stride, padding, dilation) -> DepthwiseGeometry:
+def _geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, groups=None) -> DepthwiseGeometry:
     n, c_in, h, w = input_shape
     c_out, _, kh, kw = weight_shape
     return DepthwiseGeometry(n, c_in, h, w, c_out, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and is_channels_last_dense(x)
+    """Whether the kernels see ``x`` as NHWC (:func:`vhist.ops.common.is_channels_last`)."""
+    return is_channels_last(x)
 
 
 def _empty_output(like: torch.Tensor, shape, channels_last: bool, dtype=None) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=fmt)
+    return empty_4d(shape, like, channels_last, dtype)
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -161,18 +115,11 @@ def _weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, 
 # ----------------------------------------------------------------------------- triton launchers
 
 
-def _fwd_tiling(geom: DepthwiseGeometry, stats: bool) -> tuple[int, int]:
-    """(pixel tiles per program, programs along the pixel axis) of the forward kernel."""
-    tiles = triton.cdiv(geom.n * geom.oh * geom.ow, FWD_BLOCK_P)
-    per_program = triton.cdiv(tiles, MAX_STATS_PARTIALS) if stats else 1
-    return per_program, triton.cdiv(tiles, per_program)
-
-
 def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, output,
                 stats=None):
     from vhist.kernels import depthwise as kernels
 
-    tiles_per_program, programs = _fwd_tiling(geom, stats is not None)
+    tiles_per_program, programs = heuristics.depthwise_fwd_tiling(geom.positions, stats is not None)
     part = stats if stats is not None else (output, output, output)
     grid = lambda meta: (programs, triton.cdiv(geom.c_out, meta["BLOCK_C"]))  # noqa: E731
     kernels.depthwise_fwd[grid](
@@ -206,17 +153,11 @@ def depthwise_conv2d_fwd(
         The output, channels-last when the input is, contiguous otherwise.
     """
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    output = _empty_output(input, (geom.n, geom.c_out, geom.oh, geom.ow), _channels_last(input))
+    output = _empty_output(input, geom.out_shape, _channels_last(input))
     if residual is not None:
         residual = like_layout(residual, output)
     _launch_fwd(input, weight, bias, residual, geom, activation, output)
     return output
-
-
-@depthwise_conv2d_fwd.register_fake
-def _(input, weight, bias, residual, stride, padding, dilation, activation):
-    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    return _empty_output(input, (geom.n, geom.c_out, geom.oh, geom.ow), _channels_last(input))
 
 
 @torch.library.custom_op("vhist::depthwise_conv2d_bwd_input", mutates_args=())
@@ -261,11 +202,6 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
         *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, ACTIVATION=activation, ACC=_tl_acc(weight.dtype))
     return grad_input
-
-
-@depthwise_conv2d_bwd_input.register_fake
-def _(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation):
-    return _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
 
 
 @torch.library.custom_op("vhist::depthwise_conv2d_bwd_weight", mutates_args=())
@@ -314,19 +250,26 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     return grad_weight, grad_bias
 
 
-@depthwise_conv2d_bwd_weight.register_fake
-def _(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
+# One fake per pass, registered for the pass's triton and cuda ops (same contract).
+
+
+def _fwd_fake(input, weight, bias, residual, stride, padding, dilation, activation):
+    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
+    return _empty_output(input, geom.out_shape, _channels_last(input))
+
+
+def _bwd_input_fake(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation):
+    return _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
+
+
+def _bwd_weight_fake(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
     c_out = weight_size[0]
     return input.new_empty(weight_size), input.new_empty((c_out,) if has_bias else (0,))
 
 
-def _activation_mask_grad(grad: torch.Tensor, output: torch.Tensor, activation: int) -> torch.Tensor:
-    """dy * act'(output) with PyTorch's conventions (the residual's gradient)."""
-    if activation == 1:
-        return torch.where(output > 0, grad, 0)
-    if activation == 2:
-        return torch.where((output > 0) & (output < 6), grad, 0)
-    return grad
+depthwise_conv2d_fwd.register_fake(_fwd_fake)
+depthwise_conv2d_bwd_input.register_fake(_bwd_input_fake)
+depthwise_conv2d_bwd_weight.register_fake(_bwd_weight_fake)
 
 
 class DepthwiseConv2dFunction(torch.autograd.Function):
@@ -359,7 +302,7 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
             grad_weight = grad_weight if need_dw else None
             grad_bias = grad_bias.to(ctx.bias_dtype) if need_db and ctx.has_bias else None
         if need_dres:
-            grad_residual = _activation_mask_grad(grad_output, output, activation)
+            grad_residual = activation_grad(grad_output, output, activation)
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 
 
@@ -393,12 +336,6 @@ def depthwise_conv2d_cuda_fwd(input: torch.Tensor, weight: torch.Tensor, bias: O
     return _cuda_extension().fwd(input, weight, bias, stride, padding, dilation)
 
 
-@depthwise_conv2d_cuda_fwd.register_fake
-def _(input, weight, bias, residual, stride, padding, dilation, activation):
-    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    return _empty_output(input, (geom.n, geom.c_out, geom.oh, geom.ow), _channels_last(input))
-
-
 @torch.library.custom_op("vhist::depthwise_conv2d_cuda_bwd_input", mutates_args=())
 def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[torch.Tensor], weight: torch.Tensor,
                                     input_size: list[int], channels_last: bool, stride: list[int],
@@ -406,11 +343,6 @@ def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[
     """Input gradient on the CUDA C++ kernel (a gather, no atomics)."""
     _no_epilogue(None, activation)
     return _cuda_extension().bwd_input(grad_output, weight, input_size, channels_last, stride, padding, dilation)
-
-
-@depthwise_conv2d_cuda_bwd_input.register_fake
-def _(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation):
-    return _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
 
 
 @torch.library.custom_op("vhist::depthwise_conv2d_cuda_bwd_weight", mutates_args=())
@@ -428,10 +360,9 @@ def depthwise_conv2d_cuda_bwd_weight(grad_output: torch.Tensor, output: Optional
     return grad_weight, grad_bias
 
 
-@depthwise_conv2d_cuda_bwd_weight.register_fake
-def _(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
-    c_out = weight_size[0]
-    return input.new_empty(weight_size), input.new_empty((c_out,) if has_bias else (0,))
+depthwise_conv2d_cuda_fwd.register_fake(_fwd_fake)
+depthwise_conv2d_cuda_bwd_input.register_fake(_bwd_input_fake)
+depthwise_conv2d_cuda_bwd_weight.register_fake(_bwd_weight_fake)
 
 
 CUDA_OPS = (lambda *a: torch.ops.vhist.depthwise_conv2d_cuda_fwd(*a),
@@ -454,14 +385,9 @@ def _check_inputs(input, weight, bias, stride, padding, dilation, op=OP) -> Dept
     return geom
 
 
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    # The kernels take any strides; only overlapping or negative-stride views are copied.
-    return x if (x.is_contiguous() or is_channels_last_dense(x)) else x.contiguous()
-
-
 def _depthwise_triton(input, weight, bias, geom: DepthwiseGeometry, ops=TRITON_OPS):
-    return DepthwiseConv2dFunction.apply(_dense(input), weight, bias, None, list(geom.stride),
-                                         list(geom.padding), list(geom.dilation), 0, ops)
+    # The kernels take any strides; only overlapping or negative-stride views are copied.
+    return DepthwiseConv2dFunction.apply(dense_layout(input), weight, bias, None, *geom.op_args(), 0, ops)
 
 
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -487,7 +413,6 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return impl(input, weight, bias, geom)
 
 
-
 def _depthwise_cuda(input, weight, bias, geom: DepthwiseGeometry):
     if input.device.type != "cuda":
         raise RuntimeError(f"{OP}: the cuda backend needs CUDA tensors, got a tensor on {input.device}")
@@ -504,198 +429,55 @@ IMPLS = {"triton": _depthwise_triton, "cuda": _depthwise_cuda, "torch": referenc
 # ----------------------------------------------------------------------------- fused depthwise + BN + act
 
 
-@torch.library.custom_op("vhist::fused_depthwise_bn_act_fwd", mutates_args=("running_mean", "running_var"))
-def fused_depthwise_bn_act_fwd(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor],
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    momentum: float,
-    eps: float,
-    activation: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward of depthwise conv + BN (batch statistics) + residual + activation.
-
-    The depthwise kernel's epilogue writes the conv output and one (count, mean, M2)
-    partial per pixel tile; BatchNorm's finalize kernel merges them (Chan) and updates the
-    running statistics; BatchNorm's apply kernel does scale, shift, residual and
-    activation in one pass.
-
-    Returns:
-        ``(output, conv_output, mean, rstd)``; the statistics in the accumulation dtype.
-    """
-    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
+def _forward_with_stats(input, weight, geom: DepthwiseGeometry):
     acc, c = acc_dtype(input.dtype), geom.c_out
-    conv_out = _empty_output(input, (geom.n, c, geom.oh, geom.ow), _channels_last(input))
-    _, tiles = _fwd_tiling(geom, True)
+    conv_out = _empty_output(input, geom.out_shape, _channels_last(input))
+    _, tiles = heuristics.depthwise_fwd_tiling(geom.positions, True)
     part_mean, part_m2 = input.new_empty((tiles, c), dtype=acc), input.new_empty((tiles, c), dtype=acc)
     part_count = input.new_empty((tiles,), dtype=acc)
     _launch_fwd(input, weight, None, None, geom, 0, conv_out, stats=(part_mean, part_m2, part_count))
-    mean, rstd = bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum, eps)
-    out = bn_apply(conv_out, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation)
-    return out, conv_out, mean, rstd
+    return conv_out, (part_mean, part_m2, part_count)
 
 
-@fused_depthwise_bn_act_fwd.register_fake
-def _(input, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-      momentum, eps, activation):
-    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    shape = (geom.n, geom.c_out, geom.oh, geom.ow)
-    acc = acc_dtype(input.dtype)
-    cl = _channels_last(input)
-    return (_empty_output(input, shape, cl), _empty_output(input, shape, cl),
-            input.new_empty((geom.c_out,), dtype=acc), input.new_empty((geom.c_out,), dtype=acc))
+def _grad_input(dy_conv, input, weight, geom: DepthwiseGeometry):
+    return _bwd_input_impl(dy_conv, None, weight, list(input.shape), _channels_last(input), *geom.op_args(), 0)
 
 
-@torch.library.custom_op("vhist::fused_depthwise_bn_act_bwd", mutates_args=())
-def fused_depthwise_bn_act_bwd(
-    grad_output: torch.Tensor,
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    conv_output: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    bn_weight: Optional[torch.Tensor],
-    bn_bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    eps: float,
-    activation: int,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training backward of :func:`fused_depthwise_bn_act_fwd`.
-
-    BatchNorm's reduce kernel recomputes the activation mask from the conv output, the
-    statistics and the residual and sums dz and dz * x_hat per channel; its dx kernel
-    writes dy_conv (and dresidual); the depthwise input- and weight-gradient kernels
-    then consume dy_conv.
-
-    Args:
-        output_mask: which of (input, weight, bn_weight, bn_bias, residual) need gradients.
-
-    Returns:
-        The five gradients, an entry not asked for empty.
-    """
-    want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
-    _, _, dgamma, dbeta = sums = bn_grad_sums(
-        grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
-        want_dweight=want_dgamma, want_dbias=want_dbeta)
-    dx, dw, dres = input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
-    if want_dx or want_dw or want_dres:
-        dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2], eps,
-                                      residual=residual, activation=activation, want_dresidual=want_dres)
-        if want_dx:
-            dx = _bwd_input_impl(dy_conv, None, weight, list(input.shape), _channels_last(input),
-                                 stride, padding, dilation, 0)
-        if want_dw:
-            dw, _ = _bwd_weight_impl(dy_conv, None, input, list(weight.shape), stride, padding, dilation, 0,
-                                     False)
-    return dx, dw, dgamma, dbeta, dres
+def _grad_weight(dy_conv, input, weight, geom: DepthwiseGeometry):
+    grad_weight, _ = _bwd_weight_impl(dy_conv, None, input, list(weight.shape), *geom.op_args(), 0, False)
+    return grad_weight
 
 
-@fused_depthwise_bn_act_bwd.register_fake
-def _(grad_output, input, weight, conv_output, mean, rstd, bn_weight, bn_bias, residual, stride, padding,
-      dilation, eps, activation, output_mask):
-    c = weight.shape[0]
-    empty = input.new_empty((0,))
-    return (_empty_output(input, input.shape, _channels_last(input)) if output_mask[0] else empty,
-            input.new_empty(weight.shape) if output_mask[1] else empty,
-            input.new_empty((c,), dtype=bn_weight.dtype) if output_mask[2] and bn_weight is not None else empty,
-            input.new_empty((c,), dtype=bn_bias.dtype) if output_mask[3] and bn_bias is not None else empty,
-            torch.empty_like(conv_output) if output_mask[4] else empty)
+FUSED_PASSES = ConvPasses(
+    geometry=_geometry_from_lists,
+    forward_with_stats=_forward_with_stats,
+    grad_input=_grad_input,
+    grad_weight=_grad_weight,
+    empty_output=lambda like, shape: _empty_output(like, shape, _channels_last(like)),
+    empty_grad_weight=lambda weight: weight.new_empty(weight.shape),
+)
+FUSED_OPS = define_fused_ops(FUSED_OP, FUSED_PASSES)
 
 
-class FusedDepthwiseBNActFunction(torch.autograd.Function):
-    """Autograd for the training fused op. Saves the input, the weight, the conv output and
-    (mean, rstd), plus the residual the caller holds anyway; never a normalized or a
-    post-activation copy."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                stride, padding, dilation, momentum, eps, activation):
-        out, conv_out, mean, rstd = torch.ops.vhist.fused_depthwise_bn_act_fwd(
-            input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride, padding, dilation, momentum, eps, activation)
-        ctx.save_for_backward(input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual)
-        ctx.args = (stride, padding, dilation, eps, activation)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], need[3], need[6]]
-        dx, dw, dgamma, dbeta, dres = torch.ops.vhist.fused_depthwise_bn_act_bwd(
-            grad_output, input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual, *ctx.args, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None,
-                dgamma if mask[2] and bn_weight is not None else None,
-                dbeta if mask[3] and bn_bias is not None else None,
-                None, None, dres if mask[4] else None,
-                None, None, None, None, None, None)
+def _eval_conv(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int):
+    return DepthwiseConv2dFunction.apply(input, weight, bias, residual, *geom.op_args(), activation, TRITON_OPS)
 
 
 def _fused_triton(input, weight, bn_weight, bn_bias, running_mean, running_var, geom: DepthwiseGeometry, *,
                   training, momentum, eps, activation, residual):
-    from vhist.ops.conv import fold_bn
-
-    input = _dense(input)
-    code = ACTIVATION_CODES[activation]
-    args = (list(geom.stride), list(geom.padding), list(geom.dilation))
-    if training:
-        return FusedDepthwiseBNActFunction.apply(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                                                 residual, *args, momentum, eps, code)
-    # Eval: BN folded into the depthwise weight and a bias (new tensors; autograd flows
-    # through the fold), activation and residual in the conv epilogue: one kernel.
-    folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-    return DepthwiseConv2dFunction.apply(input, folded_weight, folded_bias, residual, *args, code, TRITON_OPS)
+    return run_fused_triton(FUSED_OPS, _eval_conv, dense_layout(input), weight, bn_weight, bn_bias, running_mean,
+                            running_var, geom, geom.c_in, training=training, momentum=momentum, eps=eps,
+                            activation=activation, residual=residual)
 
 
 FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_depthwise_bn_act}
-
-
-def _check_fused_inputs(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                        dilation, training, activation, residual) -> DepthwiseGeometry:
-    geom = _check_inputs(input, weight, None, stride, padding, dilation, FUSED_OP)
-    activation_code(FUSED_OP, activation)
-    check_same_device(FUSED_OP, input=input, bn_weight=bn_weight, bn_bias=bn_bias, running_mean=running_mean,
-                      running_var=running_var, residual=residual)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        check_float_dtype(FUSED_OP, name, t)
-        if t is not None and tuple(t.shape) != (geom.c_out,):
-            raise ValueError(f"{FUSED_OP}: {name} must have shape ({geom.c_out},) to match the conv's "
-                             f"{geom.c_out} output channels, got {tuple(t.shape)}")
-    out_shape = (geom.n, geom.c_out, geom.oh, geom.ow)
-    if residual is not None:
-        check_float_dtype(FUSED_OP, "residual", residual)
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"{FUSED_OP}: residual must have the output's shape {out_shape}, "
-                             f"got {tuple(residual.shape)}")
-        if residual.dtype != input.dtype:
-            raise TypeError(f"{FUSED_OP}: residual ({residual.dtype}) must have the input's dtype ({input.dtype})")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{FUSED_OP}: give both running_mean and running_var, or neither")
-    if not training and running_mean is None:
-        raise ValueError(f"{FUSED_OP}: running_mean and running_var must be given in eval mode")
-    if training and geom.n * geom.oh * geom.ow <= 1:
-        raise ValueError(f"{FUSED_OP}: expected more than 1 value per channel when training, got a conv "
-                         f"output of shape {out_shape}")
-    return geom
 
 
 def fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
                            padding=0, dilation=1, training=True, momentum=0.1, eps=1e-5,
                            activation: Optional[str] = "relu6", residual: Optional[torch.Tensor] = None):
     """``act(batch_norm(depthwise_conv2d(input, weight)) + residual)`` as one op, with the
-    argument conventions of :func:`vhist.ops.fused_conv_bn_relu` (MobileNet's dw-BN-ReLU6).
+    argument conventions of :func:`vhist.ops.fused_conv_bn_act` (MobileNet's dw-BN-ReLU6).
 
     Training computes the BN statistics in the depthwise kernel's epilogue (per-tile
     count/mean/M2, merged with Chan's formula), updates the running statistics, and
@@ -719,8 +501,9 @@ def fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, runn
         (N, C_out, OH, OW) in the input's memory format.
     """
     input, weight, residual = autocast_inputs(input, weight, residual)
-    geom = _check_fused_inputs(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding,
-                               dilation, training, activation, residual)
+    geom = _check_inputs(input, weight, None, stride, padding, dilation, FUSED_OP)
+    activation_code(FUSED_OP, activation)
+    check_fused_args(FUSED_OP, geom, input, bn_weight, bn_bias, running_mean, running_var, training, residual)
     impl = dispatch(FUSED_OP, FUSED_IMPLS, input.device)
     kwargs = dict(training=training, momentum=momentum, eps=eps, activation=activation, residual=residual)
     if impl is reference.fused_depthwise_bn_act:

@@ -18,15 +18,10 @@ import triton
 
 from vhist import reference
 from vhist.ops._dispatch import check_float_dtype, dispatch
-from vhist.ops.batch_norm import dense_layout, is_channels_last_dense, like_layout
+from vhist.ops.common import dense_layout, is_channels_last_dense, like_layout
+from vhist.ops.common import tl_acc as _tl_acc  # the launchers' name for it
 
 OP = "local_response_norm"
-
-
-def _tl_acc(dtype: torch.dtype):
-    import triton.language as tl
-
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def window_bounds(size: int) -> tuple[int, int]:
@@ -81,11 +76,6 @@ def local_response_norm_fwd(input: torch.Tensor, size: int, alpha: float, beta: 
     return output
 
 
-@local_response_norm_fwd.register_fake
-def _(input, size, alpha, beta, k):
-    return torch.empty_like(input)
-
-
 @torch.library.custom_op("vhist::local_response_norm_bwd", mutates_args=())
 def local_response_norm_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
                             beta: float, k: float) -> torch.Tensor:
@@ -98,9 +88,20 @@ def local_response_norm_bwd(grad_output: torch.Tensor, input: torch.Tensor, size
     return grad_input
 
 
-@local_response_norm_bwd.register_fake
-def _(grad_output, input, size, alpha, beta, k):
+# One fake per pass, registered for its triton and cuda ops (the same contract): the
+# output and the input gradient have the input's shape, dtype and strides.
+
+
+def _fwd_fake(input, size, alpha, beta, k):
     return torch.empty_like(input)
+
+
+def _bwd_fake(grad_output, input, size, alpha, beta, k):
+    return torch.empty_like(input)
+
+
+local_response_norm_fwd.register_fake(_fwd_fake)
+local_response_norm_bwd.register_fake(_bwd_fake)
 
 
 # ----------------------------------------------------------------------------- cuda
@@ -120,11 +121,6 @@ def local_response_norm_cuda_fwd(input: torch.Tensor, size: int, alpha: float, b
     return _cuda_extension().fwd(input, size, alpha, beta, k, resync_period(size))
 
 
-@local_response_norm_cuda_fwd.register_fake
-def _(input, size, alpha, beta, k):
-    return torch.empty_like(input)
-
-
 @torch.library.custom_op("vhist::local_response_norm_cuda_bwd", mutates_args=())
 def local_response_norm_cuda_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
                                  beta: float, k: float) -> torch.Tensor:
@@ -133,9 +129,8 @@ def local_response_norm_cuda_bwd(grad_output: torch.Tensor, input: torch.Tensor,
     return _cuda_extension().bwd(grad_output, input, size, alpha, beta, k, resync_period(size))
 
 
-@local_response_norm_cuda_bwd.register_fake
-def _(grad_output, input, size, alpha, beta, k):
-    return torch.empty_like(input)
+local_response_norm_cuda_fwd.register_fake(_fwd_fake)
+local_response_norm_cuda_bwd.register_fake(_bwd_fake)
 
 
 _KERNELS = {

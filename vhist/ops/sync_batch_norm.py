@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 
 from vhist.ops._dispatch import dispatch
-from vhist.ops.batch_norm import (_check_inputs, acc_dtype, batch_norm, bn_apply, bn_finalize, bn_grad_input,
-                                  bn_grad_sums, bn_stats_partials, dense_layout, like_layout)
+from vhist.ops.batch_norm import (batch_norm, bn_apply, bn_finalize, bn_grad_input, bn_grad_sums, bn_stats_partials,
+                                  check_inputs)
+from vhist.ops.common import acc_dtype, dense_layout, like_layout
 
 OP = "sync_batch_norm"
 
@@ -238,7 +239,7 @@ def sync_batch_norm(
         NotImplementedError: the active backend has no kernel (only ``triton`` and
             ``torch`` have one).
     """
-    _check_inputs(input, running_mean, running_var, weight, bias, training)
+    check_inputs(input, running_mean, running_var, weight, bias, training)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     stages = dispatch(OP, STAGES, input.device)

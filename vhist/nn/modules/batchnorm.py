@@ -6,35 +6,45 @@ from torch import nn
 from vhist.nn import functional as VF
 
 
+def is_tracking(bn: nn.Module) -> bool:
+    """Whether this forward of the BatchNorm module ``bn`` updates its running statistics
+    and counts the batch in ``num_batches_tracked``."""
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
+def bn_forward_args(bn: nn.Module) -> tuple:
+    """What torch's ``_BatchNorm.forward`` hands ``F.batch_norm``, for the module ``bn``.
+
+    Returns:
+        ``(running_mean, running_var, training, momentum)``: the buffers (None when the
+        statistics are not kept in training), whether to normalize with batch statistics
+        (training, or no running statistics), and the factor of the running average (the
+        cumulative average ``1 / (batches + 1)`` when ``bn.momentum`` is None).
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if is_tracking(bn) and bn.momentum is None:
+        momentum = 1.0 / float(bn.num_batches_tracked + 1)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # Statistics are only updated while training and tracking.
+    keep = not bn.training or bn.track_running_stats
+    return (bn.running_mean if keep else None, bn.running_var if keep else None, use_batch_stats, momentum)
+
+
+def count_batch(bn: nn.Module) -> None:
+    """Counts a forward in ``num_batches_tracked`` when tracking; called after the op, so
+    that an input the op rejects leaves the module unchanged."""
+    if is_tracking(bn):
+        bn.num_batches_tracked.add_(1)
+
+
 class _BatchNormMixin:
     """The forward of torch's ``_BatchNorm``, on :func:`vhist.nn.functional.batch_norm`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if self.momentum is None:
-            exponential_average_factor = 0.0
-        else:
-            exponential_average_factor = self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            # Cumulative moving average when momentum is None (as torch does).
-            if self.momentum is None:
-                exponential_average_factor = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Statistics are only updated while training and tracking.
-        track = not self.training or self.track_running_stats
-        out = VF.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            exponential_average_factor,
-            self.eps,
-        )
-        # Counted after the op, so an input the op rejects leaves the module unchanged.
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        running_mean, running_var, training, momentum = bn_forward_args(self)
+        out = VF.batch_norm(input, running_mean, running_var, self.weight, self.bias, training, momentum, self.eps)
+        count_batch(self)
         return out
 
 

@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vhist.nn import functional as VF
-from vhist.nn.modules.batchnorm import BatchNorm2d
+from vhist.nn.modules.batchnorm import BatchNorm2d, bn_forward_args, count_batch
 
 
 class Conv2d(nn.Conv2d):
     """Drop-in for :class:`torch.nn.Conv2d` (same constructor, parameters and state_dict)
-    on :func:`vhist.nn.functional.conv2d`."""
+    on :func:`vhist.nn.functional.conv2d`; a depthwise conv (``groups == in_channels``,
+    see :func:`is_depthwise`) runs :func:`vhist.nn.functional.depthwise_conv2d`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
@@ -21,6 +22,11 @@ class Conv2d(nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
+        if is_depthwise(self):
+            unbatched = input.dim() == 3
+            out = VF.depthwise_conv2d(input.unsqueeze(0) if unbatched else input, self.weight, self.bias,
+                                      self.stride, padding, self.dilation)
+            return out.squeeze(0) if unbatched else out
         return VF.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
@@ -77,20 +83,14 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activa
         return unfused_conv_bn_act(conv, bn, input, activation, residual)
     if conv.bias is not None or conv.padding_mode != "zeros":
         raise ValueError("conv_bn_act: the conv must have bias=False and padding_mode='zeros'")
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    tracking = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
-    if tracking and bn.momentum is None:
-        momentum = 1.0 / float(bn.num_batches_tracked + 1)
-    use_batch_stats = bn.training or bn.running_mean is None
-    keep_stats = not bn.training or bn.track_running_stats
-    args = (input, conv.weight, bn.weight, bn.bias,
-            bn.running_mean if keep_stats else None, bn.running_var if keep_stats else None)
-    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=use_batch_stats,
+    running_mean, running_var, training, momentum = bn_forward_args(bn)
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=training,
                   momentum=momentum, eps=bn.eps, activation=activation, residual=residual)
+    args = (input, conv.weight, bn.weight, bn.bias, running_mean, running_var)
     if is_depthwise(conv):
         out = VF.fused_depthwise_bn_act(*args, **kwargs)
     else:
+        # The design's name (alias of fused_conv_bn_act), the one tests/test_models.py watches.
         out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
-    if tracking:
-        bn.num_batches_tracked.add_(1)
+    count_batch(bn)
     return out

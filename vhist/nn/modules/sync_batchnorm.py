@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vhist.nn import functional as VF
+from vhist.nn.modules.batchnorm import bn_forward_args, count_batch
 from vhist.reference import activate
 
 
@@ -46,19 +47,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if tracking and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        out = VF.sync_batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight, self.bias, bn_training, factor, self.eps, process_group=self.process_group)
-        if tracking:
-            self.num_batches_tracked.add_(1)
+        running_mean, running_var, training, momentum = bn_forward_args(self)
+        out = VF.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, training, momentum,
+                                 self.eps, process_group=self.process_group)
+        count_batch(self)
         return out
 
 

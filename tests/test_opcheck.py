@@ -1,0 +1,189 @@
+"""``torch.library.opcheck`` on every registered ``vhist::*`` op (PyTorch's custom-op
+guide): schema (mutation and aliasing as declared), fake implementation against the
+real kernel, autograd registration, and AOT dispatch with dynamic shapes.
+
+The ops are enumerated from the dispatcher, so an op registered without a sample here
+fails :func:`test_every_op_has_a_sample`. Tiny shapes: the Triton ops run on CPU through
+Triton's interpreter.
+
+What the interpreter (or a machine without a GPU) cannot run, and what runs instead:
+
+* The ``*_cuda_*`` ops need the compiled CUDA extension and CUDA tensors. Without a GPU
+  they are checked on the meta device, where a custom op runs its fake implementation:
+  ``test_schema`` and ``test_autograd_registration`` then check the schema and the
+  registration, ``test_faketensor`` checks that the fake accepts the schema's arguments
+  and returns the declared outputs (it cannot compare against the real kernel), and
+  ``test_aot_dispatch_dynamic`` is skipped: it needs real outputs to compare with.
+  With a GPU they run on CUDA tensors like the other ops.
+* No op registers an autograd formula: autograd lives in the ``autograd.Function`` above
+  each pair of ops (``BatchNormFunction``, ``FusedConvBNFunction``, ...), whose
+  gradients tests/test_gradcheck.py checks. The samples therefore carry no
+  ``requires_grad`` inputs, and ``test_autograd_registration`` checks that the op does
+  not claim to be differentiable through a backend kernel.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vhist  # noqa: F401  (registers the ops)
+from vhist.ops.depthwise import depthwise_geometry
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+# Without a GPU the CUDA ops run on the meta device, where there is no real output to
+# compare an AOT-compiled graph with.
+META_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def registered_ops() -> list[str]:
+    """Every op of the ``vhist`` namespace the dispatcher knows, e.g. ``conv2d_fwd``."""
+    return sorted(name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("vhist::"))
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _conv_samples(device):
+    # (N, C_in, H, W) = (2, 4, 5, 5), C_out 6, 3x3, stride 1, padding 1, groups 2.
+    x = _cl(torch.randn(2, 4, 5, 5, device=device))
+    w = _cl(torch.randn(6, 2, 3, 3, device=device))
+    b = torch.randn(6, device=device)
+    geom = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
+    y = torch.ops.vhist.conv2d_fwd(x, w, b, None, *geom, 1)
+    dy = _cl(torch.randn_like(y))
+    return {
+        # bias, residual, relu
+        "conv2d_fwd": (x, w, b, _cl(torch.randn_like(y)), *geom, 1),
+        # all four gradients through the relu mask
+        "conv2d_bwd": (dy, x, w, y, *geom, 1, [True, True, True, True]),
+    }
+
+
+def _fused_conv_samples(device):
+    x = _cl(torch.randn(2, 4, 5, 5, device=device))
+    w = _cl(torch.randn(6, 4, 3, 3, device=device))
+    gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    geom = ([2, 2], [1, 1, 1, 1], [1, 1], 1)  # stride 2: 3x3 output
+    stats = (torch.zeros(6, device=device), torch.ones(6, device=device))
+    out, conv_out, mean, rstd = torch.ops.vhist.fused_conv_bn_relu_fwd(
+        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 0.1, 1e-5, 2)
+    residual = _cl(torch.randn_like(out))
+    return {
+        "fused_conv_bn_relu_fwd": (x, w, gamma, beta, *stats, residual, *geom, 0.1, 1e-5, 2),
+        "fused_conv_bn_relu_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, beta, residual,
+                                   *geom, 1e-5, 2, [True, True, True, True, True]),
+    }
+
+
+def _depthwise_args(device):
+    # (N, C, H, W) = (2, 3, 5, 5), multiplier 2, 3x3, stride 1, 'same' padding.
+    x = _cl(torch.randn(2, 3, 5, 5, device=device))
+    w = torch.randn(6, 1, 3, 3, device=device)
+    geom = depthwise_geometry(x.shape, w.shape, 1, "same", 1)
+    return x, w, (list(geom.stride), list(geom.padding), list(geom.dilation)), geom.out_shape
+
+
+def _depthwise_samples(device, prefix):
+    x, w, geom, out_shape = _depthwise_args(device)
+    b = torch.randn(6, device=device)
+    dy = _cl(torch.randn(out_shape, device=device))
+    if prefix == "depthwise_conv2d_cuda":
+        # The CUDA kernels have no activation epilogue (activation 0, no residual).
+        return {
+            f"{prefix}_fwd": (x, w, b, None, *geom, 0),
+            f"{prefix}_bwd_input": (dy, None, w, list(x.shape), True, *geom, 0),
+            f"{prefix}_bwd_weight": (dy, None, x, list(w.shape), *geom, 0, True),
+        }
+    y = torch.ops.vhist.depthwise_conv2d_fwd(x, w, b, None, *geom, 2)
+    return {
+        f"{prefix}_fwd": (x, w, b, _cl(torch.randn(out_shape, device=device)), *geom, 2),
+        f"{prefix}_bwd_input": (dy, y, w, list(x.shape), True, *geom, 2),
+        f"{prefix}_bwd_weight": (dy, y, x, list(w.shape), *geom, 2, True),
+    }
+
+
+def _fused_depthwise_samples(device):
+    x, w, geom, out_shape = _depthwise_args(device)
+    gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    stats = (torch.zeros(6, device=device), torch.ones(6, device=device))
+    out, conv_out, mean, rstd = torch.ops.vhist.fused_depthwise_bn_act_fwd(
+        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 3, 0.1, 1e-5, 1)
+    return {
+        "fused_depthwise_bn_act_fwd": (x, w, None, beta, *stats, None, *geom, 3, 0.1, 1e-5, 1),
+        "fused_depthwise_bn_act_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, None,
+                                       None, *geom, 3, 1e-5, 1, [True, True, True, False, False]),
+    }
+
+
+def _batch_norm_samples(device):
+    x = torch.randn(3, 4, 2, 3, device=device)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    stats = (torch.zeros(4, device=device), torch.ones(4, device=device))
+    _, mean, rstd = torch.ops.vhist.batch_norm_fwd(x, w, b, *[t.clone() for t in stats], True, 0.1, 1e-5)
+    return {
+        "batch_norm_fwd": (x, w, b, *stats, True, 0.1, 1e-5),
+        "batch_norm_bwd": (torch.randn_like(x), x, w, b, mean, rstd, True, 1e-5, [True, True, True]),
+    }
+
+
+def _lrn_samples(device, prefix):
+    x = torch.randn(2, 6, 3, 3, device=device)
+    return {
+        f"{prefix}_fwd": (x, 5, 1e-4, 0.75, 2.0),
+        f"{prefix}_bwd": (torch.randn_like(x), x, 5, 1e-4, 0.75, 2.0),
+    }
+
+
+def _cuda_device():
+    return "cuda" if torch.cuda.is_available() else "meta"
+
+
+def samples() -> dict[str, tuple[str, tuple]]:
+    """op name -> (device, args) for every op this file knows."""
+    real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
+            **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE),
+            **_lrn_samples(DEVICE, "local_response_norm")}
+    cuda = _cuda_device()
+    cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
+    return {**{name: (DEVICE, args) for name, args in real.items()},
+            **{name: (cuda, args) for name, args in cuda_ops.items()}}
+
+
+KNOWN_OPS = {
+    "batch_norm_fwd", "batch_norm_bwd", "conv2d_fwd", "conv2d_bwd", "fused_conv_bn_relu_fwd",
+    "fused_conv_bn_relu_bwd", "depthwise_conv2d_fwd", "depthwise_conv2d_bwd_input", "depthwise_conv2d_bwd_weight",
+    "depthwise_conv2d_cuda_fwd", "depthwise_conv2d_cuda_bwd_input", "depthwise_conv2d_cuda_bwd_weight",
+    "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
+    "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
+}
+
+
+def test_every_op_has_a_sample():
+    ops = registered_ops()
+    assert ops, "no vhist op is registered"
+    assert KNOWN_OPS <= set(ops), f"ops missing from the registry: {sorted(KNOWN_OPS - set(ops))}"
+    assert set(ops) == set(samples()), (
+        f"ops without an opcheck sample: {sorted(set(ops) - set(samples()))}; "
+        f"samples of unknown ops: {sorted(set(samples()) - set(ops))}")
+
+
+@pytest.fixture(scope="module")
+def op_samples():
+    torch.manual_seed(0)
+    return samples()
+
+
+@pytest.mark.parametrize("name", registered_ops())
+def test_opcheck(name, op_samples):
+    if name not in op_samples:
+        pytest.fail(f"vhist::{name} has no opcheck sample in tests/test_opcheck.py")
+    device, args = op_samples[name]
+    utils = META_UTILS if device == "meta" else UTILS
+    op = getattr(torch.ops.vhist, name).default
+    result = torch.library.opcheck(op, args, test_utils=utils)
+    assert set(result) == set(utils), result
+    failed = {util: outcome for util, outcome in result.items() if outcome != "SUCCESS"}
+    assert not failed, f"vhist::{name}: {failed}"

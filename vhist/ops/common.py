@@ -1,0 +1,168 @@
+"""Launch helpers shared by the op launchers: accumulation dtypes, the device's SM count,
+memory layouts, the activation codes of the kernels, and the BatchNorm argument check.
+
+Launch heuristics (tile counts, splits, chunks) live in :mod:`vhist.ops.heuristics`;
+conv geometry and the fused conv + BN scaffold in :mod:`vhist.ops.conv_common` and
+:mod:`vhist.ops.fused_bn`.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+from typing import Optional
+
+import torch
+
+from vhist.ops._dispatch import check_float_dtype, check_same_device
+
+# ----------------------------------------------------------------------------- dtypes and device
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation (and saved-statistics) dtype: fp64 for fp64, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """:func:`acc_dtype` as the Triton dtype the kernels' ``ACC`` constexpr takes."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (read once per device, then cached); 1 on
+    a CPU, where the kernels run through Triton's interpreter."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def is_channels_last_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` (N, C, *spatial) is dense with channels innermost."""
+    if x.dim() < 3:
+        return x.is_contiguous()
+    perm = (0, *range(2, x.dim()), 1)
+    return x.permute(perm).is_contiguous()
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is channels-last dense and not also contiguous (the kernels' NHWC
+    case; a tensor that is both, e.g. with C == 1, counts as contiguous)."""
+    return not x.is_contiguous() and is_channels_last_dense(x)
+
+
+def dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if it is contiguous or channels-last dense, else one contiguous copy
+    made at the op boundary."""
+    if x.is_contiguous() or is_channels_last_dense(x):
+        return x
+    return x.contiguous()
+
+
+def like_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``ref`` (converted once if they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (4-D) in channels_last, copied once only if it is not already."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def empty_4d(shape, like: torch.Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialized 4-D tensor on ``like``'s device, channels_last or contiguous."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=fmt)
+
+
+def or_placeholder(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """A kernel pointer argument: ``tensor``, or a placeholder the kernel never reads
+    (its HAS_* flag is off)."""
+    return tensor if tensor is not None else placeholder
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class Activation(enum.IntEnum):
+    """The ``ACTIVATION`` constexpr of the BN, conv and depthwise kernels."""
+
+    NONE = 0
+    RELU = 1
+    RELU6 = 2
+
+
+ACTIVATION_CODES = {None: int(Activation.NONE), "relu": int(Activation.RELU), "relu6": int(Activation.RELU6)}
+
+
+def activation_code(op: str, activation) -> int:
+    """The kernels' code for ``activation``; ValueError naming ``op`` for an unknown one."""
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"{op}: unknown activation {activation!r}; valid: {tuple(ACTIVATION_CODES)}")
+    return ACTIVATION_CODES[activation]
+
+
+def activation_grad(grad: torch.Tensor, output: Optional[torch.Tensor], activation: int) -> torch.Tensor:
+    """``grad * act'(z)`` from the activation's output, with PyTorch's conventions for the
+    derivative at the kinks (relu: 0 < y; relu6: 0 < y < 6); ``grad`` itself without an
+    activation."""
+    if activation == Activation.RELU:
+        return torch.where(output > 0, grad, 0)
+    if activation == Activation.RELU6:
+        return torch.where((output > 0) & (output < 6), grad, 0)
+    return grad
+
+
+# ----------------------------------------------------------------------------- BatchNorm arguments
+
+
+def check_bn_args(op: str, channels: int, input: torch.Tensor, bn_weight, bn_bias, running_mean, running_var,
+                  training: bool, values_per_channel: int, *, names=("weight", "bias"),
+                  matches: str = "the input's {c} channels", shape_name: str = "input of shape",
+                  shape=None) -> None:
+    """Checks BatchNorm's affine parameters and statistics against ``channels``.
+
+    Args:
+        op: the op named in the errors.
+        channels: the channel count C every (C,) argument must have.
+        input: the tensor whose device the arguments must share.
+        bn_weight, bn_bias, running_mean, running_var: optional (C,) tensors.
+        training: batch statistics (which need more than one value per channel) or the
+            running ones (which must then be given).
+        values_per_channel: how many values each channel's batch statistics reduce.
+        names: the op's names of (bn_weight, bn_bias), for the errors.
+        matches, shape_name, shape: wording of the errors: what C counts ("the input's
+            {c} channels"), and what has ``shape`` (default ``input.shape``).
+
+    Raises:
+        ValueError: mixed devices, a wrong shape, one running statistic without the
+            other, no running statistics in eval, or one value per channel in training.
+        TypeError: a non-float dtype.
+    """
+    weight_name, bias_name = names
+    check_same_device(op, input=input, running_mean=running_mean, running_var=running_var,
+                      **{weight_name: bn_weight, bias_name: bn_bias})
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    (weight_name, bn_weight), (bias_name, bn_bias)):
+        check_float_dtype(op, name, t)
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"{op}: {name} must have shape ({channels},) to match "
+                             f"{matches.format(c=channels)}, got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: running_mean and running_var must be given in eval mode")
+    if training and values_per_channel <= 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got {shape_name} "
+                         f"{tuple(shape if shape is not None else input.shape)}")

@@ -1,0 +1,97 @@
+"""Launch heuristics of the conv, depthwise and BatchNorm launchers, in one place.
+
+Each figure here is a choice of the launchers, not of the kernels, but some assume
+something of the kernels' autotune configs (which live at the top of ``kernels/*.py``);
+:func:`check_kernel_configs` asserts those assumptions, and the launchers that depend
+on them call it before their first launch.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from vhist.ops.common import sm_count
+
+# Weight gradient of the dense conv (split-K): each split reduces a multiple of this many
+# output positions, so that every BLOCK_K of the wgrad configs tiles a split exactly.
+WGRAD_POSITION_ALIGN = 64
+# The weight tile (C_out x C_in per group) the split count assumes per program.
+WGRAD_TILE = 64
+WGRAD_MIN_POSITIONS = 2048  # per split
+WGRAD_MAX_SPLIT = 64
+WGRAD_PROGRAMS_PER_SM = 4
+
+# Depthwise forward: output pixels per tile (the launcher picks it, the configs tune only
+# BLOCK_C), and the most BN-statistics partials (one per program) the fused op writes,
+# so that the single-pass finalize kernel merges them quickly.
+DEPTHWISE_FWD_BLOCK_P = 64
+DEPTHWISE_MAX_STATS_PARTIALS = 1024
+
+# BatchNorm reductions: programs per SM, and the bounds of one chunk's length.
+BN_PROGRAMS_PER_SM = 8
+BN_MIN_CHUNK = 512
+BN_MAX_CHUNK = 65536
+# The channel tile the chunk count assumes per memory format. Fixed, not read from the
+# configs: the chunks set the summation order, which must not change with the tuning.
+BN_CHANNELS_CONTIGUOUS_BLOCK_C = 64
+BN_SPATIAL_CONTIGUOUS_BLOCK_C = 2
+BN_FINALIZE_MAX_BLOCK_C = 128
+BN_FINALIZE_BLOCK_K = 16  # partials merged per step
+
+
+@functools.lru_cache(maxsize=None)
+def check_kernel_configs() -> None:
+    """Asserts what the heuristics above assume of the kernels' autotune configs.
+
+    Raises:
+        AssertionError: a config list changed in a way the launchers do not handle.
+    """
+    from vhist.kernels import conv, depthwise
+
+    for config in conv.GEMM_CONFIGS + conv.FP64_CONFIGS:
+        block_k = config.kwargs["BLOCK_K"]
+        assert WGRAD_POSITION_ALIGN % block_k == 0, (
+            f"conv wgrad: BLOCK_K={block_k} does not divide WGRAD_POSITION_ALIGN={WGRAD_POSITION_ALIGN}")
+    for config in depthwise.FWD_CONFIGS:
+        assert "BLOCK_P" not in config.kwargs, "depthwise forward: BLOCK_P is the launcher's, not a tuned value"
+
+
+def wgrad_split(positions: int, weight_tiles: int, device: torch.device) -> int:
+    """Number of split-K partials for the dense conv's weight gradient: enough (weight
+    tile x split) programs to fill the GPU ``WGRAD_PROGRAMS_PER_SM`` times over, each
+    reducing at least ``WGRAD_MIN_POSITIONS`` positions."""
+    want = triton.cdiv(WGRAD_PROGRAMS_PER_SM * sm_count(device), weight_tiles)
+    return max(1, min(want, positions // WGRAD_MIN_POSITIONS, WGRAD_MAX_SPLIT))
+
+
+def wgrad_positions_per_split(positions: int, split: int) -> tuple[int, int]:
+    """(positions per split, splits): ``split`` rounded so that every split but the last
+    holds a multiple of ``WGRAD_POSITION_ALIGN`` positions."""
+    check_kernel_configs()
+    per_split = triton.cdiv(triton.cdiv(positions, split), WGRAD_POSITION_ALIGN) * WGRAD_POSITION_ALIGN
+    return per_split, triton.cdiv(positions, per_split)
+
+
+def depthwise_fwd_tiling(pixels: int, stats: bool) -> tuple[int, int]:
+    """(pixel tiles per program, programs along the pixel axis) of the depthwise forward;
+    with ``stats`` a program takes several tiles, so that its partials stay few."""
+    check_kernel_configs()
+    tiles = triton.cdiv(pixels, DEPTHWISE_FWD_BLOCK_P)
+    per_program = triton.cdiv(tiles, DEPTHWISE_MAX_STATS_PARTIALS) if stats else 1
+    return per_program, triton.cdiv(tiles, per_program)
+
+
+def bn_chunks(total: int, channels: int, channels_contiguous: bool, device: torch.device) -> int:
+    """Chunks of BatchNorm's N*S reduction: enough to give every SM several programs,
+    never fewer than ``BN_MIN_CHUNK`` elements per chunk and never more than
+    ``BN_MAX_CHUNK`` (which bounds one program's loop)."""
+    block_c = BN_CHANNELS_CONTIGUOUS_BLOCK_C if channels_contiguous else BN_SPATIAL_CONTIGUOUS_BLOCK_C
+    chunks = triton.cdiv(BN_PROGRAMS_PER_SM * sm_count(device), triton.cdiv(channels, block_c))
+    return max(min(chunks, triton.cdiv(total, BN_MIN_CHUNK)), triton.cdiv(total, BN_MAX_CHUNK), 1)
+
+
+def bn_finalize_block_c(channels: int) -> int:
+    """Channel tile of the BN finalize kernels (one program per tile)."""
+    return min(triton.next_power_of_2(channels), BN_FINALIZE_MAX_BLOCK_C)
