@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+H100_SMS = 132
 PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
 
 
@@ -120,10 +121,55 @@ def lrn_launches(check: bool = False):
                        config.num_warps)
 
 
+# MobileNetV2's depthwise layers at batch 128 (3x3; stride 2 where it downsamples), and
+# 5x5 / 7x7 at one of them (MobileNetV3 / ConvNeXt-style kernels).
+DEPTHWISE_SHAPES = (
+    # (N, C, H, W, kernel, stride)
+    (128, 32, 112, 112, 3, 1), (128, 96, 112, 112, 3, 2), (128, 144, 56, 56, 3, 1),
+    (128, 960, 7, 7, 3, 1), (128, 144, 28, 28, 5, 1), (128, 144, 28, 28, 7, 1),
+)
+DEPTHWISE_CHECK = ((128, 144, 56, 56, 3, 1), (128, 144, 28, 28, 7, 1))
+
+
+def depthwise_wgrad_launches(check: bool = False):
+    """The weight-gradient reduce launches of vhist.ops.depthwise (no bias, no
+    activation: the plain conv's backward), channels_last fp32/bf16 and NCHW fp32; with
+    ``check`` only the channels_last fp32 launches of DEPTHWISE_CHECK."""
+    import vhist.kernels.depthwise as dw
+    import vhist.ops.depthwise as ops
+
+    # The chunking depends on the SM count: an H100 SXM's, as no GPU is here.
+    ops._sm_count = lambda device: H100_SMS
+
+    for shape in DEPTHWISE_SHAPES:
+        n, c, h, w, k, stride = shape
+        for fmt, dtype in ((torch.channels_last, torch.float32), (torch.channels_last, torch.bfloat16),
+                           (torch.contiguous_format, torch.float32)):
+            cl = fmt == torch.channels_last
+            if check and (shape not in DEPTHWISE_CHECK or not cl or dtype != torch.float32):
+                continue
+            x = torch.empty(n, c, h, w, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+            geom = ops.depthwise_geometry(x.shape, (c, 1, k, k), stride, k // 2, 1)
+            y = torch.empty(n, c, geom.oh, geom.ow, device="meta").contiguous(memory_format=fmt)
+            chunk, _ = ops._weight_chunks(n * geom.oh * geom.ow, c, torch.device("cuda"))
+            block_p, block_c, num_warps = dw.weight_grad_tiling(k, k, cl)
+            names = [p.name for p in dw._depthwise_bwd_weight_reduce_kernel.params if not p.is_constexpr]
+            values = [dtype, dtype, dtype, torch.float32, geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh,
+                      geom.ow, geom.multiplier, chunk, *y.stride(), *x.stride(), *geom.conv_args()]
+            consts = dict(KH=k, KW=k, HAS_BIAS=False, ACTIVATION=0, ACC=tl.float32, BLOCK_P=block_p,
+                          BLOCK_C=block_c)
+            layout = "channels_last" if cl else "nchw"
+            yield (f"depthwise_bwd_weight_reduce {shape} {layout} {str(dtype)[6:]} BLOCK_P={block_p} "
+                   f"BLOCK_C={block_c}", dw._depthwise_bwd_weight_reduce_kernel, dict(zip(names, values)), consts,
+                   num_warps)
+
+
 def main(which: str = "all") -> None:
     launches = []
     if which in ("all", "lrn", "lrn-check"):
         launches += list(lrn_launches(check=which == "lrn-check"))
+    if which in ("all", "depthwise", "depthwise-check"):
+        launches += list(depthwise_wgrad_launches(check=which == "depthwise-check"))
     for launch in launches:
         print(json.dumps(compile_launch(*launch)), flush=True)
 

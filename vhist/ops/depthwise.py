@@ -301,11 +301,13 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     part = input.new_empty((chunks, taps, geom.c_out), dtype=acc)
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    kernels.depthwise_bwd_weight_reduce[lambda meta: (triton.cdiv(geom.c_out, meta["BLOCK_C"]), chunks)](
+    block_p, block_c, num_warps = kernels.weight_grad_tiling(geom.kh, geom.kw, _channels_last(input))
+    kernels.depthwise_bwd_weight_reduce[(triton.cdiv(geom.c_out, block_c), chunks)](
         grad_output, output if activation else grad_output, input, part,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
         *_strides(grad_output), *_strides(input), *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc)
+        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     block_j = 128
     kernels.depthwise_bwd_weight_finalize[(triton.cdiv(taps * geom.c_out, block_j),)](
         part, grad_weight, grad_bias if has_bias else grad_weight, geom.c_out, chunks,
