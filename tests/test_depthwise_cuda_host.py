@@ -1,7 +1,8 @@
 """The CUDA depthwise kernels' numerics without a GPU.
 
 csrc/depthwise/depthwise_kernel.cu keeps each thread's work (one output element, one
-input-gradient element, one weight-gradient lane) in __host__ __device__ functions.
+input-gradient element, one weight-gradient lane's sums of every tap) in __host__
+__device__ functions.
 tests/csrc_host/depthwise_host.cu builds them with nvcc into a host shared library whose
 loops play the kernels' threads and blocks, and this test checks them against F.conv2d
 and its gradients, with the same sizes/strides/conv arrays the torch binding passes.
@@ -31,6 +32,8 @@ CASES = [
     (2, 3, 6, 5, 2, 3, 1, 2, 2, "channels_last"),      # multiplier 2, dilation 2
     (1, 2, 6, 5, 1, (4, 3), 1, "same", 1, "contiguous"),  # generic size, asymmetric 'same'
     (3, 5, 20, 20, 1, 3, 1, 1, 1, "channels_last"),    # 1200 output pixels: several weight-grad chunks
+    (1, 2, 12, 11, 1, (5, 4), 1, 2, 1, "channels_last"),  # generic 20 taps: two weight-grad tap groups
+    (2, 3, 9, 8, 2, 5, 2, 2, 2, "contiguous"),         # 5x5, stride 2, dilation 2, multiplier 2, NCHW
 ]
 
 
@@ -90,7 +93,7 @@ def test_depthwise_cuda_host(case, host_lib):
     assert_close(dx, dx_ref, name="grad_input", atol=1e-5, rtol=1e-5)
 
     chunk, chunks = _weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, torch.device("cpu"))
-    if case == CASES[-1]:
+    if case == CASES[6]:
         assert chunks > 1
     dw, db = torch.empty(weight.shape), torch.empty(bias.shape)
     (dws,) = _strides(dw)
