@@ -164,6 +164,16 @@ def depthwise_wgrad_launches(check: bool = False):
                    num_warps)
 
 
+def run_static(which: str) -> list[dict]:
+    """Runs this script on ``which`` in a process without TRITON_INTERPRET (the tests
+    run under the interpreter) and returns its figures."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), which], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def main(which: str = "all") -> None:
     launches = []
     if which in ("all", "lrn", "lrn-check"):

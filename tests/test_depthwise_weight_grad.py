@@ -11,6 +11,7 @@ import vhist.kernels.depthwise as dw_kernels
 from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
 
 from conftest import DEVICE
+from static_sm90 import run_static
 from utils import assert_close
 
 CASES = [
@@ -122,17 +123,7 @@ def test_depthwise_weight_grad_sm90_vector_loads():
     """Static, sm_90 compile (no GPU) of the launcher's launches at MobileNetV2's
     144-channel 56x56 layer (3x3) and a 7x7 layer, channels_last fp32, with runtime
     specialization: the dy and x tiles load with 128-bit accesses, nothing spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static_sm90.py")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "depthwise-check"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    figures = run_static("depthwise-check")
     assert len(figures) == 2
     for fig in figures:
         assert fig["ld_global_v4"] >= 8 and fig["ld_global_v4"] > 4 * fig["ld_global_scalar"], fig

@@ -10,6 +10,7 @@ import vhist
 from vhist.nn import LocalResponseNorm
 
 from conftest import DEVICE, HAS_GPU
+from static_sm90 import run_static
 from utils import assert_close, assert_low_precision_close
 
 # The module (vhist.ops re-exports a function of the same name).
@@ -344,17 +345,7 @@ def test_local_response_norm_sm90_vector_loads():
     """Static, sm_90 compile (no GPU) of the launches the launcher makes, with runtime
     specialization: channels_last rows (C = 96, 16-byte aligned) and aligned NCHW rows
     (S = 56*56) load and store the tile with 128-bit accesses only, without spills."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static_sm90.py")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, script, "lrn-check"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    figures = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    figures = run_static("lrn-check")
     assert len(figures) == 4
     for fig in figures:
         assert fig["ld_global_v4"] > 0 and fig["ld_global_scalar"] == 0, fig

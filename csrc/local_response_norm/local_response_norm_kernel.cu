@@ -103,22 +103,29 @@ __host__ __device__ __forceinline__ A window_sumsq(const A* tile, const Tile& t,
   return q;
 }
 
-// Forward, phase 2: y = a s^(-beta), written V elements of the contiguous axis at a time.
-template <typename T, typename A, int V>
-__host__ __device__ void lrn_fwd_store(const A* tile, T* __restrict__ y, const Tile& t, int lo, int hi, A alpha_over_n,
-                                       A beta, A k, int tid, int threads) {
+// Shared -> global: out(p, c) = value(p, c) for every element of the tile, V elements
+// of the contiguous axis per store.
+template <typename T, int V, typename F>
+__host__ __device__ __forceinline__ void tile_store(T* __restrict__ out, const Tile& t, int tid, int threads,
+                                                    F value) {
   const int64_t vecs = t.C * t.P / V;
   for (int64_t i = tid; i < vecs; i += threads) {
     int64_t p0, c0;
     t.coords(i * V, p0, c0);
-    Vec<T, V> out;
-    for (int j = 0; j < V; ++j) {
-      const int64_t p = t.inner_c ? p0 : p0 + j, c = t.inner_c ? c0 + j : c0;
-      const A q = window_sumsq(tile, t, p, c, lo, hi);
-      out.v[j] = from_acc<T>(tile[p * t.ldc + c] * exp_(-beta * log_(k + alpha_over_n * q)));
-    }
-    *reinterpret_cast<Vec<T, V>*>(y + t.offset(p0, c0)) = out;
+    Vec<T, V> v;
+    for (int j = 0; j < V; ++j) v.v[j] = from_acc<T>(value(t.inner_c ? p0 : p0 + j, t.inner_c ? c0 + j : c0));
+    *reinterpret_cast<Vec<T, V>*>(out + t.offset(p0, c0)) = v;
   }
+}
+
+// Forward, phase 2: y = a s^(-beta).
+template <typename T, typename A, int V>
+__host__ __device__ void lrn_fwd_store(const A* tile, T* __restrict__ y, const Tile& t, int lo, int hi, A alpha_over_n,
+                                       A beta, A k, int tid, int threads) {
+  tile_store<T, V>(y, t, tid, threads, [&](int64_t p, int64_t c) {
+    const A q = window_sumsq(tile, t, p, c, lo, hi);
+    return tile[p * t.ldc + c] * exp_(-beta * log_(k + alpha_over_n * q));
+  });
 }
 
 // Backward, phase 2, per element of the shared tiles: t_c = dy_c a_c s_c^(-beta-1) (what
@@ -138,26 +145,18 @@ __host__ __device__ void lrn_bwd_terms(const A* a, A* dy, A* tt, const Tile& t, 
 }
 
 // Backward, phase 3: dx_i = dy_i s_i^(-beta) - (2 alpha beta / n) a_i T_i with
-// T_i = sum_{c = i-HI}^{i+LO} t_c (the transposed window), V elements at a time.
+// T_i = sum_{c = i-HI}^{i+LO} t_c (the transposed window).
 template <typename T, typename A, int V>
 __host__ __device__ void lrn_bwd_store(const A* a, const A* g, const A* tt, T* __restrict__ dx, const Tile& t, int lo,
                                        int hi, A alpha_over_n, A beta, int tid, int threads) {
-  const int64_t vecs = t.C * t.P / V;
-  for (int64_t i = tid; i < vecs; i += threads) {
-    int64_t p0, c0;
-    t.coords(i * V, p0, c0);
-    Vec<T, V> out;
-    for (int j = 0; j < V; ++j) {
-      const int64_t p = t.inner_c ? p0 : p0 + j, c = t.inner_c ? c0 + j : c0;
-      const A* row = tt + p * t.ldc;
-      const int64_t c1 = c + lo + 1 < t.C ? c + lo + 1 : t.C;
-      A sum = 0;
-      for (int64_t m = c - hi > 0 ? c - hi : 0; m < c1; ++m) sum += row[m];
-      const int64_t e = p * t.ldc + c;
-      out.v[j] = from_acc<T>(g[e] - A(2) * alpha_over_n * beta * a[e] * sum);
-    }
-    *reinterpret_cast<Vec<T, V>*>(dx + t.offset(p0, c0)) = out;
-  }
+  tile_store<T, V>(dx, t, tid, threads, [&](int64_t p, int64_t c) {
+    const A* row = tt + p * t.ldc;
+    const int64_t c1 = c + lo + 1 < t.C ? c + lo + 1 : t.C;
+    A sum = 0;
+    for (int64_t m = c - hi > 0 ? c - hi : 0; m < c1; ++m) sum += row[m];
+    const int64_t e = p * t.ldc + c;
+    return g[e] - A(2) * alpha_over_n * beta * a[e] * sum;
+  });
 }
 
 template <typename T, typename A, int V>
