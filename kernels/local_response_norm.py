@@ -25,7 +25,7 @@ from ._config import autotune
 
 # TILE: elements of the [BLOCK_S, BLOCK_C] tile (BLOCK_S = TILE / BLOCK_C, at least 1).
 CONFIGS = [triton.Config({"TILE": t}, num_warps=w) for t, w in ((2048, 4), (4096, 8), (1024, 4), (4096, 4), (8192, 8))]
-TUNE_KEY = ["C", "S", "stride_xs", "LO", "HI"]
+TUNE_KEY = ["N", "C", "S", "stride_xs", "LO", "HI"]
 
 
 def block_s(tile: int, block_c: int) -> int:
