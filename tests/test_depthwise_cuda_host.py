@@ -56,6 +56,13 @@ def _arrays(geom):
     return sizes, conv
 
 
+def _tap_major(weight):
+    """The weight and stride array the binding passes: (KH*KW, C_out), channels innermost,
+    indexed with {c_out, unused, kh, kw} strides (csrc/depthwise/depthwise.cpp, tap_major)."""
+    c_out, _, _, kw = weight.shape
+    return weight.permute(2, 3, 0, 1).contiguous(), torch.tensor([1, 0, kw * c_out, c_out], dtype=torch.int64)
+
+
 def _strides(*tensors):
     """int64 stride arrays; the caller keeps them alive across the ctypes call."""
     return [torch.tensor(t.stride(), dtype=torch.int64) for t in tensors]
@@ -81,14 +88,15 @@ def test_depthwise_cuda_host(case, host_lib):
     dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (xr, wr, br), dy)
 
     y = torch.empty(y_ref.shape).contiguous(memory_format=fmt_t)
-    xs, ws, ys = _strides(x, weight, y)
-    host_lib.vhist_depthwise_fwd_host(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+    xs, ys = _strides(x, y)
+    w_tap, ws = _tap_major(weight)
+    host_lib.vhist_depthwise_fwd_host(x.data_ptr(), w_tap.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                       sizes.data_ptr(), xs.data_ptr(), ws.data_ptr(), ys.data_ptr(), conv.data_ptr())
     assert_close(y, y_ref.detach(), name="output", atol=1e-5, rtol=1e-5)
 
     dx = torch.empty(x.shape).contiguous(memory_format=fmt_t)
     dys, dxs = _strides(dy, dx)
-    host_lib.vhist_depthwise_bwd_input_host(dy.data_ptr(), weight.data_ptr(), dx.data_ptr(), sizes.data_ptr(),
+    host_lib.vhist_depthwise_bwd_input_host(dy.data_ptr(), w_tap.data_ptr(), dx.data_ptr(), sizes.data_ptr(),
                                             dys.data_ptr(), ws.data_ptr(), dxs.data_ptr(), conv.data_ptr())
     assert_close(dx, dx_ref, name="grad_input", atol=1e-5, rtol=1e-5)
 

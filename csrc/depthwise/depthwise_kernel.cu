@@ -328,7 +328,9 @@ ConvArgs make_conv(const int* conv) {
 }  // namespace
 
 // sizes: {N, C_in, H, W, C_out, OH, OW, M}; *_strides: the tensors' four strides in
-// elements, {n, c, h, w} (for a weight (C_out, 1, KH, KW): {c_out, unused, kh, kw});
+// elements, {n, c, h, w} (for a weight: {c_out, unused, kh, kw}; the binding passes it
+// reordered to (KH*KW, C_out), i.e. {1, 0, KW*C_out, C_out}, so that a warp's loads of a
+// tap's weights are one coalesced request);
 // conv: {KH, KW, sh, sw, ph, pw, dh, dw} (ph, pw: top and left padding).
 // Return 0 on success, else a cudaError_t code.
 extern "C" int vhist_depthwise_fwd_launch(int dtype, const void* x, const void* w, const void* bias, void* y,
