@@ -12,7 +12,8 @@
 // view. It copies the tile into shared memory along the contiguous axis (channels for
 // channels-last, positions for NCHW): coalesced, and 128-bit wide when that axis is a
 // multiple of 16 bytes. The window sums are direct n-term sums read from shared memory
-// (no running sum, so nothing cancels), and the results leave along the same axis.
+// (no running sum, so nothing cancels), one element per thread; the results go back to
+// shared memory and leave along the same axis, with the same vectors.
 // Accumulation is in fp32, fp64 for fp64.
 //
 // Each phase is a __host__ __device__ function of (thread, thread count) over the tile,
@@ -26,7 +27,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kTileElems = 2048;  // positions x channels per block (at least one position)
-constexpr int kBwdTiles = 3;          // shared tiles of the backward: a, dy s^(-beta), t
+constexpr int kFwdTiles = 2;          // shared tiles of the forward: a, y
+constexpr int kBwdTiles = 3;          // shared tiles of the backward: a, dy s^(-beta) (then dx), t
 
 __host__ __device__ __forceinline__ float to_acc(float v) { return v; }
 __host__ __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -61,13 +63,26 @@ struct Tile {
   bool inner_c;  // channels are the contiguous axis (channels-last)
 
   __host__ __device__ int64_t inner() const { return inner_c ? C : P; }
-  // Element e of the tile in the order of its contiguous axis -> (p, c).
-  __host__ __device__ void coords(int64_t e, int64_t& p, int64_t& c) const {
-    const int64_t outer = e / inner(), in = e - outer * inner();
-    p = inner_c ? outer : in;
-    c = inner_c ? in : outer;
-  }
   __host__ __device__ int64_t offset(int64_t p, int64_t c) const { return base + p * stride_s + c * stride_c; }
+  __host__ __device__ int64_t at(int64_t p, int64_t c) const { return p * ldc + c; }
+
+  // f(p, c) for the elements first, first + step, ... of the tile in the order of its
+  // contiguous axis; (p, c) advance by additions (one division per thread, not per
+  // element). step and first are multiples of V when inner() is.
+  template <typename F>
+  __host__ __device__ __forceinline__ void walk(int64_t first, int64_t step, F f) const {
+    const int64_t n_inner = inner(), d_outer = step / n_inner, d_in = step - d_outer * n_inner;
+    int64_t outer = first / n_inner, in = first - outer * n_inner;
+    for (int64_t e = first; e < C * P; e += step) {
+      f(inner_c ? outer : in, inner_c ? in : outer);
+      in += d_in;
+      outer += d_outer;
+      if (in >= n_inner) {
+        in -= n_inner;
+        ++outer;
+      }
+    }
+  }
 };
 
 // (n, s0, P) of block b, with blocks_per_row blocks per row n and P_full positions per block.
@@ -83,48 +98,46 @@ __host__ __device__ inline Tile make_tile(int64_t b, int64_t C, int64_t S, int64
 // that the contiguous axis is a multiple of V and its rows are V-element aligned.
 template <typename T, typename A, int V>
 __host__ __device__ void tile_load(const T* __restrict__ x, A* __restrict__ tile, const Tile& t, int tid, int threads) {
-  const int64_t vecs = t.C * t.P / V;
-  for (int64_t i = tid; i < vecs; i += threads) {
-    int64_t p, c;
-    t.coords(i * V, p, c);
+  t.walk(int64_t(tid) * V, int64_t(threads) * V, [&](int64_t p, int64_t c) {
     const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(x + t.offset(p, c));
-    for (int j = 0; j < V; ++j) tile[(t.inner_c ? p : p + j) * t.ldc + (t.inner_c ? c + j : c)] = to_acc(v.v[j]);
-  }
+    for (int j = 0; j < V; ++j) tile[t.inner_c ? t.at(p, c + j) : t.at(p + j, c)] = to_acc(v.v[j]);
+  });
 }
 
 // q_c of position p: the direct sum over the clipped window, from the shared tile.
 template <typename A>
 __host__ __device__ __forceinline__ A window_sumsq(const A* tile, const Tile& t, int64_t p, int64_t c, int lo,
                                                    int hi) {
-  const A* row = tile + p * t.ldc;
+  const A* row = tile + t.at(p, 0);
   const int64_t j1 = c + hi + 1 < t.C ? c + hi + 1 : t.C;
   A q = 0;
   for (int64_t j = c - lo > 0 ? c - lo : 0; j < j1; ++j) q += row[j] * row[j];
   return q;
 }
 
-// Shared -> global: out(p, c) = value(p, c) for every element of the tile, V elements
-// of the contiguous axis per store.
-template <typename T, int V, typename F>
-__host__ __device__ __forceinline__ void tile_store(T* __restrict__ out, const Tile& t, int tid, int threads,
-                                                    F value) {
-  const int64_t vecs = t.C * t.P / V;
-  for (int64_t i = tid; i < vecs; i += threads) {
-    int64_t p0, c0;
-    t.coords(i * V, p0, c0);
+// Shared -> global, V elements of the contiguous axis per access (as tile_load).
+template <typename T, typename A, int V>
+__host__ __device__ void tile_store(const A* __restrict__ tile, T* __restrict__ out, const Tile& t, int tid,
+                                    int threads) {
+  t.walk(int64_t(tid) * V, int64_t(threads) * V, [&](int64_t p, int64_t c) {
     Vec<T, V> v;
-    for (int j = 0; j < V; ++j) v.v[j] = from_acc<T>(value(t.inner_c ? p0 : p0 + j, t.inner_c ? c0 + j : c0));
-    *reinterpret_cast<Vec<T, V>*>(out + t.offset(p0, c0)) = v;
-  }
+    for (int j = 0; j < V; ++j) v.v[j] = from_acc<T>(tile[t.inner_c ? t.at(p, c + j) : t.at(p + j, c)]);
+    *reinterpret_cast<Vec<T, V>*>(out + t.offset(p, c)) = v;
+  });
 }
 
-// Forward, phase 2: y = a s^(-beta).
-template <typename T, typename A, int V>
-__host__ __device__ void lrn_fwd_store(const A* tile, T* __restrict__ y, const Tile& t, int lo, int hi, A alpha_over_n,
-                                       A beta, A k, int tid, int threads) {
-  tile_store<T, V>(y, t, tid, threads, [&](int64_t p, int64_t c) {
-    const A q = window_sumsq(tile, t, p, c, lo, hi);
-    return tile[p * t.ldc + c] * exp_(-beta * log_(k + alpha_over_n * q));
+// The compute phases give consecutive threads consecutive elements of the contiguous
+// axis, one each: their window reads from shared memory are consecutive words (or, on
+// NCHW, words an odd pitch apart), free of bank conflicts; only the vector copies touch
+// a thread's V neighbouring elements.
+
+// Forward, phase 2: y = a s^(-beta) into the shared tile y.
+template <typename A>
+__host__ __device__ void lrn_fwd_compute(const A* a, A* y, const Tile& t, int lo, int hi, A alpha_over_n, A beta,
+                                         A k, int tid, int threads) {
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
+    const int64_t i = t.at(p, c);
+    y[i] = a[i] * exp_(-beta * log_(k + alpha_over_n * window_sumsq(a, t, p, c, lo, hi)));
   });
 }
 
@@ -134,28 +147,26 @@ __host__ __device__ void lrn_fwd_store(const A* tile, T* __restrict__ y, const T
 template <typename A>
 __host__ __device__ void lrn_bwd_terms(const A* a, A* dy, A* tt, const Tile& t, int lo, int hi, A alpha_over_n,
                                        A beta, A k, int tid, int threads) {
-  for (int64_t e = tid; e < t.C * t.P; e += threads) {
-    int64_t p, c;
-    t.coords(e, p, c);
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
     const A log_s = log_(k + alpha_over_n * window_sumsq(a, t, p, c, lo, hi));
-    const int64_t i = p * t.ldc + c;
+    const int64_t i = t.at(p, c);
     tt[i] = dy[i] * a[i] * exp_((-beta - A(1)) * log_s);
     dy[i] = dy[i] * exp_(-beta * log_s);
-  }
+  });
 }
 
 // Backward, phase 3: dx_i = dy_i s_i^(-beta) - (2 alpha beta / n) a_i T_i with
-// T_i = sum_{c = i-HI}^{i+LO} t_c (the transposed window).
-template <typename T, typename A, int V>
-__host__ __device__ void lrn_bwd_store(const A* a, const A* g, const A* tt, T* __restrict__ dx, const Tile& t, int lo,
-                                       int hi, A alpha_over_n, A beta, int tid, int threads) {
-  tile_store<T, V>(dx, t, tid, threads, [&](int64_t p, int64_t c) {
-    const A* row = tt + p * t.ldc;
+// T_i = sum_{c = i-HI}^{i+LO} t_c (the transposed window), over g = dy s^(-beta) in place.
+template <typename A>
+__host__ __device__ void lrn_bwd_compute(const A* a, A* g, const A* tt, const Tile& t, int lo, int hi, A alpha_over_n,
+                                         A beta, int tid, int threads) {
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
+    const A* row = tt + t.at(p, 0);
     const int64_t c1 = c + lo + 1 < t.C ? c + lo + 1 : t.C;
     A sum = 0;
     for (int64_t m = c - hi > 0 ? c - hi : 0; m < c1; ++m) sum += row[m];
-    const int64_t e = p * t.ldc + c;
-    return g[e] - A(2) * alpha_over_n * beta * a[e] * sum;
+    const int64_t i = t.at(p, c);
+    g[i] -= A(2) * alpha_over_n * beta * a[i] * sum;
   });
 }
 
@@ -164,11 +175,14 @@ __global__ void __launch_bounds__(kThreads)
 lrn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c,
                int64_t stride_s, int64_t p_full, int lo, int hi, A alpha_over_n, A beta, A k) {
   extern __shared__ __align__(16) unsigned char smem[];
-  A* tile = reinterpret_cast<A*>(smem);
   const Tile t = make_tile(blockIdx.x, C, S, stride_n, stride_c, stride_s, p_full);
-  tile_load<T, A, V>(x, tile, t, threadIdx.x, blockDim.x);
+  A* a = reinterpret_cast<A*>(smem);
+  A* out = a + p_full * t.ldc;
+  tile_load<T, A, V>(x, a, t, threadIdx.x, blockDim.x);
   __syncthreads();
-  lrn_fwd_store<T, A, V>(tile, y, t, lo, hi, alpha_over_n, beta, k, threadIdx.x, blockDim.x);
+  lrn_fwd_compute(a, out, t, lo, hi, alpha_over_n, beta, k, threadIdx.x, blockDim.x);
+  __syncthreads();
+  tile_store<T, A, V>(out, y, t, threadIdx.x, blockDim.x);
 }
 
 template <typename T, typename A, int V>
@@ -186,7 +200,9 @@ lrn_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict_
   __syncthreads();
   lrn_bwd_terms(a, g, tt, t, lo, hi, alpha_over_n, beta, k, threadIdx.x, blockDim.x);
   __syncthreads();
-  lrn_bwd_store<T, A, V>(a, g, tt, dx, t, lo, hi, alpha_over_n, beta, threadIdx.x, blockDim.x);
+  lrn_bwd_compute(a, g, tt, t, lo, hi, alpha_over_n, beta, threadIdx.x, blockDim.x);
+  __syncthreads();
+  tile_store<T, A, V>(g, dx, t, threadIdx.x, blockDim.x);
 }
 
 // Positions per block: kTileElems / C (at least 1); on NCHW a multiple of the vector
@@ -217,7 +233,7 @@ int launch_fwd(const void* x, void* y, int64_t N, int64_t C, int64_t S, int64_t 
   const int vec = vector_width<T>(ptrs, 2, C, S, stride_c);
   const int64_t p = tile_positions(C, S, stride_c == 1, vec);
   const dim3 grid(static_cast<unsigned>(N * ((S + p - 1) / p)));
-  const size_t smem = static_cast<size_t>(p * (C + 1)) * sizeof(A);
+  const size_t smem = static_cast<size_t>(kFwdTiles * p * (C + 1)) * sizeof(A);
   auto kernel = vec == V ? lrn_fwd_kernel<T, A, V> : lrn_fwd_kernel<T, A, 1>;
   if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), C, S, stride_n, stride_c,

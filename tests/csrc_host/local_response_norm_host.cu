@@ -13,11 +13,14 @@ namespace {
 template <typename T, typename A, int V>
 void host_fwd(const T* x, T* y, int64_t N, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c, int64_t stride_s,
               int64_t p_full, int size, A alpha_over_n, A beta, A k) {
-  std::vector<A> tile(p_full * (C + 1));
+  const int64_t elems = p_full * (C + 1);
+  std::vector<A> smem(kFwdTiles * elems);
+  A *a = smem.data(), *out = a + elems;
   for (int64_t b = 0; b < N * ((S + p_full - 1) / p_full); ++b) {
     const Tile t = make_tile(b, C, S, stride_n, stride_c, stride_s, p_full);
-    tile_load<T, A, V>(x, tile.data(), t, 0, 1);
-    lrn_fwd_store<T, A, V>(tile.data(), y, t, size / 2, (size - 1) / 2, alpha_over_n, beta, k, 0, 1);
+    tile_load<T, A, V>(x, a, t, 0, 1);
+    lrn_fwd_compute(a, out, t, size / 2, (size - 1) / 2, alpha_over_n, beta, k, 0, 1);
+    tile_store<T, A, V>(out, y, t, 0, 1);
   }
 }
 
@@ -32,7 +35,8 @@ void host_bwd(const T* x, const T* dy, T* dx, int64_t N, int64_t C, int64_t S, i
     tile_load<T, A, V>(x, a, t, 0, 1);
     tile_load<T, A, V>(dy, g, t, 0, 1);
     lrn_bwd_terms(a, g, tt, t, size / 2, (size - 1) / 2, alpha_over_n, beta, k, 0, 1);
-    lrn_bwd_store<T, A, V>(a, g, tt, dx, t, size / 2, (size - 1) / 2, alpha_over_n, beta, 0, 1);
+    lrn_bwd_compute(a, g, tt, t, size / 2, (size - 1) / 2, alpha_over_n, beta, 0, 1);
+    tile_store<T, A, V>(g, dx, t, 0, 1);
   }
 }
 
