@@ -8,7 +8,7 @@ from torch.autograd import gradcheck
 
 import vhist
 import vhist.kernels.depthwise as dw_kernels
-from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
+from vhist.ops.depthwise import depthwise_geometry
 
 from conftest import DEVICE
 from static_sm90 import run_static
@@ -24,7 +24,7 @@ CASES = [
     (2, 3, 9, 9, 1, 3, 1, 2, 2),       # dilation 2
     (2, 3, 6, 5, 2, 3, 2, 1, 1),       # multiplier 2, stride 2
     (1, 5, 7, 9, 1, (5, 3), (2, 1), (2, 0), (1, 2)),  # odd sizes, anisotropic everything
-    (2, 16, 24, 24, 1, 3, 1, 1, 1),    # C = 16 (128-bit NHWC rows), 1152 pixels: 4 chunks
+    (2, 16, 24, 24, 1, 3, 1, 1, 1),    # C = 16 (128-bit NHWC rows), 1152 pixels: 3 chunks of 384 on a CPU device
 ]
 # dw sums N*OH*OW fp32 products per tap, in another order than the fp64 reference.
 TOL = dict(atol=5e-5, rtol=5e-5)
@@ -67,8 +67,6 @@ def test_depthwise_weight_grad(case, fmt):
     dw_ref, db_ref = _reference(x, weight, dy, geom)
     assert_close(dw.double(), dw_ref, name="grad_weight", **TOL)
     assert_close(db.double(), db_ref, name="grad_bias", **TOL)
-    if case == CASES[-1]:
-        assert _weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, x.device)[1] > 1
 
 
 @pytest.mark.parametrize("activation", [1, 2], ids=["relu", "relu6"])
