@@ -13,8 +13,9 @@ spatial extent). The launcher folds N into S when channels are innermost
 tile is loaded once along whichever axis is contiguous (channels for channels_last,
 positions for NCHW), so the loads coalesce and, on 16-byte-aligned rows, are 128-bit;
 the window sums are then formed in registers, as direct sums of the n shifted copies
-of the tile (tl.gather along the channel axis: warp shuffles when a warp spans the
-channels). A direct n-term sum of squares cancels nothing; there is no running sum.
+of the tile: within a thread's group of 4 channels a shift is a choice of register, and
+only the terms that cross a group edge move between lanes (see _window_sum). A direct
+n-term sum of squares cancels nothing; there is no running sum.
 Powers use exp(y * log(s)): s > 0 whenever k > 0 and alpha >= 0, and the interpreter
 has no libdevice pow.
 """
@@ -35,7 +36,7 @@ def block_s(tile: int, block_c: int) -> int:
 
 @triton.jit
 def _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets and mask of the program's [BLOCK_S, BLOCK_C] tile, and its channel index."""
+    """Offsets and mask of the program's [BLOCK_S, BLOCK_C] tile."""
     blocks_per_row = tl.cdiv(S, BLOCK_S)
     pid = tl.program_id(0)
     n = pid // blocks_per_row
@@ -45,19 +46,62 @@ def _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S: tl.constexpr, BLOCK
     offs = (tl.cast(n, tl.int64) * stride_xn + s.to(tl.int64) * stride_xs)[:, None] \
         + c.to(tl.int64)[None, :] * stride_xc
     mask = (s < S)[:, None] & (c < C)[None, :]
-    return offs, mask, c
+    return offs, mask
 
 
 @triton.jit
-def _window_sum(v, c, D0: tl.constexpr, D1: tl.constexpr, BLOCK_C: tl.constexpr):
-    """sum_{d = D0}^{D1} v[:, c + d], zero outside [0, BLOCK_C): the direct window sum
-    along the channel axis of a tile (v is zero at the padding channels >= C)."""
-    acc = tl.zeros(v.shape, dtype=v.dtype)
+def _column(e0, e1, e2, e3, R: tl.constexpr):
+    """e_R, R a compile-time index (trace-time selection, no code)."""
+    if R == 0:
+        return e0
+    elif R == 1:
+        return e1
+    elif R == 2:
+        return e2
+    else:
+        return e3
+
+
+@triton.jit
+def _shift_groups(x, GO: tl.constexpr, G: tl.constexpr):
+    """x[:, g + GO] over the G groups of 4 channels, zero outside [0, G): the only step
+    that crosses threads (one warp shuffle per element when a lane holds a group)."""
+    if GO == 0:
+        return x
+    else:
+        g = tl.arange(0, G) + GO
+        src = tl.broadcast_to(tl.minimum(tl.maximum(g, 0), G - 1)[None, :], x.shape)
+        return tl.where(((g >= 0) & (g < G))[None, :], tl.gather(x, src, axis=1), 0.0)
+
+
+@triton.jit
+def _column_window(e0, e1, e2, e3, R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, G: tl.constexpr):
+    """Window sum of the channels 4g + R + d, d in [D0, D1]: channel 4g + R + d is column
+    (R + d) % 4 of group g + (R + d) // 4."""
+    acc = tl.zeros(e0.shape, dtype=e0.dtype)
     for d in tl.static_range(D0, D1 + 1):
-        j = c + d
-        src = tl.broadcast_to(tl.minimum(tl.maximum(j, 0), BLOCK_C - 1)[None, :], v.shape)
-        acc += tl.where(((j >= 0) & (j < BLOCK_C))[None, :], tl.gather(v, src, axis=1), 0.0)
+        acc += _shift_groups(_column(e0, e1, e2, e3, (R + d) % 4), (R + d) // 4, G)
     return acc
+
+
+@triton.jit
+def _window_sum(v, D0: tl.constexpr, D1: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum_{d = D0}^{D1} v[:, c + d], zero outside [0, BLOCK_C): the direct window sum
+    along the channel axis of a tile (v is zero at the padding channels >= C).
+
+    The channels are split into groups of 4 (the 4 consecutive channels a 128-bit load
+    gives one thread) and columns e_r = v[:, 4g + r], so that most shifted terms are
+    another column of the same thread's registers; only the terms that cross a group
+    edge move between lanes, one group shift each."""
+    G: tl.constexpr = BLOCK_C // 4
+    even, odd = tl.split(tl.reshape(v, [BLOCK_S, G, 2, 2]))  # channels 4g + {0, 2} and 4g + {1, 3}
+    e0, e2 = tl.split(even)
+    e1, e3 = tl.split(odd)
+    q0 = _column_window(e0, e1, e2, e3, 0, D0, D1, G)
+    q1 = _column_window(e0, e1, e2, e3, 1, D0, D1, G)
+    q2 = _column_window(e0, e1, e2, e3, 2, D0, D1, G)
+    q3 = _column_window(e0, e1, e2, e3, 3, D0, D1, G)
+    return tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), [BLOCK_S, BLOCK_C])
 
 
 # Forward, one pass: b = a (k + alpha/n q)^(-beta), q the direct window sum of a^2 over
@@ -74,9 +118,9 @@ def _lrn_fwd_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
 ):
     BLOCK_S: tl.constexpr = (TILE + BLOCK_C - 1) // BLOCK_C
-    offs, mask, c = _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
+    offs, mask = _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
     a = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    q = _window_sum(a * a, c, -LO, HI, BLOCK_C)
+    q = _window_sum(a * a, -LO, HI, BLOCK_S, BLOCK_C)
     b = a * tl.exp(-beta * tl.log(k + alpha_over_n * q))
     tl.store(Y + offs, b.to(Y.dtype.element_ty), mask=mask)
 
@@ -99,14 +143,14 @@ def _lrn_bwd_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr,
 ):
     BLOCK_S: tl.constexpr = (TILE + BLOCK_C - 1) // BLOCK_C
-    offs, mask, c = _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
+    offs, mask = _tile(N, C, S, stride_xn, stride_xc, stride_xs, BLOCK_S, BLOCK_C)
     a = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    log_s = tl.log(k + alpha_over_n * _window_sum(a * a, c, -LO, HI, BLOCK_C))
+    log_s = tl.log(k + alpha_over_n * _window_sum(a * a, -LO, HI, BLOCK_S, BLOCK_C))
     r = tl.exp(-beta * log_s)  # s^(-beta)
     t = dy * a * tl.exp((-beta - 1.0) * log_s)  # zero at the padding channels (a = 0)
     # Scalar products would round in fp32; keep them in the tensors' ACC.
-    dx = dy * r - a * _window_sum(t, c, -HI, LO, BLOCK_C) * alpha_over_n * (2.0 * beta)
+    dx = dy * r - a * _window_sum(t, -HI, LO, BLOCK_S, BLOCK_C) * alpha_over_n * (2.0 * beta)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 

@@ -5,7 +5,8 @@ Builds each launch's signature with Triton's runtime specialization (an int equa
 becomes a constant; pointers and ints divisible by 16 carry tt.divisibility 16, as
 torch's allocations and the launch-time specialization give them), compiles it for
 GPUTarget("cuda", 90, 32), and reads off the PTX the global load/store widths and the
-warp shuffles, and from the cubin the registers and the stack/local bytes (spills).
+warp shuffles, and from the cubin the registers, the stack/local bytes (spills) and the
+number of SASS instructions.
 
     python tests/static_sm90.py            # prints one JSON line per launch
 
@@ -60,7 +61,8 @@ def _specialize(fn, args: dict, constexprs: dict):
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers and spill bytes of the compiled kernel (cuobjdump's resource usage)."""
+    """Registers, spill bytes (cuobjdump's resource usage) and the static SASS
+    instruction count of the compiled kernel."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -68,10 +70,12 @@ def _resources(cubin: bytes) -> dict:
             f.write(cubin)
         out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
                              check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)
-    return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1)), "local_bytes": int(local.group(1))}
+    return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1)), "local_bytes": int(local.group(1)),
+            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))}
 
 
 def compile_launch(name, fn, args, constexprs, num_warps) -> dict:

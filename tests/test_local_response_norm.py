@@ -179,7 +179,7 @@ def test_local_response_norm_wide_rows(triton_backend):
 
 def test_local_response_norm_tile_channels():
     assert lrn_module.tile_channels(96) == 128 and lrn_module.tile_channels(256) == 256
-    assert lrn_module.tile_channels(1) == 1 and lrn_module.tile_channels(lrn_module.MAX_CHANNELS) == 4096
+    assert lrn_module.tile_channels(1) == 4 and lrn_module.tile_channels(5) == 8 and lrn_module.tile_channels(lrn_module.MAX_CHANNELS) == 4096
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])

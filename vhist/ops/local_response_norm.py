@@ -39,7 +39,8 @@ def window_bounds(size: int) -> tuple[int, int]:
 
 def tile_channels(channels: int) -> int:
     """BLOCK_C of the kernels' [positions x channels] tiles: every channel of a position
-    in one tile (the next power of two >= C), so the window sums never leave registers.
+    in one tile (the next power of two >= C, at least 4: the Triton window sums work on
+    groups of 4 channels), so the window sums never leave registers.
 
     Raises:
         ValueError: C exceeds MAX_CHANNELS (a row would not fit in registers).
@@ -47,7 +48,7 @@ def tile_channels(channels: int) -> int:
     if channels > MAX_CHANNELS:
         raise ValueError(f"{OP}: the triton and cuda kernels take at most {MAX_CHANNELS} channels, got "
                          f"{channels}; use the torch backend")
-    return triton.next_power_of_2(channels)
+    return max(4, triton.next_power_of_2(channels))
 
 
 def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
