@@ -225,36 +225,52 @@ int vector_width(const void* const* ptrs, int n_ptrs, int64_t C, int64_t S, int6
   return V;
 }
 
+// A block's tile and launch: vector width, positions per block, grid, shared bytes.
+struct Plan {
+  int vec;
+  int64_t p;
+  dim3 grid;
+  size_t smem;
+};
+
+template <typename T, typename A>
+Plan plan(const void* const* ptrs, int n_ptrs, int64_t N, int64_t C, int64_t S, int64_t stride_c, int tiles) {
+  const int vec = vector_width<T>(ptrs, n_ptrs, C, S, stride_c);
+  const int64_t p = tile_positions(C, S, stride_c == 1, vec);
+  return Plan{vec, p, dim3(static_cast<unsigned>(N * ((S + p - 1) / p))),
+              static_cast<size_t>(tiles * p * (C + 1)) * sizeof(A)};
+}
+
+// Above 48 KB a kernel must opt in to its dynamic shared memory (C up to 4096, fp64).
+template <typename K>
+cudaError_t opt_in(K kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
 template <typename T, typename A>
 int launch_fwd(const void* x, void* y, int64_t N, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c,
                int64_t stride_s, int size, A alpha_over_n, A beta, A k, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
   const void* ptrs[] = {x, y};
-  const int vec = vector_width<T>(ptrs, 2, C, S, stride_c);
-  const int64_t p = tile_positions(C, S, stride_c == 1, vec);
-  const dim3 grid(static_cast<unsigned>(N * ((S + p - 1) / p)));
-  const size_t smem = static_cast<size_t>(kFwdTiles * p * (C + 1)) * sizeof(A);
-  auto kernel = vec == V ? lrn_fwd_kernel<T, A, V> : lrn_fwd_kernel<T, A, 1>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), C, S, stride_n, stride_c,
-                                           stride_s, p, size / 2, (size - 1) / 2, alpha_over_n, beta, k);
+  const Plan pl = plan<T, A>(ptrs, 2, N, C, S, stride_c, kFwdTiles);
+  auto kernel = pl.vec > 1 ? lrn_fwd_kernel<T, A, 16 / sizeof(T)> : lrn_fwd_kernel<T, A, 1>;
+  if (const cudaError_t err = opt_in(kernel, pl.smem)) return static_cast<int>(err);
+  kernel<<<pl.grid, kThreads, pl.smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), C, S, stride_n,
+                                                 stride_c, stride_s, pl.p, size / 2, (size - 1) / 2, alpha_over_n,
+                                                 beta, k);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, typename A>
 int launch_bwd(const void* x, const void* dy, void* dx, int64_t N, int64_t C, int64_t S, int64_t stride_n,
                int64_t stride_c, int64_t stride_s, int size, A alpha_over_n, A beta, A k, cudaStream_t stream) {
-  constexpr int V = 16 / sizeof(T);
   const void* ptrs[] = {x, dy, dx};
-  const int vec = vector_width<T>(ptrs, 3, C, S, stride_c);
-  const int64_t p = tile_positions(C, S, stride_c == 1, vec);
-  const dim3 grid(static_cast<unsigned>(N * ((S + p - 1) / p)));
-  const size_t smem = static_cast<size_t>(kBwdTiles * p * (C + 1)) * sizeof(A);
-  auto kernel = vec == V ? lrn_bwd_kernel<T, A, V> : lrn_bwd_kernel<T, A, 1>;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx),
-                                           C, S, stride_n, stride_c, stride_s, p, size / 2, (size - 1) / 2,
-                                           alpha_over_n, beta, k);
+  const Plan pl = plan<T, A>(ptrs, 3, N, C, S, stride_c, kBwdTiles);
+  auto kernel = pl.vec > 1 ? lrn_bwd_kernel<T, A, 16 / sizeof(T)> : lrn_bwd_kernel<T, A, 1>;
+  if (const cudaError_t err = opt_in(kernel, pl.smem)) return static_cast<int>(err);
+  kernel<<<pl.grid, kThreads, pl.smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
+                                                 static_cast<T*>(dx), C, S, stride_n, stride_c, stride_s, pl.p,
+                                                 size / 2, (size - 1) / 2, alpha_over_n, beta, k);
   return static_cast<int>(cudaGetLastError());
 }
 
