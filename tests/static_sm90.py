@@ -75,7 +75,7 @@ def _resources(cubin: bytes) -> dict:
     stack = re.search(r"STACK:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)
     return {"registers": int(regs.group(1)), "stack_bytes": int(stack.group(1)), "local_bytes": int(local.group(1)),
-            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4}\*/", sass))}
+            "sass_instructions": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass))}
 
 
 def compile_launch(name, fn, args, constexprs, num_warps) -> dict:
