@@ -18,9 +18,6 @@ import triton.language as tl
 from ._config import autotune
 from .common import activate, activation_grad_mask, chan_merge
 
-# The weight-gradient kernels' name of the shared activation-gradient mask.
-_activation_grad_mask = activation_grad_mask
-
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
 # channel tile and the warps are tuned.
@@ -28,7 +25,6 @@ FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4)
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
 FWD_KEY = ["C_OUT", "OH", "OW", "BLOCK_P", "TILES"]
-BWD_KEY = ["C_in", "C_out", "H", "W", "OH", "OW"]
 
 
 @triton.jit
@@ -168,57 +164,84 @@ def _depthwise_bwd_input_kernel(
     tl.store(DX + dx_offs, acc.to(DX.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
+# Elements of the weight-gradient kernel's per-tap accumulator (registers: 32 per thread
+# at 4 warps, as many again for the x gather).
+WGRAD_TILE = 4096
+
+
 # Weight gradient, stage 1 of a deterministic two-stage reduction over the N*OH*OW
-# output pixels: dw[co, kh, kw] = sum_p dy[p, co] * x[tap(p, kh, kw), co // MULT] and
-# db[co] = sum_p dy[p, co]. Each program sums one chunk of pixels for a block of
-# channels, tap by tap (elementwise products accumulated in registers, one tree sum at
-# the end), and writes its partials to Part[chunk, tap, co]; no float atomics.
+# output pixels: dw[tap, co] = sum_p dy[p, co] * x[tap(p), co // MULT] for every tap
+# (kh, kw), and db[co] = sum_p dy[p, co]. Pixels outside, taps inside: a program walks
+# its chunk of pixels in [BLOCK_P, BLOCK_C] tiles, reads each dy tile once and, for all
+# KH*KW taps at once, the x values they meet as one [taps, BLOCK_P, BLOCK_C] gather (the
+# tile's input footprint with its halo; neighbouring taps share it through L1), and
+# accumulates the elementwise products per tap in registers. One tree sum over the
+# pixels at the end; the partials go to Part[chunk, tap, co], channels contiguous. The
+# tiling is fixed by the launcher from the shape (never tuned), so the summation order,
+# and the bits of the result, depend only on the shape and the device.
 @triton.jit
 def _depthwise_bwd_weight_reduce_kernel(
-    DY,    # (N, C_out, OH, OW) upstream gradient
-    Out,   # (N, C_out, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
-    X,     # (N, C_in, H, W) forward input
-    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_out) partial sums, accumulation dtype
-    N, C_in, H, W, C_out, OH, OW, MULT, CHUNK,
-    stride_yn, stride_yc, stride_yh, stride_yw,
+    DY,    # (N, C_OUT, OH, OW) upstream gradient
+    Out,   # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    X,     # (N, C_IN, H, W) forward input
+    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_OUT) partial sums, accumulation dtype
+    N, C_IN, H, W, C_OUT, OH, OW, MULT, CHUNK,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
-    sh, sw, ph, pw, dh, dw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
+    BLOCK_T: tl.constexpr = triton.next_power_of_2(KH * KW)
     co = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     chunk = tl.program_id(1)
-    c_mask = co < C_out
+    c_mask = co < C_OUT
     ci = co // MULT
+    tap = tl.arange(0, BLOCK_T)
+    tap_ok = tap < KH * KW
+    dh_tap = (tap // KW) * dil_h - pad_h
+    dw_tap = (tap % KW) * dil_w - pad_w
     total = N * OH * OW
     p_start = chunk * CHUNK
     p_end = tl.minimum(p_start + CHUNK, total)
-    TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
-    part_base = Part + chunk.to(tl.int64) * TAPS * C_out
-    for tap in tl.static_range(TAPS):
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-        for p0 in range(p_start, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            p_mask = p < p_end
-            n, oh, ow = _pixel_coords(p, OH * OW, OW)
-            mask = p_mask[:, None] & c_mask[None, :]
-            y_offs = (n.to(tl.int64) * stride_yn + oh.to(tl.int64) * stride_yh
-                      + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
-            dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
-            if ACTIVATION != 0:
-                out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
-                dy = tl.where(_activation_grad_mask(out, ACTIVATION), dy, 0.0)
-            if tap < KH * KW:
-                ih = oh * sh - ph + (tap // KW) * dh
-                iw = ow * sw - pw + (tap % KW) * dw
-                ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh
-                          + iw.to(tl.int64) * stride_xw)[:, None] + ci.to(tl.int64)[None, :] * stride_xc
-                x = tl.load(X + x_offs, mask=ok[:, None] & c_mask[None, :], other=0.0).to(ACC)
-                acc += dy * x
-            else:
-                acc += dy
-        tl.store(part_base + tap * C_out + co, tl.sum(acc, axis=0), mask=c_mask)
+    acc = tl.zeros([BLOCK_T, BLOCK_P, BLOCK_C], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    x_c = (ci.to(tl.int64) * stride_xc)[None, None, :]
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
+        n, oh, ow = _pixel_coords(p, OH * OW, OW)
+        mask = p_mask[:, None] & c_mask[None, :]
+        y_offs = (n.to(tl.int64) * stride_dyn + oh.to(tl.int64) * stride_dyh
+                  + ow.to(tl.int64) * stride_dyw)[:, None] + co.to(tl.int64)[None, :] * stride_dyc
+        dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
+        if ACTIVATION != 0:
+            out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.where(activation_grad_mask(out, ACTIVATION), dy, 0.0)
+        if HAS_BIAS:
+            acc_b += dy
+        ih = (oh * conv_stride_h)[None, :] + dh_tap[:, None]  # [BLOCK_T, BLOCK_P]
+        iw = (ow * conv_stride_w)[None, :] + dw_tap[:, None]
+        ok = tap_ok[:, None] & p_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offs = (n.to(tl.int64) * stride_xn)[None, :] + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        x = tl.load(X + (x_offs[:, :, None] + x_c), mask=ok[:, :, None] & c_mask[None, None, :], other=0.0)
+        acc += x.to(ACC) * dy[None, :, :]
+    part_base = Part + chunk.to(tl.int64) * TAPS * C_OUT
+    tl.store(part_base + tap[:, None] * C_OUT + co[None, :], tl.sum(acc, axis=1),
+             mask=tap_ok[:, None] & c_mask[None, :])
+    if HAS_BIAS:
+        tl.store(part_base + (KH * KW) * C_OUT + co, tl.sum(acc_b, axis=0), mask=c_mask)
+
+
+def weight_grad_tiling(kh: int, kw: int, channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) of the weight-gradient reduce kernel: a fixed
+    [next_pow2(KH*KW), BLOCK_P, BLOCK_C] accumulator of WGRAD_TILE elements, wide along
+    the contiguous axis (channels for NHWC, pixels for NCHW). Fixed by the shape alone
+    (never autotuned), so that the in-chunk summation order is too."""
+    taps = triton.next_power_of_2(kh * kw)
+    block_c = min(32 if channels_last else 4, max(1, WGRAD_TILE // taps))
+    return max(1, WGRAD_TILE // (taps * block_c)), block_c, 4
 
 
 # Weight gradient, stage 2: sums the partials of every (tap, channel) over the chunks in
@@ -253,9 +276,8 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
-# The input-gradient kernel's sizes follow the naming convention (C_IN, C_OUT); BWD_KEY
-# keeps the weight-gradient kernel's argument names.
 BWD_INPUT_KEY = ["C_IN", "C_OUT", "H", "W", "OH", "OW"]
 depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_kernel)
-depthwise_bwd_weight_reduce = autotune(BWD_CONFIGS, BWD_KEY)(_depthwise_bwd_weight_reduce_kernel)
+# The weight gradient's tiling is fixed by the shape (weight_grad_tiling), not tuned.
+depthwise_bwd_weight_reduce = _depthwise_bwd_weight_reduce_kernel
 depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel

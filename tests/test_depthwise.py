@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import vhist
 import vhist.ops.heuristics as heuristics
-from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
+from vhist.ops.depthwise import weight_chunks, depthwise_geometry
 
 from conftest import DEVICE, HAS_GPU
 from utils import assert_close, assert_low_precision_close
@@ -96,7 +96,7 @@ def test_depthwise_conv2d_bwd_grad_layout_differs(triton_backend):
 def test_depthwise_conv2d_determinism(triton_backend):
     """The weight gradient is a fixed-order two-stage reduction: bitwise reproducible."""
     case = (2, 4, 13, 12, 1, 3, 1, 1, 1)  # 312 output pixels: more than one chunk
-    assert _weight_chunks(2 * 13 * 12, 4, torch.device(DEVICE))[1] > 1 or HAS_GPU
+    assert weight_chunks(2 * 13 * 12, 4, torch.device(DEVICE))[1] > 1 or HAS_GPU
     x, weight, bias, conv = make_case(case)
     first = run("triton", x, weight, bias, conv)
     second = run("triton", x, weight, bias, conv)

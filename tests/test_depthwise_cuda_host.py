@@ -1,7 +1,8 @@
 """The CUDA depthwise kernels' numerics without a GPU.
 
 csrc/depthwise/depthwise_kernel.cu keeps each thread's work (one output element, one
-input-gradient element, one weight-gradient lane) in __host__ __device__ functions.
+input-gradient element, one weight-gradient lane's sums of every tap) in __host__
+__device__ functions.
 tests/csrc_host/depthwise_host.cu builds them with nvcc into a host shared library whose
 loops play the kernels' threads and blocks, and this test checks them against F.conv2d
 and its gradients, with the same sizes/strides/conv arrays the torch binding passes.
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vhist.ops.depthwise import _weight_chunks, depthwise_geometry
+from vhist.ops.depthwise import weight_chunks, depthwise_geometry
 
 from utils import assert_close, build_host_library
 
@@ -31,6 +32,8 @@ CASES = [
     (2, 3, 6, 5, 2, 3, 1, 2, 2, "channels_last"),      # multiplier 2, dilation 2
     (1, 2, 6, 5, 1, (4, 3), 1, "same", 1, "contiguous"),  # generic size, asymmetric 'same'
     (3, 5, 20, 20, 1, 3, 1, 1, 1, "channels_last"),    # 1200 output pixels: several weight-grad chunks
+    (1, 2, 12, 11, 1, (5, 4), 1, 2, 1, "channels_last"),  # generic 20 taps: two weight-grad tap groups
+    (2, 3, 9, 8, 2, 5, 2, 2, 2, "contiguous"),         # 5x5, stride 2, dilation 2, multiplier 2, NCHW
 ]
 
 
@@ -51,6 +54,13 @@ def _arrays(geom):
     conv = torch.tensor([geom.kh, geom.kw, *geom.stride, geom.padding[0], geom.padding[2], *geom.dilation],
                         dtype=torch.int32)
     return sizes, conv
+
+
+def _tap_major(weight):
+    """The weight and stride array the binding passes: (KH*KW, C_out), channels innermost,
+    indexed with {c_out, unused, kh, kw} strides (csrc/depthwise/depthwise.cpp, tap_major)."""
+    c_out, _, _, kw = weight.shape
+    return weight.permute(2, 3, 0, 1).contiguous(), torch.tensor([1, 0, kw * c_out, c_out], dtype=torch.int64)
 
 
 def _strides(*tensors):
@@ -78,19 +88,20 @@ def test_depthwise_cuda_host(case, host_lib):
     dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (xr, wr, br), dy)
 
     y = torch.empty(y_ref.shape).contiguous(memory_format=fmt_t)
-    xs, ws, ys = _strides(x, weight, y)
-    host_lib.vhist_depthwise_fwd_host(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(),
+    xs, ys = _strides(x, y)
+    w_tap, ws = _tap_major(weight)
+    host_lib.vhist_depthwise_fwd_host(x.data_ptr(), w_tap.data_ptr(), bias.data_ptr(), y.data_ptr(),
                                       sizes.data_ptr(), xs.data_ptr(), ws.data_ptr(), ys.data_ptr(), conv.data_ptr())
     assert_close(y, y_ref.detach(), name="output", atol=1e-5, rtol=1e-5)
 
     dx = torch.empty(x.shape).contiguous(memory_format=fmt_t)
     dys, dxs = _strides(dy, dx)
-    host_lib.vhist_depthwise_bwd_input_host(dy.data_ptr(), weight.data_ptr(), dx.data_ptr(), sizes.data_ptr(),
+    host_lib.vhist_depthwise_bwd_input_host(dy.data_ptr(), w_tap.data_ptr(), dx.data_ptr(), sizes.data_ptr(),
                                             dys.data_ptr(), ws.data_ptr(), dxs.data_ptr(), conv.data_ptr())
     assert_close(dx, dx_ref, name="grad_input", atol=1e-5, rtol=1e-5)
 
-    chunk, chunks = _weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, torch.device("cpu"))
-    if case == CASES[-1]:
+    chunk, chunks = weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, torch.device("cpu"))
+    if case == CASES[6]:
         assert chunks > 1
     dw, db = torch.empty(weight.shape), torch.empty(bias.shape)
     (dws,) = _strides(dw)

@@ -10,6 +10,7 @@ import vhist
 from vhist.nn import LocalResponseNorm
 
 from conftest import DEVICE, HAS_GPU
+from static_sm90 import run_static
 from utils import assert_close, assert_low_precision_close
 
 # The module (vhist.ops re-exports a function of the same name).
@@ -26,8 +27,10 @@ CASES = [
     ((1, 1, 3, 3), 3),     # C = 1, N = 1
     ((2, 4, 2, 3, 2), 3),  # 5-D
     ((3, 5, 1, 1), 5),     # H = W = 1: channels contiguous, N folded into S
-    ((1, 18, 2, 3), 5),    # C > the re-sum period (16): running sums re-summed mid-row
-    ((1, 24, 2, 2), 11),   # large window, sliding with period 22
+    ((1, 18, 2, 3), 5),    # C not a power of two: padding channels in the tile
+    ((1, 24, 2, 2), 11),   # large window
+    ((2, 8, 3, 5), 5),     # C a power of two (no padding channels); odd S
+    ((1, 3, 2, 2), 40),    # size far wider than the tile: shifts clipped to BLOCK_C - 1
 ]
 # (alpha, beta, k): PyTorch's defaults (the scale is ~1), and a strong normalization
 # where the window sum dominates k.
@@ -87,9 +90,9 @@ def test_local_response_norm_bwd(case):
 
 
 def test_local_response_norm_bwd_cancellation(triton_backend):
-    """A few huge activations next to small ones: a running sum of squares alone would
-    keep the huge squares' rounding error after they leave the window; the periodic
-    exact re-sum bounds it. Against an fp64 reference."""
+    """A few huge activations next to small ones: a running sum of squares would keep
+    the huge squares' rounding error after they leave the window; the direct window
+    sums keep fp32 close to fp64."""
     x = torch.randn(2, 24, 1, 3, device=DEVICE) * 0.01
     x[:, 6] = 300.0  # leaves the windows of channels >= 9 (size 5), before the periodic re-sum
     x[:, 18] = -500.0
@@ -146,7 +149,7 @@ def test_local_response_norm_determinism(triton_backend):
         return y, torch.autograd.grad(y, xi, torch.ones_like(y) + x)[0]
 
     for fmt in ("contiguous", "channels_last"):
-        x = make_input((1, 17, 1, 2), fmt)  # C > 16: a periodic re-sum mid-row
+        x = make_input((1, 17, 1, 2), fmt)
         first, second = run(x), run(x)
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
@@ -164,6 +167,29 @@ def test_local_response_norm_geometry():
     x = x.to(memory_format=torch.channels_last)
     assert lrn_module.lrn_geometry(x) == (1, 96, 128 * 55 * 55, 0, 1, 96)
     assert lrn_module.window_bounds(5) == (2, 2) and lrn_module.window_bounds(4) == (2, 1)
+
+
+def test_local_response_norm_wide_rows(triton_backend):
+    """More channels than the interpreter's TILE (2048): one position per tile."""
+    x = make_input((1, 2100, 1, 2), "channels_last")
+    (y, dx), (y_ref, dx_ref) = run_both(x, 5, PARAMS[1])
+    assert_close(y, y_ref, name="output", **FWD_TOL)
+    assert_close(dx, dx_ref, name="grad_input", **BWD_TOL)
+
+
+def test_local_response_norm_tile_channels():
+    assert lrn_module.tile_channels(96) == 128 and lrn_module.tile_channels(256) == 256
+    assert lrn_module.tile_channels(1) == 4 and lrn_module.tile_channels(5) == 8 and lrn_module.tile_channels(lrn_module.MAX_CHANNELS) == 4096
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_local_response_norm_too_many_channels(backend):
+    """A position's channels must fit in one tile; the torch backend has no limit."""
+    x = torch.randn(1, lrn_module.MAX_CHANNELS + 1, 1, 1, device=DEVICE)
+    with vhist.use_backend(backend), pytest.raises(ValueError, match="at most 4096 channels"):
+        vhist.ops.local_response_norm(x, 3)
+    with vhist.use_backend("torch"):
+        assert vhist.ops.local_response_norm(x, 3).shape == x.shape
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -310,3 +336,18 @@ def test_local_response_norm_backends_agree():
     assert_close(y_c, y_t, name="output", atol=1e-6, rtol=1e-6)
     assert_close(dx_c, dx_t, name="grad_input", atol=1e-5, rtol=1e-5)
 
+
+
+# ----------------------------------------------------------------------------- static sm_90
+
+
+def test_local_response_norm_sm90_vector_loads():
+    """Static, sm_90 compile (no GPU) of the launches the launcher makes, with runtime
+    specialization: channels_last rows (C = 96, 16-byte aligned) and aligned NCHW rows
+    (S = 56*56) load and store the tile with 128-bit accesses only, without spills."""
+    figures = run_static("lrn-check")
+    assert len(figures) == 4
+    for fig in figures:
+        assert fig["ld_global_v4"] > 0 and fig["ld_global_scalar"] == 0, fig
+        assert fig["st_global_v4"] > 0 and fig["st_global_scalar"] == 0, fig
+        assert fig["local_bytes"] == 0, fig

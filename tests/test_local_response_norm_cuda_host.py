@@ -1,9 +1,10 @@
 """The CUDA LRN kernels' numerics without a GPU.
 
-csrc/local_response_norm/local_response_norm_kernel.cu keeps each thread's work (one
-position's column of channels) in __host__ __device__ functions. tests/csrc_host/
-builds them with nvcc into a host shared library, and this test runs them over every
-position, as the kernels' threads would, against F.local_response_norm. The binding
+csrc/local_response_norm/local_response_norm_kernel.cu keeps each phase of a block's
+work (the tile copy into shared memory, the window sums, the stores) in __host__
+__device__ functions. tests/csrc_host/ builds them with nvcc into a host shared
+library whose loops play the blocks, with the launchers' tile sizes and vector widths,
+and this test checks them against F.local_response_norm. The binding
 (.cpp), the launch configuration and the GPU itself are tested by the gpu-marked tests
 in test_local_response_norm.py. Skipped only when nvcc is absent outside CI.
 """
@@ -22,15 +23,18 @@ HARNESS = os.path.join(ROOT, "tests", "csrc_host", "local_response_norm_host.cu"
 lrn_module = importlib.import_module("vhist.ops.local_response_norm")
 
 CASES = [
-    # (shape, size, memory format)
-    ((2, 6, 3, 4), 5, "contiguous"),
-    ((2, 6, 3, 4), 4, "channels_last"),   # even window
+    # (shape, size, memory format); the vector width follows from the contiguous axis
+    ((2, 6, 3, 4), 5, "contiguous"),      # S = 12: 128-bit NCHW rows
+    ((2, 6, 3, 4), 4, "channels_last"),   # even window; C = 6: scalar
     ((2, 5, 4), 2, "contiguous"),         # 3-D
-    ((2, 3, 2, 3), 7, "contiguous"),      # size > C
+    ((2, 3, 2, 3), 7, "contiguous"),      # size > C, odd S: scalar
     ((1, 1, 3, 3), 1, "contiguous"),      # C = 1, size 1
-    ((2, 4, 2, 3, 2), 3, "channels_last"),  # 5-D
-    ((2, 40, 3, 3), 5, "channels_last"),  # several periodic re-sums
+    ((2, 4, 2, 3, 2), 3, "channels_last"),  # 5-D, C = 4: 128-bit channel rows
+    ((2, 40, 3, 3), 5, "channels_last"),  # C = 40
     ((1, 60, 2, 2), 11, "contiguous"),    # large window
+    ((2, 96, 5, 5), 5, "channels_last"),  # AlexNet's C = 96: 21 positions per tile, 3 tiles
+    ((3, 256, 3, 3), 5, "contiguous"),    # AlexNet's C = 256: 8 positions per tile, last one partial
+    ((1, 2500, 1, 2), 5, "channels_last"),  # more channels than a tile's 2048 elements: 1 position
 ]
 
 
@@ -38,8 +42,8 @@ CASES = [
 def host_lib(tmp_path_factory):
     lib = build_host_library(HARNESS, tmp_path_factory.mktemp("lrn_host"))
     i64, dbl, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
-    lib.vhist_lrn_fwd_host.argtypes = [i32, ptr, ptr] + [i64] * 6 + [i32, i32, dbl, dbl, dbl]
-    lib.vhist_lrn_bwd_host.argtypes = [i32, ptr, ptr, ptr] + [i64] * 6 + [i32, i32, dbl, dbl, dbl]
+    lib.vhist_lrn_fwd_host.argtypes = [i32, ptr, ptr] + [i64] * 6 + [i32, dbl, dbl, dbl]
+    lib.vhist_lrn_bwd_host.argtypes = [i32, ptr, ptr, ptr] + [i64] * 6 + [i32, dbl, dbl, dbl]
     return lib
 
 
@@ -47,19 +51,27 @@ def _code(dtype):
     return {torch.float32: 0, torch.float64: 3}[dtype]
 
 
+def _expected_vec(x):
+    """The vector width the launcher picks: 16 bytes of elements when the contiguous axis
+    (channels for channels-last, positions for NCHW) is a multiple of it."""
+    _, c, s, _, stride_c, _ = lrn_module.lrn_geometry(x)
+    v = 16 // x.element_size()
+    return v if (c if stride_c == 1 else s) % v == 0 else 1
+
+
 def host_fwd(lib, x, size, alpha, beta, k):
     y = torch.empty_like(x)
-    rc = lib.vhist_lrn_fwd_host(_code(x.dtype), x.data_ptr(), y.data_ptr(), *lrn_module.lrn_geometry(x), size,
-                                lrn_module.resync_period(size), alpha, beta, k)
-    assert rc == 0
+    vec = lib.vhist_lrn_fwd_host(_code(x.dtype), x.data_ptr(), y.data_ptr(), *lrn_module.lrn_geometry(x), size,
+                                 alpha, beta, k)
+    assert vec == _expected_vec(x)
     return y
 
 
 def host_bwd(lib, dy, x, size, alpha, beta, k):
     dx = torch.empty_like(x)
-    rc = lib.vhist_lrn_bwd_host(_code(x.dtype), x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
-                                *lrn_module.lrn_geometry(x), size, lrn_module.resync_period(size), alpha, beta, k)
-    assert rc == 0
+    vec = lib.vhist_lrn_bwd_host(_code(x.dtype), x.data_ptr(), dy.data_ptr(), dx.data_ptr(),
+                                 *lrn_module.lrn_geometry(x), size, alpha, beta, k)
+    assert vec == _expected_vec(x)
     return dx
 
 
@@ -87,7 +99,7 @@ def test_local_response_norm_cuda_host_fwd_bwd(host_lib, case, dtype):
 
 
 def test_local_response_norm_cuda_host_cancellation(host_lib):
-    """Huge activations leaving the window: the drift re-sum keeps fp32 close to fp64."""
+    """Huge activations leaving the window: direct window sums keep fp32 close to fp64."""
     x = torch.randn(2, 40, 1, 3) * 0.01
     x[:, 6] = 300.0
     x[:, 25] = -500.0

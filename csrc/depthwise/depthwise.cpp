@@ -79,6 +79,20 @@ at::MemoryFormat format_of(const at::Tensor& x) {
                                                                                  : at::MemoryFormat::Contiguous;
 }
 
+// The weight (C_out, 1, KH, KW) reordered once per call to (KH*KW, C_out), channels
+// innermost, and the {c_out, unused, kh, kw} strides the kernels index it with: the
+// threads of a warp own consecutive channels, so their weight loads become one
+// coalesced 128-byte request per tap instead of 32 loads KH*KW elements apart.
+struct TapMajorWeight {
+  at::Tensor w;
+  std::vector<int64_t> strides;
+};
+
+TapMajorWeight tap_major(const at::Tensor& weight) {
+  const int64_t c_out = weight.size(0), kw = weight.size(3);
+  return {weight.permute({2, 3, 0, 1}).contiguous(), {1, 0, kw * c_out, c_out}};
+}
+
 void check_launch(int err) {
   TORCH_CHECK(err == 0, "depthwise_conv2d: kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
@@ -97,9 +111,10 @@ at::Tensor dw_fwd(const at::Tensor& input, const at::Tensor& weight, const c10::
   }
   const c10::cuda::CUDAGuard guard(input.device());
   auto y = at::empty({c.sizes[0], c.sizes[4], c.sizes[5], c.sizes[6]}, input.options().memory_format(format_of(input)));
-  check_launch(vhist_depthwise_fwd_launch(dtype_code(input), input.data_ptr(), weight.data_ptr(),
+  const TapMajorWeight w = tap_major(weight);
+  check_launch(vhist_depthwise_fwd_launch(dtype_code(input), input.data_ptr(), w.w.data_ptr(),
                                           bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), c.sizes.data(),
-                                          input.strides().data(), weight.strides().data(), y.strides().data(),
+                                          input.strides().data(), w.strides.data(), y.strides().data(),
                                           c.args.data(), c10::cuda::getCurrentCUDAStream()));
   return y;
 }
@@ -116,9 +131,10 @@ at::Tensor dw_bwd_input(const at::Tensor& grad_output, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(weight.device());
   auto dx = at::empty(input_size, weight.options().memory_format(channels_last ? at::MemoryFormat::ChannelsLast
                                                                                : at::MemoryFormat::Contiguous));
-  check_launch(vhist_depthwise_bwd_input_launch(dtype_code(weight), grad_output.data_ptr(), weight.data_ptr(),
+  const TapMajorWeight w = tap_major(weight);
+  check_launch(vhist_depthwise_bwd_input_launch(dtype_code(weight), grad_output.data_ptr(), w.w.data_ptr(),
                                                 dx.data_ptr(), c.sizes.data(), grad_output.strides().data(),
-                                                weight.strides().data(), dx.strides().data(), c.args.data(),
+                                                w.strides.data(), dx.strides().data(), c.args.data(),
                                                 c10::cuda::getCurrentCUDAStream()));
   return dx;
 }

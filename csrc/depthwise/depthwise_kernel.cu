@@ -14,8 +14,9 @@
 //   forward:      y[n,oh,ow,co] = b[co] + sum_{kh,kw} w[co,kh,kw] x[n, oh*sh-ph+kh*dh, ow*sw-pw+kw*dw, co/M]
 //   input grad:   a gather (the transposed conv, no atomics) over the taps where
 //                 (ih + ph - kh*dh) / sh is a whole output row inside the output (and for w)
-//   weight grad:  two-stage, deterministic reduction over N*OH*OW: per-chunk partials
-//                 reduced in a fixed order inside a block, then summed over chunks in order.
+//   weight grad:  two-stage, deterministic reduction over N*OH*OW: each lane reads a pixel's
+//                 dy once and accumulates every tap; per-chunk partials reduced in lane
+//                 order inside a block, then summed over chunks in order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -166,43 +167,55 @@ __global__ void __launch_bounds__(kTileC* kTileP) depthwise_bwd_input_kernel(
   }
 }
 
-// Weight gradient, stage 1. Block = (kWgradChannels channels) x (kWgradLanes pixel lanes);
-// grid = (channel blocks, chunks). Each lane sums every kWgradLanes-th pixel of the chunk,
-// tap by tap, then the lanes are added in lane order through shared memory and the block
-// writes part[chunk][tap][co] (tap KH*KW is the bias: the sum of dy).
-// One lane's sum for channel co and tap (kh, kw) -- or the bias when is_bias -- over the
-// pixels p_start + lane, p_start + lane + kWgradLanes, ... below p_end.
-template <typename T, typename A>
-__host__ __device__ __forceinline__ A depthwise_bwd_weight_lane(const T* __restrict__ dy, const T* __restrict__ x,
-                                                               const Shape& s, const Strides4& dys,
-                                                               const Strides4& xs, const ConvArgs& a, int64_t co,
-                                                               int kh, int kw, bool is_bias, int64_t p_start,
-                                                               int64_t p_end, int lane) {
+// Weight gradient, stage 1: pixels outside, taps inside. Block = (kWgradChannels
+// channels) x (kWgradLanes pixel lanes); grid = (channel blocks, chunks). Each lane walks
+// every kWgradLanes-th pixel of the chunk, loads its dy once and accumulates the taps
+// [tap0, tap0 + taps) of that pixel in registers (acc[t]; the x values of neighbouring
+// taps and pixels come from L1). The lanes are then added in lane order through shared
+// memory, and the block writes part[chunk][tap][co] (tap KH*KW is the bias: the sum of
+// dy). The tap count is a template constant for 3x3, 5x5 and 7x7 (one group of taps);
+// other sizes run groups of kWgradTapGroup taps, re-reading dy once per group.
+constexpr int kWgradTapGroup = 16;
+
+// One lane's sums for channel co over the pixels p_start + lane, p_start + lane +
+// kWgradLanes, ... below p_end: acc[t] for tap tap0 + t (t < taps, taps <= MAX_TAPS),
+// and bias the sum of dy. KW_: the kernel width if specialized, else 0.
+template <typename T, typename A, int MAX_TAPS, int KW_>
+__host__ __device__ __forceinline__ void depthwise_bwd_weight_lane(const T* __restrict__ dy, const T* __restrict__ x,
+                                                                  const Shape& s, const Strides4& dys,
+                                                                  const Strides4& xs, const ConvArgs& a, int64_t co,
+                                                                  int tap0, int taps, int64_t p_start, int64_t p_end,
+                                                                  int lane, A* acc, A& bias) {
   const int64_t ci = co / s.M;
-  A acc = 0;
+  const int KW = KW_ > 0 ? KW_ : a.KW;  // a constant in the specialized sizes: (kh, kw) fold
+VHIST_UNROLL
+  for (int t = 0; t < MAX_TAPS; ++t) acc[t] = 0;
+  A b = 0;
   for (int64_t p = p_start + lane; p < p_end; p += kWgradLanes) {
     int64_t n, oh, ow;
     pixel_coords(p, s.OH, s.OW, n, oh, ow);
     const A g = static_cast<A>(load_f(dy + n * dys.n + co * dys.c + oh * dys.h + ow * dys.w));
-    if (is_bias) {
-      acc += g;
-      continue;
+    b += g;
+    const T* xb = x + n * xs.n + ci * xs.c;
+VHIST_UNROLL
+    for (int t = 0; t < MAX_TAPS; ++t) {
+      if (t >= taps) break;
+      const int kh = (tap0 + t) / KW, kw = (tap0 + t) - kh * KW;
+      const int64_t ih = oh * a.sh - a.ph + int64_t(kh) * a.dh;
+      const int64_t iw = ow * a.sw - a.pw + int64_t(kw) * a.dw;
+      if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W) acc[t] += g * static_cast<A>(load_f(xb + ih * xs.h + iw * xs.w));
     }
-    const int64_t ih = oh * a.sh - a.ph + int64_t(kh) * a.dh;
-    const int64_t iw = ow * a.sw - a.pw + int64_t(kw) * a.dw;
-    if (ih < 0 || ih >= s.H || iw < 0 || iw >= s.W) continue;
-    acc += g * static_cast<A>(load_f(x + n * xs.n + ci * xs.c + ih * xs.h + iw * xs.w));
   }
-  return acc;
+  bias = b;
 }
 
 template <typename T, typename A, int KH_, int KW_>
 __global__ void __launch_bounds__(kWgradChannels* kWgradLanes) depthwise_bwd_weight_reduce_kernel(
     const T* __restrict__ dy, const T* __restrict__ x, A* __restrict__ part, Shape s, Strides4 dys, Strides4 xs,
     ConvArgs a, int64_t chunk_len, int has_bias) {
-  const int KH = KH_ > 0 ? KH_ : a.KH;
-  const int KW = KW_ > 0 ? KW_ : a.KW;
-  const int taps = KH * KW + (has_bias ? 1 : 0);
+  constexpr int kMaxTaps = KH_ > 0 ? KH_ * KW_ : kWgradTapGroup;
+  const int weight_taps = a.KH * a.KW;
+  const int taps = weight_taps + (has_bias ? 1 : 0);
   __shared__ A lanes[kWgradLanes][kWgradChannels];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t co = int64_t(blockIdx.x) * kWgradChannels + tx;
@@ -211,18 +224,35 @@ __global__ void __launch_bounds__(kWgradChannels* kWgradLanes) depthwise_bwd_wei
   const int64_t total = s.N * s.OH * s.OW;
   const int64_t p_start = chunk * chunk_len;
   const int64_t p_end = p_start + chunk_len < total ? p_start + chunk_len : total;
-  for (int tap = 0; tap < taps; ++tap) {
-    lanes[ty][tx] = c_ok ? depthwise_bwd_weight_lane<T, A>(dy, x, s, dys, xs, a, co, tap / KW, tap % KW,
-                                                           tap == KH * KW, p_start, p_end, ty)
-                         : A(0);
+  A* out = part + chunk * taps * s.C_out + co;
+  // Lane sums -> shared memory -> lane-order sum by the first lane row -> part.
+  auto reduce_store = [&](A v, int tap) {
+    lanes[ty][tx] = v;
     __syncthreads();
     if (ty == 0 && c_ok) {
       A sum = lanes[0][tx];
 #pragma unroll
       for (int l = 1; l < kWgradLanes; ++l) sum += lanes[l][tx];
-      part[(chunk * taps + tap) * s.C_out + co] = sum;
+      out[tap * s.C_out] = sum;
     }
     __syncthreads();
+  };
+  for (int tap0 = 0; tap0 < weight_taps; tap0 += kMaxTaps) {
+    const int group = weight_taps - tap0 < kMaxTaps ? weight_taps - tap0 : kMaxTaps;
+    A acc[kMaxTaps];
+    A bias = 0;
+    if (c_ok) {
+      depthwise_bwd_weight_lane<T, A, kMaxTaps, KW_>(dy, x, s, dys, xs, a, co, tap0, group, p_start, p_end, ty, acc,
+                                                     bias);
+    } else {
+#pragma unroll
+      for (int t = 0; t < kMaxTaps; ++t) acc[t] = 0;
+    }
+#pragma unroll
+    for (int t = 0; t < kMaxTaps; ++t) {
+      if (t < group) reduce_store(acc[t], tap0 + t);
+    }
+    if (has_bias && tap0 == 0) reduce_store(bias, weight_taps);
   }
 }
 
@@ -298,7 +328,9 @@ ConvArgs make_conv(const int* conv) {
 }  // namespace
 
 // sizes: {N, C_in, H, W, C_out, OH, OW, M}; *_strides: the tensors' four strides in
-// elements, {n, c, h, w} (for a weight (C_out, 1, KH, KW): {c_out, unused, kh, kw});
+// elements, {n, c, h, w} (for a weight: {c_out, unused, kh, kw}; the binding passes it
+// reordered to (KH*KW, C_out), i.e. {1, 0, KW*C_out, C_out}, so that a warp's loads of a
+// tap's weights are one coalesced request);
 // conv: {KH, KW, sh, sw, ph, pw, dh, dw} (ph, pw: top and left padding).
 // Return 0 on success, else a cudaError_t code.
 extern "C" int vhist_depthwise_fwd_launch(int dtype, const void* x, const void* w, const void* bias, void* y,

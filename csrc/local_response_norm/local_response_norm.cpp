@@ -10,11 +10,11 @@
 #include <cuda_runtime_api.h>
 
 extern "C" int vhist_lrn_fwd_launch(int dtype, const void* x, void* y, int64_t N, int64_t C, int64_t S,
-                                    int64_t stride_n, int64_t stride_c, int64_t stride_s, int size, int resync,
-                                    double alpha, double beta, double k, cudaStream_t stream);
+                                    int64_t stride_n, int64_t stride_c, int64_t stride_s, int size, double alpha,
+                                    double beta, double k, cudaStream_t stream);
 extern "C" int vhist_lrn_bwd_launch(int dtype, const void* x, const void* dy, void* dx, int64_t N, int64_t C,
                                     int64_t S, int64_t stride_n, int64_t stride_c, int64_t stride_s, int size,
-                                    int resync, double alpha, double beta, double k, cudaStream_t stream);
+                                    double alpha, double beta, double k, cudaStream_t stream);
 
 #define CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
 #define CHECK_DENSE(x) \
@@ -56,11 +56,15 @@ Geometry geometry(const at::Tensor& x) {
   return {n, c, s, c * s, s, 1};
 }
 
-void check_args(const at::Tensor& x, int64_t size, int64_t resync) {
+// Channels a block's tile holds at most (vhist.ops.local_response_norm.MAX_CHANNELS).
+constexpr int64_t kMaxChannels = 4096;
+
+void check_args(const at::Tensor& x, int64_t size) {
   CHECK_INPUT(x);
   TORCH_CHECK(x.dim() >= 3 && x.dim() <= 5, "local_response_norm: expected a 3-D to 5-D input, got ", x.dim(), "-D");
   TORCH_CHECK(size >= 1, "local_response_norm: size must be >= 1, got ", size);
-  TORCH_CHECK(resync >= 1, "local_response_norm: resync must be >= 1, got ", resync);
+  TORCH_CHECK(x.size(1) <= kMaxChannels, "local_response_norm: the cuda kernels take at most ", kMaxChannels,
+              " channels, got ", x.size(1));
   TORCH_CHECK(x.numel() > 0, "local_response_norm: empty input");
 }
 
@@ -68,20 +72,19 @@ void check_launch(int err) {
   TORCH_CHECK(err == 0, "local_response_norm: kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-at::Tensor lrn_fwd(const at::Tensor& x, int64_t size, double alpha, double beta, double k, int64_t resync) {
-  check_args(x, size, resync);
+at::Tensor lrn_fwd(const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
+  check_args(x, size);
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty_like(x);
   const Geometry g = geometry(x);
   check_launch(vhist_lrn_fwd_launch(dtype_code(x), x.data_ptr(), y.data_ptr(), g.n, g.c, g.s, g.stride_n, g.stride_c,
-                                    g.stride_s, static_cast<int>(size), static_cast<int>(resync), alpha, beta, k,
+                                    g.stride_s, static_cast<int>(size), alpha, beta, k,
                                     c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
-at::Tensor lrn_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t size, double alpha, double beta, double k,
-                   int64_t resync) {
-  check_args(x, size, resync);
+at::Tensor lrn_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t size, double alpha, double beta, double k) {
+  check_args(x, size);
   CHECK_INPUT(dy);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.strides() == x.strides(),
               "local_response_norm: grad_output must have the input's shape and strides");
@@ -91,8 +94,8 @@ at::Tensor lrn_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t size, doub
   auto dx = at::empty_like(x);
   const Geometry g = geometry(x);
   check_launch(vhist_lrn_bwd_launch(dtype_code(x), x.data_ptr(), dy.data_ptr(), dx.data_ptr(), g.n, g.c, g.s,
-                                    g.stride_n, g.stride_c, g.stride_s, static_cast<int>(size),
-                                    static_cast<int>(resync), alpha, beta, k, c10::cuda::getCurrentCUDAStream()));
+                                    g.stride_n, g.stride_c, g.stride_s, static_cast<int>(size), alpha, beta, k,
+                                    c10::cuda::getCurrentCUDAStream()));
   return dx;
 }
 
@@ -101,7 +104,7 @@ at::Tensor lrn_bwd(const at::Tensor& dy, const at::Tensor& x, int64_t size, doub
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vhist Local Response Normalization CUDA kernels";
   m.def("fwd", &lrn_fwd, "LRN forward (CUDA)", py::arg("input"), py::arg("size"), py::arg("alpha"),
-        py::arg("beta"), py::arg("k"), py::arg("resync"));
+        py::arg("beta"), py::arg("k"));
   m.def("bwd", &lrn_bwd, "LRN input gradient (CUDA)", py::arg("grad_output"), py::arg("input"), py::arg("size"),
-        py::arg("alpha"), py::arg("beta"), py::arg("k"), py::arg("resync"));
+        py::arg("alpha"), py::arg("beta"), py::arg("k"));
 }

@@ -8,10 +8,16 @@
 // PyTorch's convention: window(c) = [c - LO, c + HI], LO = n / 2, HI = (n - 1) / 2,
 // clipped at the edges and still divided by n;
 //   q_c = sum_{j in window(c)} a_j^2,  s_c = k + (alpha / n) q_c,  b_c = a_c s_c^(-beta).
-// One thread owns one (n, s) position and walks the channels, sliding q_c in O(1) and
-// re-summing it exactly every `resync` channels, or sooner when the running sum's peak
-// dwarfs its current value (a running sum that subtracts a large square keeps that
-// square's rounding error). Accumulation is in fp32, fp64 for fp64.
+// A block owns a tile of P positions x all C channels of one row n of the (N, C, S)
+// view. It copies the tile into shared memory along the contiguous axis (channels for
+// channels-last, positions for NCHW): coalesced, and 128-bit wide when that axis is a
+// multiple of 16 bytes. The window sums are direct n-term sums read from shared memory
+// (no running sum, so nothing cancels), one element per thread; the results go back to
+// shared memory and leave along the same axis, with the same vectors.
+// Accumulation is in fp32, fp64 for fp64.
+//
+// Each phase is a __host__ __device__ function of (thread, thread count) over the tile,
+// so that tests/csrc_host/local_response_norm_host.cu runs the very same code on the host.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,225 +26,292 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kTileElems = 2048;  // positions x channels per block (at least one position)
+constexpr int kFwdTiles = 2;          // shared tiles of the forward: a, y
+constexpr int kBwdTiles = 3;          // shared tiles of the backward: a, dy s^(-beta) (then dx), t
 
-template <typename A> __host__ __device__ __forceinline__ A load_acc(const float* p) { return static_cast<A>(*p); }
-template <typename A> __host__ __device__ __forceinline__ A load_acc(const double* p) { return static_cast<A>(*p); }
-template <typename A> __host__ __device__ __forceinline__ A load_acc(const __half* p) { return static_cast<A>(__half2float(*p)); }
-template <typename A> __host__ __device__ __forceinline__ A load_acc(const __nv_bfloat16* p) {
-  return static_cast<A>(__bfloat162float(*p));
+__host__ __device__ __forceinline__ float to_acc(float v) { return v; }
+__host__ __device__ __forceinline__ double to_acc(double v) { return v; }
+__host__ __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__host__ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __host__ __device__ __forceinline__ T from_acc(float v);
+template <> __host__ __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __host__ __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
 }
-
-__host__ __device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__host__ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__host__ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__host__ __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+template <typename T> __host__ __device__ __forceinline__ T from_acc(double v) { return v; }
 
 __host__ __device__ __forceinline__ float exp_(float v) { return expf(v); }
 __host__ __device__ __forceinline__ double exp_(double v) { return exp(v); }
 __host__ __device__ __forceinline__ float log_(float v) { return logf(v); }
 __host__ __device__ __forceinline__ double log_(double v) { return log(v); }
-__host__ __device__ __forceinline__ float abs_(float v) { return fabsf(v); }
-__host__ __device__ __forceinline__ double abs_(double v) { return fabs(v); }
 
-// One position's column of channels: base offset, channel stride and count.
-template <typename T, typename A>
-struct Column {
-  const T* x;
-  int64_t base, stride_c, C;
+// V consecutive elements, aligned to their size: one 128-bit access when V * sizeof(T) == 16.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
 
-  // Channel c, zero outside [0, C) (F.local_response_norm's zero padding).
-  __host__ __device__ __forceinline__ A operator()(int64_t c) const {
-    return (c >= 0 && c < C) ? load_acc<A>(x + base + c * stride_c) : A(0);
+// The block's tile: positions [s0, s0 + P) of row n, every channel. Element (p, c) lives
+// at global offset base + p * stride_s + c * stride_c and at tile[p * ldc + c] in shared
+// memory (ldc = C + 1: the NCHW copy walks p, an odd row pitch keeps its banks apart).
+struct Tile {
+  int64_t base, C, P, stride_c, stride_s;
+  int64_t ldc;
+  bool inner_c;  // channels are the contiguous axis (channels-last)
+
+  __host__ __device__ int64_t inner() const { return inner_c ? C : P; }
+  __host__ __device__ int64_t offset(int64_t p, int64_t c) const { return base + p * stride_s + c * stride_c; }
+  __host__ __device__ int64_t at(int64_t p, int64_t c) const { return p * ldc + c; }
+
+  // f(p, c) for the elements first, first + step, ... of the tile in the order of its
+  // contiguous axis; (p, c) advance by additions (one division per thread, not per
+  // element). step and first are multiples of V when inner() is.
+  template <typename F>
+  __host__ __device__ __forceinline__ void walk(int64_t first, int64_t step, F f) const {
+    const int64_t n_inner = inner(), d_outer = step / n_inner, d_in = step - d_outer * n_inner;
+    int64_t outer = first / n_inner, in = first - outer * n_inner;
+    for (int64_t e = first; e < C * P; e += step) {
+      f(inner_c ? outer : in, inner_c ? in : outer);
+      in += d_in;
+      outer += d_outer;
+      if (in >= n_inner) {
+        in -= n_inner;
+        ++outer;
+      }
+    }
   }
 };
 
-template <typename T, typename A>
-__host__ __device__ A window_sumsq(const Column<T, A>& a, int64_t c, int lo, int hi) {
+// (n, s0, P) of block b, with blocks_per_row blocks per row n and P_full positions per block.
+__host__ __device__ inline Tile make_tile(int64_t b, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c,
+                                          int64_t stride_s, int64_t p_full) {
+  const int64_t blocks_per_row = (S + p_full - 1) / p_full;
+  const int64_t n = b / blocks_per_row, s0 = (b - n * blocks_per_row) * p_full;
+  const int64_t p = S - s0 < p_full ? S - s0 : p_full;
+  return Tile{n * stride_n + s0 * stride_s, C, p, stride_c, stride_s, C + 1, stride_c == 1};
+}
+
+// Global -> shared, V elements of the contiguous axis per access; the caller guarantees
+// that the contiguous axis is a multiple of V and its rows are V-element aligned.
+template <typename T, typename A, int V>
+__host__ __device__ void tile_load(const T* __restrict__ x, A* __restrict__ tile, const Tile& t, int tid, int threads) {
+  t.walk(int64_t(tid) * V, int64_t(threads) * V, [&](int64_t p, int64_t c) {
+    const Vec<T, V> v = *reinterpret_cast<const Vec<T, V>*>(x + t.offset(p, c));
+    for (int j = 0; j < V; ++j) tile[t.inner_c ? t.at(p, c + j) : t.at(p + j, c)] = to_acc(v.v[j]);
+  });
+}
+
+// q_c of position p: the direct sum over the clipped window, from the shared tile.
+template <typename A>
+__host__ __device__ __forceinline__ A window_sumsq(const A* tile, const Tile& t, int64_t p, int64_t c, int lo,
+                                                   int hi) {
+  const A* row = tile + t.at(p, 0);
+  const int64_t j1 = c + hi + 1 < t.C ? c + hi + 1 : t.C;
   A q = 0;
-  const int64_t j1 = c + hi + 1 < a.C ? c + hi + 1 : a.C;
-  for (int64_t j = c - lo > 0 ? c - lo : 0; j < j1; ++j) {
-    const A v = a(j);
-    q += v * v;
-  }
+  for (int64_t j = c - lo > 0 ? c - lo : 0; j < j1; ++j) q += row[j] * row[j];
   return q;
 }
 
-// Drift bound of a running sum: re-sum once its peak since the last exact re-sum
-// exceeds kDrift times the current value (see kernels/local_response_norm.py).
-constexpr float kDrift = 4.0f;
+// Shared -> global, V elements of the contiguous axis per access (as tile_load).
+template <typename T, typename A, int V>
+__host__ __device__ void tile_store(const A* __restrict__ tile, T* __restrict__ out, const Tile& t, int tid,
+                                    int threads) {
+  t.walk(int64_t(tid) * V, int64_t(threads) * V, [&](int64_t p, int64_t c) {
+    Vec<T, V> v;
+    for (int j = 0; j < V; ++j) v.v[j] = from_acc<T>(tile[t.inner_c ? t.at(p, c + j) : t.at(p + j, c)]);
+    *reinterpret_cast<Vec<T, V>*>(out + t.offset(p, c)) = v;
+  });
+}
 
-// A running window sum of squares and the largest partial sum since its last re-sum
-// (its rounding error is a few ulps of that peak).
+// The compute phases give consecutive threads consecutive elements of the contiguous
+// axis, one each: their window reads from shared memory are consecutive words (or, on
+// NCHW, words an odd pitch apart), free of bank conflicts; only the vector copies touch
+// a thread's V neighbouring elements.
+
+// Forward, phase 2: y = a s^(-beta) into the shared tile y.
 template <typename A>
-struct Running {
-  A q = 0, peak = 0;
+__host__ __device__ void lrn_fwd_compute(const A* a, A* y, const Tile& t, int lo, int hi, A alpha_over_n, A beta,
+                                         A k, int tid, int threads) {
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
+    const int64_t i = t.at(p, c);
+    y[i] = a[i] * exp_(-beta * log_(k + alpha_over_n * window_sumsq(a, t, p, c, lo, hi)));
+  });
+}
+
+// Backward, phase 2, per element of the shared tiles: t_c = dy_c a_c s_c^(-beta-1) (what
+// output c sends back through its window) into tt, and dy_c s_c^(-beta) over dy in place
+// (only this element reads it again).
+template <typename A>
+__host__ __device__ void lrn_bwd_terms(const A* a, A* dy, A* tt, const Tile& t, int lo, int hi, A alpha_over_n,
+                                       A beta, A k, int tid, int threads) {
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
+    const A log_s = log_(k + alpha_over_n * window_sumsq(a, t, p, c, lo, hi));
+    const int64_t i = t.at(p, c);
+    tt[i] = dy[i] * a[i] * exp_((-beta - A(1)) * log_s);
+    dy[i] = dy[i] * exp_(-beta * log_s);
+  });
+}
+
+// Backward, phase 3: dx_i = dy_i s_i^(-beta) - (2 alpha beta / n) a_i T_i with
+// T_i = sum_{c = i-HI}^{i+LO} t_c (the transposed window), over g = dy s^(-beta) in place.
+template <typename A>
+__host__ __device__ void lrn_bwd_compute(const A* a, A* g, const A* tt, const Tile& t, int lo, int hi, A alpha_over_n,
+                                         A beta, int tid, int threads) {
+  t.walk(tid, threads, [&](int64_t p, int64_t c) {
+    const A* row = tt + t.at(p, 0);
+    const int64_t c1 = c + lo + 1 < t.C ? c + lo + 1 : t.C;
+    A sum = 0;
+    for (int64_t m = c - hi > 0 ? c - hi : 0; m < c1; ++m) sum += row[m];
+    const int64_t i = t.at(p, c);
+    g[i] -= A(2) * alpha_over_n * beta * a[i] * sum;
+  });
+}
+
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+lrn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c,
+               int64_t stride_s, int64_t p_full, int lo, int hi, A alpha_over_n, A beta, A k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Tile t = make_tile(blockIdx.x, C, S, stride_n, stride_c, stride_s, p_full);
+  A* a = reinterpret_cast<A*>(smem);
+  A* out = a + p_full * t.ldc;
+  tile_load<T, A, V>(x, a, t, threadIdx.x, blockDim.x);
+  __syncthreads();
+  lrn_fwd_compute(a, out, t, lo, hi, alpha_over_n, beta, k, threadIdx.x, blockDim.x);
+  __syncthreads();
+  tile_store<T, A, V>(out, y, t, threadIdx.x, blockDim.x);
+}
+
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kThreads)
+lrn_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t C, int64_t S,
+               int64_t stride_n, int64_t stride_c, int64_t stride_s, int64_t p_full, int lo, int hi, A alpha_over_n,
+               A beta, A k) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Tile t = make_tile(blockIdx.x, C, S, stride_n, stride_c, stride_s, p_full);
+  A* a = reinterpret_cast<A*>(smem);
+  A* g = a + p_full * t.ldc;
+  A* tt = g + p_full * t.ldc;
+  tile_load<T, A, V>(x, a, t, threadIdx.x, blockDim.x);
+  tile_load<T, A, V>(dy, g, t, threadIdx.x, blockDim.x);
+  __syncthreads();
+  lrn_bwd_terms(a, g, tt, t, lo, hi, alpha_over_n, beta, k, threadIdx.x, blockDim.x);
+  __syncthreads();
+  lrn_bwd_compute(a, g, tt, t, lo, hi, alpha_over_n, beta, threadIdx.x, blockDim.x);
+  __syncthreads();
+  tile_store<T, A, V>(g, dx, t, threadIdx.x, blockDim.x);
+}
+
+// Positions per block: kTileElems / C (at least 1); on NCHW a multiple of the vector
+// width, so that every block's rows start aligned.
+__host__ __device__ inline int64_t tile_positions(int64_t C, int64_t S, bool inner_c, int vec) {
+  int64_t p = kTileElems / C > 0 ? kTileElems / C : 1;
+  if (!inner_c) p = p < vec ? vec : p - p % vec;
+  return p < S ? p : S;
+}
+
+// The vector width V the tile can use: 16 bytes of T when the contiguous axis is a
+// multiple of it and every pointer is 16-byte aligned; else 1.
+template <typename T>
+int vector_width(const void* const* ptrs, int n_ptrs, int64_t C, int64_t S, int64_t stride_c) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t inner = stride_c == 1 ? C : S;
+  if (inner % V != 0) return 1;
+  for (int i = 0; i < n_ptrs; ++i)
+    if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0) return 1;
+  return V;
+}
+
+// A block's tile and launch: vector width, positions per block, grid, shared bytes.
+struct Plan {
+  int vec;
+  int64_t p;
+  dim3 grid;
+  size_t smem;
 };
 
-// q_c from q_{c-1}: one square enters, one leaves. Re-summed exactly at step 0, every
-// resync steps, and when (alpha/n) * peak exceeds kDrift times the scale s_c.
 template <typename T, typename A>
-__host__ __device__ __forceinline__ void slide_sumsq(Running<A>& r, const Column<T, A>& a, int64_t c, int64_t step, int lo,
-                                            int hi, int resync, A alpha_over_n, A k) {
-  const A in = a(c + hi), out = a(c - lo - 1);
-  const A q_up = r.q + in * in;
-  const A q = q_up - out * out;
-  r.q = q > A(0) ? q : A(0);  // rounding can leave a tiny negative remainder
-  r.peak = r.peak > q_up ? r.peak : q_up;
-  if (step % resync == 0 || alpha_over_n * r.peak > A(kDrift) * (k + alpha_over_n * r.q)) {
-    r.q = window_sumsq(a, c, lo, hi);
-    r.peak = r.q;
-  }
+Plan plan(const void* const* ptrs, int n_ptrs, int64_t N, int64_t C, int64_t S, int64_t stride_c, int tiles) {
+  const int vec = vector_width<T>(ptrs, n_ptrs, C, S, stride_c);
+  const int64_t p = tile_positions(C, S, stride_c == 1, vec);
+  return Plan{vec, p, dim3(static_cast<unsigned>(N * ((S + p - 1) / p))),
+              static_cast<size_t>(tiles * p * (C + 1)) * sizeof(A)};
 }
 
-// t_c = dy_c a_c s_c^(-beta-1): what output c sends back to every input in its window.
-template <typename T, typename A>
-__host__ __device__ __forceinline__ A lrn_t(const Column<T, A>& a, const Column<T, A>& dy, int64_t c, A q, A alpha_over_n,
-                                   A beta, A k) {
-  if (c < 0 || c >= a.C) return A(0);
-  return dy(c) * a(c) * exp_((-beta - A(1)) * log_(k + alpha_over_n * q));
-}
-
-// The forward of one position's column of channels. __host__ too, so that the
-// numerics can be tested on a machine without a GPU (tests/test_local_response_norm_cuda_host.py).
-template <typename T, typename A>
-__host__ __device__ void lrn_fwd_column(const T* x, T* y, int64_t base, int64_t C, int64_t stride_c, int lo, int hi,
-                                        int resync, A alpha_over_n, A beta, A k) {
-  const Column<T, A> a{x, base, stride_c, C};
-  Running<A> r;
-  for (int64_t c = 0; c < C; ++c) {
-    slide_sumsq(r, a, c, c, lo, hi, resync, alpha_over_n, k);
-    store(y + base + c * stride_c, a(c) * exp_(-beta * log_(k + alpha_over_n * r.q)));
-  }
+// Above 48 KB a kernel must opt in to its dynamic shared memory (C up to 4096, fp64).
+template <typename K>
+cudaError_t opt_in(K kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
-lrn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N, int64_t C, int64_t S, int64_t stride_n,
-               int64_t stride_c, int64_t stride_s, int lo, int hi, int resync, A alpha_over_n, A beta, A k) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (p >= N * S) return;
-  lrn_fwd_column(x, y, (p / S) * stride_n + (p % S) * stride_s, C, stride_c, lo, hi, resync, alpha_over_n, beta, k);
-}
-
-// dx_i = dy_i s_i^(-beta) - (2 alpha beta / n) a_i T_i,  T_i = sum_{c = i-HI}^{i+LO} t_c
-// (the transposed window). Step m computes t_m at the leading channel, keeps T as the
-// sum of the last n t's (= T_i for i = m - LO) by removing t_{m-n}, and slides three
-// window sums (at m, at i and at m - n). T is re-summed exactly every resync steps or
-// when its drift bound says so, like the window sums.
-template <typename T, typename A>
-__host__ __device__ void lrn_bwd_column(const T* x, const T* dy, T* dx, int64_t base, int64_t C, int64_t stride_c,
-                                        int size, int lo, int hi, int resync, A alpha_over_n, A beta, A k) {
-  const Column<T, A> a{x, base, stride_c, C};
-  const Column<T, A> g{dy, base, stride_c, C};
-  Running<A> lead, mid, trail;
-  A t_sum = 0, t_abs = 0, t_peak = 0;  // T, the sum of |t| over the same window, its peak
-  for (int64_t m = 0; m < C + lo; ++m) {
-    slide_sumsq(lead, a, m, m, lo, hi, resync, alpha_over_n, k);
-    slide_sumsq(trail, a, m - size, m, lo, hi, resync, alpha_over_n, k);
-    const A t_in = lrn_t(a, g, m, lead.q, alpha_over_n, beta, k);
-    const A t_out = lrn_t(a, g, m - size, trail.q, alpha_over_n, beta, k);
-    const A abs_up = t_abs + abs_(t_in);
-    t_sum += t_in - t_out;
-    t_abs = abs_up - abs_(t_out) > A(0) ? abs_up - abs_(t_out) : A(0);
-    t_peak = t_peak > abs_up ? t_peak : abs_up;
-    // T's rounding error is a few ulps of t_peak; a direct sum's, of t_abs.
-    if (m % resync == 0 || t_peak > A(kDrift) * t_abs) {
-      t_sum = 0;
-      t_abs = 0;
-      const int64_t c1 = m + 1 < C ? m + 1 : C;
-      for (int64_t c = m - size + 1 > 0 ? m - size + 1 : 0; c < c1; ++c) {
-        const A t = lrn_t(a, g, c, window_sumsq(a, c, lo, hi), alpha_over_n, beta, k);
-        t_sum += t;
-        t_abs += abs_(t);
-      }
-      t_peak = t_abs;
-    }
-    const int64_t i = m - lo;
-    slide_sumsq(mid, a, i, m, lo, hi, resync, alpha_over_n, k);
-    if (i >= 0) {
-      const A grad = g(i) * exp_(-beta * log_(k + alpha_over_n * mid.q)) - A(2) * alpha_over_n * beta * a(i) * t_sum;
-      store(dx + base + i * stride_c, grad);
-    }
-  }
+int launch_fwd(const void* x, void* y, int64_t N, int64_t C, int64_t S, int64_t stride_n, int64_t stride_c,
+               int64_t stride_s, int size, A alpha_over_n, A beta, A k, cudaStream_t stream) {
+  const void* ptrs[] = {x, y};
+  const Plan pl = plan<T, A>(ptrs, 2, N, C, S, stride_c, kFwdTiles);
+  auto kernel = pl.vec > 1 ? lrn_fwd_kernel<T, A, 16 / sizeof(T)> : lrn_fwd_kernel<T, A, 1>;
+  if (const cudaError_t err = opt_in(kernel, pl.smem)) return static_cast<int>(err);
+  kernel<<<pl.grid, kThreads, pl.smem, stream>>>(static_cast<const T*>(x), static_cast<T*>(y), C, S, stride_n,
+                                                 stride_c, stride_s, pl.p, size / 2, (size - 1) / 2, alpha_over_n,
+                                                 beta, k);
+  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
-lrn_bwd_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, int64_t N, int64_t C,
-               int64_t S, int64_t stride_n, int64_t stride_c, int64_t stride_s, int size, int lo, int hi, int resync,
-               A alpha_over_n, A beta, A k) {
-  const int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (p >= N * S) return;
-  lrn_bwd_column(x, dy, dx, (p / S) * stride_n + (p % S) * stride_s, C, stride_c, size, lo, hi, resync,
-                 alpha_over_n, beta, k);
+int launch_bwd(const void* x, const void* dy, void* dx, int64_t N, int64_t C, int64_t S, int64_t stride_n,
+               int64_t stride_c, int64_t stride_s, int size, A alpha_over_n, A beta, A k, cudaStream_t stream) {
+  const void* ptrs[] = {x, dy, dx};
+  const Plan pl = plan<T, A>(ptrs, 3, N, C, S, stride_c, kBwdTiles);
+  auto kernel = pl.vec > 1 ? lrn_bwd_kernel<T, A, 16 / sizeof(T)> : lrn_bwd_kernel<T, A, 1>;
+  if (const cudaError_t err = opt_in(kernel, pl.smem)) return static_cast<int>(err);
+  kernel<<<pl.grid, kThreads, pl.smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(dy),
+                                                 static_cast<T*>(dx), C, S, stride_n, stride_c, stride_s, pl.p,
+                                                 size / 2, (size - 1) / 2, alpha_over_n, beta, k);
+  return static_cast<int>(cudaGetLastError());
 }
-
-unsigned int num_blocks(int64_t N, int64_t S) { return static_cast<unsigned int>((N * S + kThreads - 1) / kThreads); }
 
 }  // namespace
 
-// dtype codes shared with the binding: 0 fp32, 1 fp16, 2 bf16, 3 fp64.
+// dtype codes shared with the binding: 0 fp32, 1 fp16, 2 bf16, 3 fp64. The binding
+// passes a dense tensor (contiguous or channels-last) of at most 4096 channels.
 // Returns a cudaError_t (0 on success); the binding turns it into an exception.
 extern "C" int vhist_lrn_fwd_launch(int dtype, const void* x, void* y, int64_t N, int64_t C, int64_t S,
-                                    int64_t stride_n, int64_t stride_c, int64_t stride_s, int size, int resync,
-                                    double alpha, double beta, double k, cudaStream_t stream) {
+                                    int64_t stride_n, int64_t stride_c, int64_t stride_s, int size, double alpha,
+                                    double beta, double k, cudaStream_t stream) {
   if (N * S == 0) return 0;
-  const int lo = size / 2, hi = (size - 1) / 2;
-  const dim3 grid(num_blocks(N, S)), block(kThreads);
   const float a32 = static_cast<float>(alpha / size), b32 = static_cast<float>(beta), k32 = static_cast<float>(k);
   switch (dtype) {
-    case 0:
-      lrn_fwd_kernel<float, float><<<grid, block, 0, stream>>>(static_cast<const float*>(x), static_cast<float*>(y),
-          N, C, S, stride_n, stride_c, stride_s, lo, hi, resync, a32, b32, k32);
-      break;
-    case 1:
-      lrn_fwd_kernel<__half, float><<<grid, block, 0, stream>>>(static_cast<const __half*>(x), static_cast<__half*>(y),
-          N, C, S, stride_n, stride_c, stride_s, lo, hi, resync, a32, b32, k32);
-      break;
+    case 0: return launch_fwd<float, float>(x, y, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32, stream);
+    case 1: return launch_fwd<__half, float>(x, y, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32, stream);
     case 2:
-      lrn_fwd_kernel<__nv_bfloat16, float><<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
-          static_cast<__nv_bfloat16*>(y), N, C, S, stride_n, stride_c, stride_s, lo, hi, resync, a32, b32, k32);
-      break;
+      return launch_fwd<__nv_bfloat16, float>(x, y, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32, stream);
     case 3:
-      lrn_fwd_kernel<double, double><<<grid, block, 0, stream>>>(static_cast<const double*>(x), static_cast<double*>(y),
-          N, C, S, stride_n, stride_c, stride_s, lo, hi, resync, alpha / size, beta, k);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
+      return launch_fwd<double, double>(x, y, N, C, S, stride_n, stride_c, stride_s, size, alpha / size, beta, k,
+                                        stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
 }
 
 extern "C" int vhist_lrn_bwd_launch(int dtype, const void* x, const void* dy, void* dx, int64_t N, int64_t C,
                                     int64_t S, int64_t stride_n, int64_t stride_c, int64_t stride_s, int size,
-                                    int resync, double alpha, double beta, double k, cudaStream_t stream) {
+                                    double alpha, double beta, double k, cudaStream_t stream) {
   if (N * S == 0) return 0;
-  const int lo = size / 2, hi = (size - 1) / 2;
-  const dim3 grid(num_blocks(N, S)), block(kThreads);
   const float a32 = static_cast<float>(alpha / size), b32 = static_cast<float>(beta), k32 = static_cast<float>(k);
   switch (dtype) {
     case 0:
-      lrn_bwd_kernel<float, float><<<grid, block, 0, stream>>>(static_cast<const float*>(x),
-          static_cast<const float*>(dy), static_cast<float*>(dx), N, C, S, stride_n, stride_c, stride_s, size, lo, hi,
-          resync, a32, b32, k32);
-      break;
+      return launch_bwd<float, float>(x, dy, dx, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32, stream);
     case 1:
-      lrn_bwd_kernel<__half, float><<<grid, block, 0, stream>>>(static_cast<const __half*>(x),
-          static_cast<const __half*>(dy), static_cast<__half*>(dx), N, C, S, stride_n, stride_c, stride_s, size, lo,
-          hi, resync, a32, b32, k32);
-      break;
+      return launch_bwd<__half, float>(x, dy, dx, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32, stream);
     case 2:
-      lrn_bwd_kernel<__nv_bfloat16, float><<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(x),
-          static_cast<const __nv_bfloat16*>(dy), static_cast<__nv_bfloat16*>(dx), N, C, S, stride_n, stride_c,
-          stride_s, size, lo, hi, resync, a32, b32, k32);
-      break;
+      return launch_bwd<__nv_bfloat16, float>(x, dy, dx, N, C, S, stride_n, stride_c, stride_s, size, a32, b32, k32,
+                                              stream);
     case 3:
-      lrn_bwd_kernel<double, double><<<grid, block, 0, stream>>>(static_cast<const double*>(x),
-          static_cast<const double*>(dy), static_cast<double*>(dx), N, C, S, stride_n, stride_c, stride_s, size, lo,
-          hi, resync, alpha / size, beta, k);
-      break;
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
+      return launch_bwd<double, double>(x, dy, dx, N, C, S, stride_n, stride_c, stride_s, size, alpha / size, beta,
+                                        k, stream);
+    default: return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
 }

@@ -102,7 +102,7 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
-def _weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, int]:
+def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, int]:
     """Split of the N*OH*OW reduction of the weight gradient: (chunk length, chunks).
     Depends only on the shape and the device, so the summation order is fixed."""
     c_blocks = triton.cdiv(c_out, 64)
@@ -232,16 +232,18 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     if activation:
         grad_output = like_layout(grad_output, output)
     acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
-    chunk, chunks = _weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, input.device)
+    chunk, chunks = weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, input.device)
     taps = geom.kh * geom.kw + int(has_bias)
     part = input.new_empty((chunks, taps, geom.c_out), dtype=acc)
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    kernels.depthwise_bwd_weight_reduce[lambda meta: (triton.cdiv(geom.c_out, meta["BLOCK_C"]), chunks)](
+    block_p, block_c, num_warps = kernels.weight_grad_tiling(geom.kh, geom.kw, _channels_last(input))
+    kernels.depthwise_bwd_weight_reduce[(triton.cdiv(geom.c_out, block_c), chunks)](
         grad_output, output if activation else grad_output, input, part,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
         *_strides(grad_output), *_strides(input), *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc)
+        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     block_j = 128
     kernels.depthwise_bwd_weight_finalize[(triton.cdiv(taps * geom.c_out, block_j),)](
         part, grad_weight, grad_bias if has_bias else grad_weight, geom.c_out, chunks,
@@ -354,7 +356,7 @@ def depthwise_conv2d_cuda_bwd_weight(grad_output: torch.Tensor, output: Optional
     reduction (chunks fixed by the shape) as the Triton backend."""
     _no_epilogue(None, activation)
     geom = _geometry_from_lists(input.shape, weight_size, stride, padding, dilation)
-    chunk, chunks = _weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, input.device)
+    chunk, chunks = weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, input.device)
     grad_weight, grad_bias = _cuda_extension().bwd_weight(grad_output, input, weight_size, stride, padding, dilation,
                                                           has_bias, chunk, chunks)
     return grad_weight, grad_bias

@@ -22,6 +22,8 @@ from vhist.ops.common import dense_layout, is_channels_last_dense, like_layout
 from vhist.ops.common import tl_acc as _tl_acc  # the launchers' name for it
 
 OP = "local_response_norm"
+# Channels a kernel tile holds at most (every channel of a position, in registers).
+MAX_CHANNELS = 4096
 
 
 def window_bounds(size: int) -> tuple[int, int]:
@@ -30,15 +32,18 @@ def window_bounds(size: int) -> tuple[int, int]:
     return size // 2, (size - 1) // 2
 
 
-def resync_period(size: int) -> int:
-    """How often (in channels) the kernels re-sum a window exactly instead of sliding it.
+def tile_channels(channels: int) -> int:
+    """BLOCK_C of the kernels' [positions x channels] tiles: every channel of a position
+    in one tile (the next power of two >= C, at least 4: the Triton window sums work on
+    groups of 4 channels), so the window sums never leave registers.
 
-    Small windows are summed directly at every channel (n <= 3 loads, no running sum to
-    cancel); larger ones slide and re-sum every max(16, 2n) channels, which bounds the
-    error a subtracted large square can leave behind to that many steps while costing
-    under one extra (cached) load per element in the forward.
+    Raises:
+        ValueError: C exceeds MAX_CHANNELS (a row would not fit in registers).
     """
-    return 1 if size <= 3 else max(16, 2 * size)
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"{OP}: the triton and cuda kernels take at most {MAX_CHANNELS} channels, got "
+                         f"{channels}; use the torch backend")
+    return max(4, triton.next_power_of_2(channels))
 
 
 def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -52,14 +57,18 @@ def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
 
 
 def _launch(kernel, tensors, size, alpha, beta, k, like):
+    from vhist.kernels.local_response_norm import block_s
+
     n, c, s, stride_n, stride_c, stride_s = lrn_geometry(like)
+    block_c = tile_channels(c)
     lo, hi = window_bounds(size)
 
     def grid(meta):
-        return (n * triton.cdiv(s, meta["BLOCK_S"]),)
+        return (n * triton.cdiv(s, block_s(meta["TILE"], block_c)),)
 
-    kernel[grid](*tensors, n, c, s, stride_n, stride_c, stride_s, lo, hi, resync_period(size),
-                 alpha / size, beta, k, SIZE=size, ACC=_tl_acc(like.dtype))
+    # Shifts beyond the tile's width add only zeros: clip them (huge sizes stay cheap).
+    kernel[grid](*tensors, n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k,
+                 LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(like.dtype), BLOCK_C=block_c)
 
 
 # ----------------------------------------------------------------------------- triton
@@ -118,7 +127,8 @@ def _cuda_extension():
 def local_response_norm_cuda_fwd(input: torch.Tensor, size: int, alpha: float, beta: float,
                                  k: float) -> torch.Tensor:
     """Forward of LRN on the CUDA C++ kernel (csrc/local_response_norm)."""
-    return _cuda_extension().fwd(input, size, alpha, beta, k, resync_period(size))
+    tile_channels(input.shape[1])
+    return _cuda_extension().fwd(input, size, alpha, beta, k)
 
 
 @torch.library.custom_op("vhist::local_response_norm_cuda_bwd", mutates_args=())
@@ -126,7 +136,8 @@ def local_response_norm_cuda_bwd(grad_output: torch.Tensor, input: torch.Tensor,
                                  beta: float, k: float) -> torch.Tensor:
     """Input gradient of LRN on the fused CUDA C++ kernel."""
     grad_output = like_layout(grad_output, input)
-    return _cuda_extension().bwd(grad_output, input, size, alpha, beta, k, resync_period(size))
+    tile_channels(input.shape[1])
+    return _cuda_extension().bwd(grad_output, input, size, alpha, beta, k)
 
 
 local_response_norm_cuda_fwd.register_fake(_fwd_fake)
@@ -173,6 +184,7 @@ def _check_inputs(input, size):
 
 
 def _local_response_norm_triton(input, size, alpha, beta, k):
+    tile_channels(input.shape[1])
     if input.numel() == 0:
         return input
     return LocalResponseNormFunction.apply(dense_layout(input), int(size), float(alpha), float(beta),
@@ -180,6 +192,7 @@ def _local_response_norm_triton(input, size, alpha, beta, k):
 
 
 def _local_response_norm_cuda(input, size, alpha, beta, k):
+    tile_channels(input.shape[1])
     if input.device.type != "cuda":
         raise RuntimeError(f"{OP}: the cuda backend needs CUDA tensors, got a tensor on {input.device}")
     if input.numel() == 0:
@@ -201,7 +214,8 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     the window clipped at the channel edges but still divided by ``size`` (Krizhevsky
     et al., 2012, section 3.3, with alpha divided by the window size as PyTorch does).
     The kernel backends compute the power as exp(-beta * log(.)), so they need a
-    positive base: k > 0 and alpha >= 0.
+    positive base: k > 0 and alpha >= 0, and hold every channel of a position in one
+    tile, so they take at most ``MAX_CHANNELS`` (4096) channels.
 
     Args:
         input: (N, C, *spatial) with 1 to 3 spatial dims, contiguous or channels-last;
@@ -213,6 +227,9 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
 
     Returns:
         The normalized tensor, same shape, dtype and memory format as ``input``.
+
+    Raises:
+        ValueError: on the triton or cuda backend, more than ``MAX_CHANNELS`` channels.
     """
     _check_inputs(input, size)
     impl = dispatch(OP, IMPLS, input.device)
