@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parser(commands)
+    from vhist.train.download import add_data_parser
+
+    add_data_parser(commands)
     for sub in commands.choices.values():
         add_debug_flag(sub)
     return parser
