@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parser(commands)
+    from vhist.report import add_report_parser
     from vhist.train.download import add_data_parser
 
     add_data_parser(commands)
+    add_report_parser(commands)
     for sub in commands.choices.values():
         add_debug_flag(sub)
     return parser
