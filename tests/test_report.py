@@ -59,7 +59,7 @@ def test_report_table_rows_and_values(runs, tmp_path, capsys):
     assert rows[0][1] == "cifar10, 32 px" and rows[1][1] == "synthetic, 32 px" and rows[2][1] == "synthetic, 8 px"
     assert rows[0][2] == "modern (batch_size=8, epochs=1, lr=0.05, warmup_epochs=0)"
     assert rows[0][3] == "1" and rows[0][4] == mobile["device"] and rows[0][4].startswith("CPU")
-    assert rows[0][5:8] == [f"{mobile['best_val_top1']:.2f}", f"{mobile['test_top1']:.2f}", f"{mobile['test_top5']:.2f}"]
+    assert rows[0][5:8] == [f"{mobile[k]:.2f}" for k in ("best_val_top1", "test_top1", "test_top5")]
     assert rows[0][8] == "–"  # no TTA evaluation of this run
     assert rows[1][8] == f"flip {alex['test_tta']['flip']['top1']:.2f}"
     assert rows[1][6] == f"{alex['test_top1']:.2f}"
@@ -106,3 +106,17 @@ def test_every_zoo_model_has_a_year_and_label():
         assert name in LABELS, name
     assert model_year("inception_resnet_v2") == 2016 and model_year("inception_v3") == 2015
     assert model_year("resnet50") == 2015 and model_year("vit_small_patch16") == 2020
+
+
+def test_history_falls_back_to_metrics_csv(tmp_path):
+    from vhist.report import read_history
+    from vhist.train.metrics import write_metrics
+
+    history = [{"epoch": 1, "lr": 0.1, "train_loss": 2.5, "train_top1": 10.0, "val_loss": None, "val_top1": None},
+               {"epoch": 2, "lr": 0.05, "train_loss": 1.5, "train_top1": 40.0, "val_loss": 1.7, "val_top1": 35.5}]
+    write_metrics(tmp_path, history)
+    assert read_history(tmp_path) == history
+    (tmp_path / "metrics.jsonl").unlink()
+    assert read_history(tmp_path) == history
+    (tmp_path / "metrics.csv").unlink()
+    assert read_history(tmp_path) == []

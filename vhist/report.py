@@ -93,7 +93,8 @@ def read_history(run_dir: Path) -> list[dict]:
         import csv
 
         with open(run_dir / "metrics.csv", newline="") as f:
-            return [{k: float(v) if v not in ("", "None") else None for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
+        return [{k: float(v) if v not in ("", "None") else None for k, v in row.items()} for row in rows]
     return []
 
 

@@ -166,7 +166,8 @@ def fetch(url: str, part: Path, desc: str = "download") -> int:
                     f.write(data)
                     bar.update(len(data))
         except OSError as exc:
-            raise _write_error(part, exc, None if total is None else total - part.stat().st_size) from None
+            have = part.stat().st_size if part.exists() else 0
+            raise _write_error(part, exc, None if total is None else total - have) from None
         finally:
             bar.close()
     size = part.stat().st_size
