@@ -152,8 +152,10 @@ def fetch(url: str, part: Path, desc: str = "download") -> int:
                                 f"download needs {(total - offset) / 1e6:.0f} MB more (and as much again to extract)")
         print(f"downloading {url}" + (f" (resuming at byte {offset:,})" if offset else "")
               + (f": {total / 1e6:.1f} MB" if total else ""), file=sys.stderr, flush=True)
+        tty = sys.stderr.isatty()
         bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                   disable=not sys.stderr.isatty(), leave=False)
+                   disable=not tty, leave=False)
+        got, tenths = offset, offset * 10 // total if total else 0
         try:
             with open(part, mode) as f:
                 while True:
@@ -165,6 +167,11 @@ def fetch(url: str, part: Path, desc: str = "download") -> int:
                         break
                     f.write(data)
                     bar.update(len(data))
+                    got += len(data)
+                    if not tty and total and got * 10 // total > tenths:  # off a terminal: every 10%
+                        tenths = got * 10 // total
+                        print(f"{desc}: {got:,} of {total:,} bytes ({100 * got // total}%)", file=sys.stderr,
+                              flush=True)
         except OSError as exc:
             have = part.stat().st_size if part.exists() else 0
             raise _write_error(part, exc, None if total is None else total - have) from None
