@@ -309,3 +309,20 @@ def test_unknown_name_lists_close_matches(capsys):
     assert main(["data", "download", "cifar-10", "--root", "/nonexistent"]) == 2
     line = _error_line(capsys)
     assert "unknown data set 'cifar-10'; did you mean cifar10" in line and "imagenette2-320" in line
+
+
+@pytest.mark.parametrize("entry", ["link", "dotdot"])
+def test_unsafe_entries_are_refused(server, tmp_path, capsys, entry):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("imagenette2-160/train" if entry == "link" else "imagenette2-160/../../escape")
+        if entry == "link":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc"
+            tar.addfile(info)
+        else:
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    server.files["imagenette2-160.tgz"] = buf.getvalue()
+    assert _get(server, tmp_path / "root") == 2
+    assert "not a plain file or folder inside it" in _error_line(capsys)
+    assert _leftovers(tmp_path / "root") == [] and not (tmp_path / "escape").exists()
