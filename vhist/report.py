@@ -156,7 +156,8 @@ def markdown_table(records: list[dict]) -> str:
 
 def add_gmacs(records: list[dict]) -> None:
     """Sets ``record["gmacs"]`` at the run's input size (:func:`vhist.__main__.model_stats`,
-    one count per model and size); None for a model that is not registered here."""
+    with its 1000-class head, one count per model and size); None for a model that is not
+    registered here."""
     import vhist
     from vhist.__main__ import model_stats
 
