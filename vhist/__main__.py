@@ -13,7 +13,8 @@ import sys
 
 DESCRIPTION = """\
 vhist: the history of vision architectures, run on hand-written kernels.
-Train and evaluate the zoo's models, list them, and show the active backend."""
+Train and evaluate the zoo's models, list them, fetch data sets, report results, and
+show the active backend."""
 EPILOG = """\
 Expected errors print one line and exit with code 2; --debug (or VHIST_DEBUG=1) shows
 their traceback. Run 'vhist COMMAND --help' for a command's options."""
@@ -114,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
     add_eval_parser(commands)
+    from vhist.report import add_report_parser
+    from vhist.train.download import add_data_parser
+
+    add_data_parser(commands)
+    add_report_parser(commands)
     for sub in commands.choices.values():
         add_debug_flag(sub)
     return parser

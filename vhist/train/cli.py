@@ -107,6 +107,10 @@ def add_eval_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", choices=["triton", "cuda", "torch"])
+    p.add_argument("--tta", choices=["flip", "10crop"],
+                   help="test-time augmentation: softmax averaged over the image and its mirror (flip) or over "
+                        "AlexNet's 4 corner + centre patches and their mirrors (10crop) of the image resized to "
+                        "size/0.875; recorded as test_tta in the run's summary.json for its best.pt on the test split")
     p.set_defaults(run=run_eval)
     return p
 
@@ -147,10 +151,15 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     """``vhist eval``: prints the result as JSON."""
-    from vhist.train.evaluation import evaluate_checkpoint
+    import sys
+
+    from vhist.train.evaluation import evaluate_checkpoint, record_tta
 
     check_run_flags(args)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.workers,
-                                 args.device, args.backend)
+                                 args.device, args.backend, args.tta)
     print(json.dumps(result, indent=2))
+    recorded = record_tta(result)
+    if recorded is not None:
+        print(f"recorded as test_tta.{args.tta} in {recorded}", file=sys.stderr)
     return 0
