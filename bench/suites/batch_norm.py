@@ -48,13 +48,16 @@ def _providers(x, params, stats, training, backward):
             "torch_compile": call(compiled)}
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny", 6, 9), ("tiny-wide", 40, 3)] if small else RESNET50_BN_LAYERS
     batch = 2 if small else 128
     dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     for name, channels, size in layers:
         for dtype in dtypes:
+            if keep is not None and not keep(name, dtype):
+                continue
             for layout in ("channels_last", "contiguous"):
                 for mode, passes in PASSES.items():
                     x, params, stats = _make(batch, channels, size, dtype, layout, device)

@@ -108,13 +108,16 @@ def _bytes(mode, x, y, w):
             "fwd+bwd": 2 * xb + 2 * yb + xb + 2 * wb}[mode]
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny-s1", 6, 9, 1), ("tiny-s2", 5, 8, 2)] if small else LAYERS
     batch = 2 if small else 128
     dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     for name, channels, size, stride in layers:
         for dtype in dtypes:
+            if keep is not None and not keep(name, dtype):
+                continue
             for mode in MODES:
                 gen = torch.Generator(device=device).manual_seed(0)
                 x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
