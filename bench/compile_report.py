@@ -212,13 +212,28 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     with record_launches() as recorder, vhist.use_backend("triton"), _OpLabels(recorder):
-        record_suites(recorder, ops, layers, dtypes, modes)
         for name in models:
             record_model(recorder, name)
+        record_suites(recorder, ops, layers, dtypes, modes)
     t_record = time.time() - t0
     print(f"recorded {len(recorder.records)} launches in {t_record:.1f} s", flush=True)
 
     rows, compiled, cached = [], 0, 0
+    meta = {"kind": "static, sm_90 compile", "target": "cuda sm_90 (GPUTarget('cuda', 90, 32)), 132 SMs",
+            "torch": torch.__version__, "triton": __import__("triton").__version__, "git_sha": git_sha(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:] if argv is None else list(argv), "launches": len(recorder.records),
+            "record_seconds": round(t_record, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "compile_report.json")
+
+    def write(complete):
+        # Rewritten as it goes, so that a stopped run keeps what it compiled.
+        meta.update(compiled=compiled, cached=cached, seconds=round(time.time() - t0, 1), complete=complete)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"meta": meta, "summary": summarize(rows), "rows": rows}, f, separators=(",", ":"))
+        os.replace(path + ".tmp", path)
+
     for record, config, grid, _key in report.distinct_variants(recorder.records, args.max_configs):
         analysis, hit = report.cached_analysis(record, config, use_cache=not args.no_cache)
         compiled += not hit
@@ -227,22 +242,14 @@ def main(argv=None) -> int:
         row["rows_aligned16"] = rows_aligned16(record)
         row["flags"] = flags(row)
         rows.append(row)
-        if (compiled + cached) % 50 == 0:
-            print(f"  {compiled + cached} variants ({compiled} compiled, {cached} cached), "
-                  f"{time.time() - t0:.0f} s", flush=True)
+        if len(rows) % 50 == 0:
+            write(complete=False)
+            print(f"  {len(rows)} variants ({compiled} compiled, {cached} cached), {time.time() - t0:.0f} s",
+                  flush=True)
+    write(complete=True)
     if not args.quiet:
         print_table(rows)
-    summary = summarize(rows)
-    print_summary(summary)
-    meta = {"kind": "static, sm_90 compile", "target": "cuda sm_90 (GPUTarget('cuda', 90, 32)), 132 SMs",
-            "torch": torch.__version__, "triton": __import__("triton").__version__, "git_sha": git_sha(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else list(argv), "launches": len(recorder.records),
-            "compiled": compiled, "cached": cached, "seconds": round(time.time() - t0, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "compile_report.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "summary": summary, "rows": rows}, f, indent=None, separators=(",", ":"))
+    print_summary(summarize(rows))
     print(f"wrote {path} ({len(rows)} variants, {compiled} compiled, {cached} from cache, "
           f"{time.time() - t0:.0f} s)")
     return 0

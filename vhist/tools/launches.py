@@ -307,8 +307,8 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
 
     def autotune_run(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
-        launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        configs = self.prune_configs(launch_kwargs) if len(self.configs) > 1 else list(self.configs)
+        # prune_configs sees what Autotuner.run gives it: the launch kwargs, grid included.
+        configs = self.prune_configs(dict(kwargs)) if len(self.configs) > 1 else list(self.configs)
         fn, heuristics = _unwrap(self)
         recorder._record(fn, args, kwargs, list(configs), autotuned=len(self.configs) > 1, heuristics=heuristics)
         self.nargs = None
