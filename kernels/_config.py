@@ -3,11 +3,12 @@
 Autotuning on a GPU has three costs this module keeps down:
 
 * **Shortlists by shape.** A GEMM kernel's configs are pruned per launch shape before
-  any is compiled: tiles far larger than the problem, configs the compile report
-  (bench/compile_report.py, static, sm_90 compile) found spilling or over the 227 KB
-  shared-memory limit, and tilings that leave most SMs idle while another fills them
-  are dropped, and at most ``SHORTLIST`` remain (in the order of the config list, which
-  is a preference order).
+  any is compiled: tiles far larger than the problem, the configs the compile report
+  (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
+  block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
+  them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
+  dropped; at most ``SHORTLIST`` remain, in the order of the config list (a preference
+  order).
 * **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
   constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
   ``~/.cache/vhist/autotune``), one JSON file per device name and torch/triton
@@ -32,9 +33,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 # VHIST_AUTOTUNE=0: heuristic configs, no benchmarking (read when a kernel is decorated).
 AUTOTUNE = os.environ.get("VHIST_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
 SHORTLIST = 4
-# Configs the compile report flags on sm_90 in every launch it sees (spilling, or more
-# shared memory than a block may have), as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
-NEVER_LAUNCHABLE = {(128, 256, 64, 8, 4)}
+# GEMM configs the compile report (static, sm_90 compile, bf16, ResNet-50 layer3.0.conv2
+# and layer1 1x1 layers) shows at the 255-register cap in the forward or dgrad kernel
+# (no spill there, no headroom either) with one 8-warp block per SM; the 128x256x64 s4
+# also takes 192 KB of shared memory. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+EXCLUDED = {(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 256, 64, 8, 4)}
 
 
 def _gemm_dims(kernel_name: str, args: dict):
@@ -68,7 +71,7 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
         return (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps,
                 c.num_stages)
 
-    kept = [c for c in configs if spec(c) not in NEVER_LAUNCHABLE] or list(configs)
+    kept = [c for c in configs if spec(c) not in EXCLUDED] or list(configs)
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims
@@ -86,7 +89,10 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
             return triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
 
         filling = [c for c in kept if programs(c) >= sms // 2]
-        kept = filling or sorted(kept, key=programs, reverse=True)[:1]
+        # BLOCK_M < 64 compiles to mma.sync, not wgmma (a warpgroup's tile is 64 rows):
+        # only where no wgmma tiling fills the SMs.
+        wgmma = [c for c in filling if c.kwargs["BLOCK_M"] >= 64]
+        kept = wgmma or filling or sorted(kept, key=programs, reverse=True)[:1]
     return kept[:SHORTLIST] if AUTOTUNE else kept[:1]
 
 

@@ -62,13 +62,14 @@ def parts(dry: bool, work: str, py: str) -> list[dict]:
     return [
         dict(name="ceilings", cap=40, min=15, env=interp,
              cmds=[[py, "bench/ceilings.py", "--out", work] + (["--dry-run"] if dry else [])]),
-        dict(name="correctness", cap=160, min=40, env={**interp, **no_tune},
+        dict(name="correctness", cap=150, min=40, env={**interp, **no_tune},
              cmds=[tests] + ([] if dry else [[py, "scripts/check_csrc.py"]])),
         dict(name="kernels", cap=120, min=40, env=interp,
              cmds=[[py, "bench/kernels.py", "--quick", "--out", work]]),
         dict(name="models", cap=150, min=40, env={**interp, **no_tune},
-             cmds=[[py, "bench/models.py", "--models", MODELS, "--batch", "128", "--out", work]]),
-        dict(name="train", cap=45, min=20, env={**interp, **no_tune}, cmds=[train]),
+             cmds=[[py, "bench/models.py", "--models", MODELS, "--batch", "128", "--providers",
+                    "triton,torch,torch_compile", "--out", work]]),
+        dict(name="train", cap=60, min=20, env={**interp, **no_tune}, cmds=[train]),
     ]
 
 

@@ -29,13 +29,13 @@ def test_shortlist_drops_oversized_idle_and_unlaunchable_configs():
     # never the 128x256x64 s4 config, at most SHORTLIST, in the list's order.
     picked = config.shortlist("_conv2d_fwd_kernel", configs, _fwd_args(128, 56, 56, 64))
     assert 1 <= len(picked) <= config.SHORTLIST
-    assert all(c.kwargs["BLOCK_N"] <= 64 for c in picked)
+    assert all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] >= 64 for c in picked)
     assert [configs.index(c) for c in picked] == sorted(configs.index(c) for c in picked)
     # layer4 at batch 8 (M = 392, C_out 512): only tilings with >= 66 programs remain.
     picked = config.shortlist("_conv2d_fwd_kernel", configs, _fwd_args(8, 7, 7, 512))
     assert picked and all(_tiles(c, 392, 512) >= 66 for c in picked)
     assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-               not in config.NEVER_LAUNCHABLE for c in picked)
+               not in config.EXCLUDED for c in picked)
     # A kernel without a GEMM shape keeps its configs (up to SHORTLIST).
     assert config.shortlist("_bn_fwd_apply_kernel", configs[:3], {}) == configs[:3]
 
