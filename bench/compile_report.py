@@ -175,9 +175,10 @@ def is_aligned_channels_last_stream(row) -> bool:
 
 
 def rows_aligned16(record) -> bool:
-    """Every activation pointer of ``record`` is 16-byte aligned, channels-innermost
-    (stride 1 on dim 1 of a 4-D tensor) with a row of channels a multiple of 16 bytes."""
-    acts = [a for a in record.pointers() if a.shape is not None and len(a.shape) == 4]
+    """Every activation pointer of ``record`` (a 4-D tensor with more than one channel:
+    not a depthwise weight) is 16-byte aligned and channels-innermost (stride 1 on dim 1)
+    with a row of channels a multiple of 16 bytes."""
+    acts = [a for a in record.pointers() if a.shape is not None and len(a.shape) == 4 and a.shape[1] > 1]
     return bool(acts) and all(a.aligned16 and a.strides[1] == 1 and (a.shape[1] * a.itemsize) % 16 == 0
                               for a in acts)
 
