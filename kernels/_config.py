@@ -55,7 +55,7 @@ def _gemm_dims(kernel_name: str, args: dict):
     return None
 
 
-def _sm_count(args: dict) -> int:
+def _launch_sm_count(args: dict) -> int:
     import torch
 
     for value in args.values():
@@ -80,7 +80,7 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
         kept = fitting or kept[:1]
         # Drop tilings that leave more than half the SMs idle when another fills them;
         # programs are counted off the launch's own grid (split-K and taps included).
-        sms = _sm_count(args)
+        sms = _launch_sm_count(args)
         grid = args.get("grid")
 
         def programs(c):
