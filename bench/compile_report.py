@@ -196,7 +196,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no-cache", action="store_true", help="recompile even when a cached analysis exists")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--quiet", action="store_true", help="print the summary only, not the table")
+    parser.add_argument("--summarize", metavar="JSON", help="only write compile_report_summary.md (one row per "
+                        "kernel and dtype) from an earlier run's JSON into --out")
     args = parser.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            data = json.load(f)
+        path = write_summary_md(data, args.out)
+        print(f"wrote {path}")
+        return 0
 
     def listed(text, known, what):
         items = [] if text.strip() == "none" else [t.strip() for t in text.split(",") if t.strip()]
@@ -267,6 +275,47 @@ def summarize(rows) -> dict:
             if len(entry["examples"]) < 12 and example not in entry["examples"]:
                 entry["examples"].append(example)
     return out
+
+
+def write_summary_md(data: dict, out_dir: str) -> str:
+    """compile_report_summary.md: per kernel and dtype, the ranges over its variants."""
+    groups = {}
+    for r in data["rows"]:
+        if "error" not in r:
+            groups.setdefault((r["kernel"], r["dtype"]), []).append(r)
+    meta = data["meta"]
+    lines = [f"# Compile report summary ({meta['kind']})", "",
+             f"triton {meta['triton']}, torch {meta['torch']}, git {meta['git_sha'][:10]}, {meta['date']}; "
+             f"{meta['launches']} launches recorded, {len(data['rows'])} variant rows"
+             + ("" if meta.get("complete") else " (run stopped before every variant was compiled)") + ".", "",
+             "Ranges over every compiled variant (config x launch) of each kernel; no figure here was measured "
+             "on a GPU.", "",
+             "| kernel | dtype | variants | configs | regs | spill B | shared KB | blocks/SM | mma | access | "
+             "pipelined loops | fills/program | flagged |", "|" + "---|" * 13]
+
+    def span(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        lo, hi = min(values), max(values)
+        return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+    for (kernel, dtype), rows in sorted(groups.items()):
+        flagged = sum(bool(r["flags"]) for r in rows)
+        lines.append(" | ".join([
+            f"| `{kernel}`", dtype, str(len(rows)), str(len({r["config"] for r in rows})), span([r["regs"] for r in rows]),
+            span([r["spill_bytes"] for r in rows]), span([round(r["shared"] / 1024, 1) for r in rows]),
+            span([r["blocks_per_sm"] for r in rows]), ",".join(sorted({r["mma"] for r in rows})),
+            ",".join(sorted({a for r in rows for a in r["access"]})), span([r["pipelined_loops"] for r in rows]),
+            span([r["fills_per_program"] for r in rows]), str(flagged)]) + " |")
+    lines += ["", "Flags:", ""]
+    for flag, entry in sorted(data["summary"]["flags"].items()) or [("none", {"count": 0, "examples": []})]:
+        lines.append(f"- **{flag}**: {entry['count']} variants, e.g. " + "; ".join(entry["examples"][:5]))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "compile_report_summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def print_summary(summary) -> None:
