@@ -74,6 +74,7 @@ def metadata() -> dict:
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "vhist_autotune": os.environ.get("VHIST_AUTOTUNE", "1"),
     }
 
 

@@ -6,7 +6,11 @@ written to bench/results/ as JSON and CSV with the device, versions, git sha and
 Without a GPU it runs a correctness-only pass at tiny shapes through Triton's
 interpreter; timings need a GPU.
 
-    python bench/kernels.py [--ops batch_norm] [--dtype bf16] [--layout channels_last]
+    python bench/kernels.py [--ops batch_norm] [--dtype bf16] [--layout channels_last] [--quick]
+
+``--quick`` keeps a few real layers per op (QUICK below; bf16 on a GPU), every mode and
+layout: the subset scripts/gpu_run.sh times. Results are rewritten after every case, so
+a run stopped at its time cap keeps what it measured.
 """
 import argparse
 import os
@@ -31,6 +35,13 @@ SUITES = {
     "depthwise": depthwise.cases,
     "local_response_norm": local_response_norm.cases,
 }
+# --quick: a few real layers per suite (and the first tiny layer of the correctness pass).
+QUICK = {
+    "batch_norm": {"layer1.conv3", "layer3.conv2", "tiny"},
+    "conv": {"layer1.conv2", "layer3.conv3", "Mixed_6b.1x7", "vgg16.conv3_2", "tiny.3x3"},
+    "depthwise": {"v2.features4", "v1.dw7-11", "tiny-s1"},
+    "local_response_norm": {"alexnet.lrn1", "tiny"},
+}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps",
            "pct_peak_bw", "tflops", "pct_peak_flops", "speedup_vs_torch", "speedup_vs_torch_compile", "error"]
@@ -42,6 +53,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="only this dtype")
     parser.add_argument("--layout", choices=["channels_last", "contiguous"], help="only this layout")
     parser.add_argument("--mode", help="only modes containing this text (e.g. 'fwd+bwd')")
+    parser.add_argument("--quick", action="store_true", help="a few real layers per op (QUICK), bf16 on a GPU")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     ops = [op.strip() for op in args.ops.split(",") if op.strip()]
@@ -49,23 +61,30 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown ops {unknown}; choose from {', '.join(SUITES)}")
 
+    def keep(op):
+        if not args.quick:
+            return None
+        quick_dtype = DTYPES[args.dtype] if args.dtype else torch.bfloat16
+        return lambda layer, dtype: layer in QUICK[op] and (dtype == quick_dtype or not torch.cuda.is_available())
+
     def selected(case):
         return ((args.dtype is None or case.dtype == DTYPES[args.dtype])
                 and (args.layout is None or case.layout == args.layout)
                 and (args.mode is None or args.mode in case.mode))
 
     if not torch.cuda.is_available():
-        return correctness_pass(ops, selected)
+        return correctness_pass(ops, selected, keep)
 
     torch.backends.cudnn.benchmark = True
     meta = metadata()
     peaks = device_peaks(meta["device"])
     rows = []
     for op in ops:
-        for case in SUITES[op]("cuda"):
-            if selected(case):
+        for case in SUITES[op]("cuda", keep=keep(op)):
+            if selected(case) and case.providers:
                 rows.extend(measure(case, peaks))
                 print_table(rows[-len(case.providers):], COLUMNS)
+                write_results("kernels", meta, rows, args.out)
                 torch.cuda.empty_cache()
     print()
     print_table(rows, COLUMNS)
@@ -74,20 +93,25 @@ def main(argv=None):
     return 0
 
 
-def correctness_pass(ops, selected):
+def correctness_cases(ops, selected=lambda case: True, keep=lambda op: None):
+    """The cases of the CPU correctness pass: every suite's tiny shapes that have a check."""
+    for op in ops:
+        for case in SUITES[op]("cpu", small=True, keep=keep(op)):
+            if selected(case) and case.check is not None:
+                yield case
+
+
+def correctness_pass(ops, selected, keep=lambda op: None):
     print("No CUDA device: correctness-only pass through Triton's interpreter at tiny shapes.")
     print("Timings need a GPU; none are measured or written here.\n")
     failures, rows = 0, []
-    for op in ops:
-        for case in SUITES[op]("cpu", small=True):
-            if not selected(case) or case.check is None:
-                continue
-            err = case.check()
-            ok = err <= case.tolerance
-            failures += not ok
-            rows.append({"op": case.op, "layer": case.layer, "shape": "x".join(map(str, case.shape)),
-                         "dtype": str(case.dtype).replace("torch.", ""), "layout": case.layout,
-                         "mode": case.mode, "max_abs_err": err, "status": "ok" if ok else "FAIL"})
+    for case in correctness_cases(ops, selected, keep):
+        err = case.check()
+        ok = err <= case.tolerance
+        failures += not ok
+        rows.append({"op": case.op, "layer": case.layer, "shape": "x".join(map(str, case.shape)),
+                     "dtype": str(case.dtype).replace("torch.", ""), "layout": case.layout,
+                     "mode": case.mode, "max_abs_err": err, "status": "ok" if ok else "FAIL"})
     print_table(rows, ["op", "layer", "shape", "dtype", "layout", "mode", "max_abs_err", "status"])
     print(f"\n{len(rows) - failures} passed, {failures} failed")
     return 1 if failures else 0

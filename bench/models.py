@@ -10,7 +10,9 @@ weights. Providers, in the same run and on the same batch:
 * ``torch``: the torch backend in eager mode (the baseline);
 * ``torch_compile``: ``torch.compile`` of the torch-backend model.
 
-For each it reports the median step time (``triton.testing.do_bench`` after warm-up,
+For each it reports the wall time of the first step (compilation and autotuning: Triton
+kernels are tuned over per-shape shortlists, or not at all with ``VHIST_AUTOTUNE=0``, and
+tuned picks are reused from the on-disk cache, see kernels/_config.py), the median step time (``triton.testing.do_bench`` after warm-up,
 with 20th/80th percentiles), images/s, peak allocated memory, and the speedups over
 ``torch`` and ``torch_compile``; rows go to bench/results/ as JSON and CSV with the
 device, versions, git sha and date (bench/common.py). Without a GPU nothing is timed: a
@@ -23,6 +25,7 @@ import argparse
 import fnmatch
 import os
 import sys
+import time
 
 import torch
 
@@ -35,7 +38,7 @@ import vhist  # noqa: E402
 from common import PROVIDERS, metadata, print_table, time_ms, write_results  # noqa: E402
 from vhist.__main__ import default_image_size  # noqa: E402
 
-COLUMNS = ["model", "provider", "batch", "image_size", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
+COLUMNS = ["model", "provider", "batch", "image_size", "first_step_s", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
            "speedup_vs_torch", "speedup_vs_torch_compile", "error"]
 SMOKE_MODELS = ("resnet18", "mobilenet_v2")
 
@@ -77,8 +80,13 @@ def bench_model(name: str, providers, batch: int) -> list[dict]:
         try:
             step, size = make_step(name, provider, batch)
             row["image_size"] = size
-            step()  # compiles (torch.compile, Triton autotune) outside the timed region
+            # The first step compiles (torch.compile, Triton kernels) and autotunes, outside
+            # the timed region; its wall time is the cost a first run pays.
             torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            row["first_step_s"] = time.perf_counter() - start
             torch.cuda.reset_peak_memory_stats()
             median, p20, p80 = time_ms(step)
             row.update(ms=median, ms_p20=p20, ms_p80=p80, img_per_s=batch / median * 1e3,
@@ -131,6 +139,7 @@ def main(argv=None) -> int:
     for name in names:
         rows.extend(bench_model(name, providers, args.batch))
         print_table(rows[-len(providers):], COLUMNS)
+        write_results("models", meta, rows, args.out)  # a run stopped at its cap keeps these
     print()
     print_table(rows, COLUMNS)
     for path in write_results("models", meta, rows, args.out):

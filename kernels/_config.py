@@ -1,15 +1,177 @@
-"""Helpers shared by the kernel files: interpreter detection and autotuning."""
+"""Helpers shared by the kernel files: interpreter detection and autotuning.
+
+Autotuning on a GPU has three costs this module keeps down:
+
+* **Shortlists by shape.** A GEMM kernel's configs are pruned per launch shape before
+  any is compiled: tiles far larger than the problem, the configs the compile report
+  (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
+  block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
+  them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
+  dropped; at most ``SHORTLIST`` remain, in the order of the config list (a preference
+  order).
+* **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
+  constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
+  ``~/.cache/vhist/autotune``), one JSON file per device name and torch/triton
+  version, and reused by later processes without benchmarking.
+* **No tuning at all.** ``VHIST_AUTOTUNE=0`` launches the first shortlisted config
+  (the heuristic choice) and never benchmarks.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
 import os
 
 import triton
+from triton.runtime.jit import KernelInterface
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the mode of every kernel
 # in this package is fixed when the package is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+# VHIST_AUTOTUNE=0: heuristic configs, no benchmarking (read when a kernel is decorated).
+AUTOTUNE = os.environ.get("VHIST_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+SHORTLIST = 4
+# GEMM configs the compile report (static, sm_90 compile, bf16, ResNet-50 layer3.0.conv2
+# and layer1 1x1 layers) shows at the 255-register cap in the forward or dgrad kernel
+# (no spill there, no headroom either) with one 8-warp block per SM; the 128x256x64 s4
+# also takes 192 KB of shared memory. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+EXCLUDED = {(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 256, 64, 8, 4)}
+
+
+def _gemm_dims(kernel_name: str, args: dict):
+    """(M, N) of the GEMM one program tiles by (BLOCK_M, BLOCK_N), from the size
+    arguments; None when they are not there (then no shape pruning happens)."""
+    try:
+        if kernel_name == "_conv2d_fwd_kernel":
+            return args["N"] * args["OH"] * args["OW"], args["CG_OUT"]
+        if kernel_name == "_conv2d_bwd_dgrad_kernel":
+            return args["N"] * args["H"] * args["W"], args["CG_IN"]
+        if kernel_name == "_conv2d_bwd_wgrad_kernel":
+            return args["CG_OUT"], args["CG_IN"]
+    except KeyError:
+        return None
+    return None
+
+
+def _launch_sm_count(args: dict) -> int:
+    import torch
+
+    for value in args.values():
+        if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+            return torch.cuda.get_device_properties(value.device).multi_processor_count
+    return 132  # an H100/H200 SXM: the target the report compiles for
+
+
+def shortlist(kernel_name: str, configs: list, args: dict) -> list:
+    """The configs worth tuning for this launch (see the module docstring), at most
+    ``SHORTLIST``, in the order given; never empty."""
+    def spec(c):
+        return (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps,
+                c.num_stages)
+
+    kept = [c for c in configs if spec(c) not in EXCLUDED] or list(configs)
+    dims = _gemm_dims(kernel_name, args)
+    if dims is not None:
+        m, n = dims
+        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
+                   and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
+        kept = fitting or kept[:1]
+        # Drop tilings that leave more than half the SMs idle when another fills them;
+        # programs are counted off the launch's own grid (split-K and taps included).
+        sms = _launch_sm_count(args)
+        grid = args.get("grid")
+
+        def programs(c):
+            if callable(grid):
+                return math.prod(grid({**args, **c.all_kwargs()}))
+            return triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+
+        filling = [c for c in kept if programs(c) >= sms // 2]
+        # BLOCK_M < 64 compiles to mma.sync, not wgmma (a warpgroup's tile is 64 rows):
+        # only where no wgmma tiling fills the SMs.
+        wgmma = [c for c in filling if c.kwargs["BLOCK_M"] >= 64]
+        kept = wgmma or filling or sorted(kept, key=programs, reverse=True)[:1]
+    return kept[:SHORTLIST] if AUTOTUNE else kept[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_path(device_name: str) -> str:
+    import torch
+
+    root = os.environ.get("VHIST_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vhist",
+                                                               "autotune"))
+    name = f"{device_name}-torch{torch.__version__}-triton{triton.__version__}"
+    return os.path.join(root, "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in name) + ".json")
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def launch_device(args):
+    """The device of a launch's first tensor argument (None without one)."""
+    import torch
+
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
+class TunedKernel(KernelInterface):
+    """A ``triton.autotune`` kernel whose picks persist on disk across processes.
+
+    Attribute access falls through to the wrapped ``Autotuner`` (``best_config``,
+    ``configs``, ``fn``), so launchers use it as they would the autotuner.
+    """
+
+    def __init__(self, autotuner):
+        self.autotuner = autotuner
+
+    def __getattr__(self, name):
+        return getattr(self.autotuner, name)
+
+    def _key(self, args, kwargs) -> str:
+        tuner = self.autotuner
+        named = {**dict(zip(tuner.arg_names, args)), **kwargs}
+        key = [repr(named[k]) for k in tuner.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        key += [f"{k}={v}" for k, v in sorted(kwargs.items()) if not hasattr(v, "dtype")]
+        configs = hashlib.sha256("|".join(str(c) for c in tuner.configs).encode()).hexdigest()[:12]
+        return f"{tuner.base_fn.__name__}|{'|'.join(key)}|{configs}"
+
+    def run(self, *args, **kwargs):
+        import torch
+
+        tuner = self.autotuner
+        device = launch_device(args)
+        if not AUTOTUNE or len(tuner.configs) < 2 or device is None or device.type != "cuda":
+            return tuner.run(*args, **kwargs)
+        path = _cache_path(torch.cuda.get_device_name(device))
+        key = self._key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+        stored = _load(path).get(key)
+        if stored is not None:
+            pick = triton.Config(stored["kwargs"], num_warps=stored["num_warps"], num_stages=stored["num_stages"])
+            tuner.best_config = pick
+            return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
+        ret = tuner.run(*args, **kwargs)
+        best = tuner.best_config
+        entries = _load(path)
+        entries[key] = {"kwargs": best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+        return ret
 
 
 def autotune(configs, key, **kwargs):
-    """``triton.autotune`` on a GPU; the first config, fixed, under the interpreter.
+    """``triton.autotune`` over per-shape shortlists with on-disk picks on a GPU; the
+    first config, fixed, under the interpreter.
 
     The interpreter has no device timer to tune with, and running every config there
     would only slow the CPU tests down.
@@ -17,4 +179,13 @@ def autotune(configs, key, **kwargs):
     if INTERPRETED:
         fixed = configs[0].kwargs
         return triton.heuristics({name: (lambda _args, v=value: v) for name, value in fixed.items()})
-    return triton.autotune(configs=configs, key=key, **kwargs)
+
+    def decorate(fn):
+        def prune(candidates, named_args, **launch_kwargs):
+            return shortlist(fn.__name__, candidates, {**named_args, **launch_kwargs})
+
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                **kwargs)(fn)
+        return TunedKernel(tuner)
+
+    return decorate

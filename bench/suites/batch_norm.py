@@ -1,4 +1,5 @@
-"""Batch norm at the distinct BN layers of ResNet-50 (batch 128, 224 px)."""
+"""Batch norm at the distinct BN layers of ResNet-50 (batch 128, 224 px); the correctness
+pass also checks sync_batch_norm in a one-process group against batch norm."""
 import torch
 
 import vhist
@@ -48,13 +49,16 @@ def _providers(x, params, stats, training, backward):
             "torch_compile": call(compiled)}
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny", 6, 9), ("tiny-wide", 40, 3)] if small else RESNET50_BN_LAYERS
     batch = 2 if small else 128
     dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     for name, channels, size in layers:
         for dtype in dtypes:
+            if keep is not None and not keep(name, dtype):
+                continue
             for layout in ("channels_last", "contiguous"):
                 for mode, passes in PASSES.items():
                     x, params, stats = _make(batch, channels, size, dtype, layout, device)
@@ -65,6 +69,36 @@ def cases(device, small=False):
                         bytes=passes * x.numel() * x.element_size(),
                         check=lambda x=x, p=params, s=stats, t=training: _check(x, p, s, t),
                         tolerance=1e-4)
+    if small:
+        # Correctness only: one process cannot show what synchronizing costs.
+        x, params, stats = _make(batch, 6, 5, torch.float32, "channels_last", device)
+        yield Case(op="sync_batch_norm", layer="tiny", shape=tuple(x.shape), dtype=torch.float32,
+                   layout="channels_last", mode="train fwd+bwd", providers={},
+                   check=lambda: _sync_check(x, params, stats), tolerance=1e-4)
+
+
+def _sync_check(x, params, stats):
+    """sync_batch_norm in a one-process gloo group (CPU correctness pass) against
+    single-process batch norm: max abs difference of the output and every gradient."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        store = tempfile.NamedTemporaryFile(delete=False)
+        dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        results = []
+        for fn in (vhist.ops.sync_batch_norm, reference.batch_norm):
+            xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, *params))
+            with vhist.use_backend("triton"):
+                y = fn(xg, *(s.clone() for s in stats), wg, bg, True)
+            results.append((y, *torch.autograd.grad(y, (xg, wg, bg), torch.ones_like(y) + xg.detach())))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(*results))
 
 
 def _check(x, params, stats, training):

@@ -153,8 +153,9 @@ def _check(kind, x, w, bn, bias, stride, padding, training):
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(*results))
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     if small:
         groups = [("fused_conv_bn_relu", "bn", SMALL_LAYERS), ("conv2d", "bias", SMALL_LAYERS[:1])]
     else:
@@ -165,6 +166,8 @@ def cases(device, small=False):
     for op, kind, layers in groups:
         for name, c_in, c_out, kernel, stride, padding, size in layers:
             for dtype in dtypes:
+                if keep is not None and not keep(name, dtype):
+                    continue
                 for mode in MODES:
                     training = mode.startswith("train")
                     x, w, bn, bias = _make(batch, c_in, c_out, (kernel, size), dtype, device)

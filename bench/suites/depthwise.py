@@ -10,12 +10,15 @@ on: F.conv2d(groups=C) and aten.convolution_backward with the same output mask);
 Bytes are the minimal traffic of each mode, every tensor moved once: fwd reads x and
 writes y; bwd-input reads dy and writes dx; bwd-weight reads dy and x; fwd+bwd moves
 x, y (forward), dy, x again and dx (backward). The weights (C*9 elements) are counted
-too but are negligible.
+too but are negligible. fused_depthwise_bn_act (depthwise -> BN -> ReLU6) runs "train
+fwd+bwd" and "eval fwd"; its minimal traffic is x + y in eval and 3x + 3y in training
+(forward: x, y; backward: dy, x, the saved conv output, dx; weights not counted).
 """
 import torch
 import torch.nn.functional as F
 
 import vhist  # noqa: F401  (registers the custom ops)
+from vhist import reference
 from vhist.ops.depthwise import depthwise_geometry
 
 from common import Case
@@ -37,6 +40,8 @@ MOBILENET_V2 = [
 ]
 LAYERS = MOBILENET_V1 + MOBILENET_V2
 MODES = ("fwd", "bwd-input", "bwd-weight", "fwd+bwd")
+# fused_depthwise_bn_act (MobileNet's dw -> BN -> ReLU6) in training and eval.
+FUSED_MODES = ("train fwd+bwd", "eval fwd")
 
 
 def _conv_args(channels, size, stride):
@@ -108,13 +113,16 @@ def _bytes(mode, x, y, w):
             "fwd+bwd": 2 * xb + 2 * yb + xb + 2 * wb}[mode]
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny-s1", 6, 9, 1), ("tiny-s2", 5, 8, 2)] if small else LAYERS
     batch = 2 if small else 128
     dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     for name, channels, size, stride in layers:
         for dtype in dtypes:
+            if keep is not None and not keep(name, dtype):
+                continue
             for mode in MODES:
                 gen = torch.Generator(device=device).manual_seed(0)
                 x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
@@ -129,6 +137,58 @@ def cases(device, small=False):
                 yield Case(op="depthwise_conv2d", layer=name, shape=tuple(x.shape), dtype=dtype,
                            layout="channels_last", mode=mode, providers=providers, bytes=_bytes(mode, x, dy, w),
                            check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride})
+            for mode in FUSED_MODES:
+                gen = torch.Generator(device=device).manual_seed(0)
+                x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
+                x = x.to(memory_format=torch.channels_last)
+                w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
+                f32 = dict(device=device, dtype=torch.float32)
+                bn = (torch.rand(channels, **f32) + 0.5, torch.randn(channels, **f32), torch.zeros(channels, **f32),
+                      torch.ones(channels, **f32))
+                training = mode.startswith("train")
+                providers = _fused_providers(x, w, bn, stride, training)
+                x_bytes = x.numel() * x.element_size()
+                y_bytes = x_bytes // (stride * stride)
+                yield Case(op="fused_depthwise_bn_act", layer=name, shape=tuple(x.shape), dtype=dtype,
+                           layout="channels_last", mode=mode, providers=providers,
+                           bytes=3 * x_bytes + 3 * y_bytes if training else x_bytes + y_bytes,
+                           check=lambda a=(x, w, bn, stride, training): _fused_check(*a), tolerance=1e-3,
+                           extra={"stride": stride})
+
+
+def _fused_fn(backend):
+    def fn(x, w, gamma, beta, rm, rv, stride, training):
+        if backend is None:
+            return reference.fused_depthwise_bn_act(x, w, gamma, beta, rm, rv, stride=stride, padding=1,
+                                                    training=training)
+        with vhist.use_backend(backend):
+            return vhist.ops.fused_depthwise_bn_act(x, w, gamma, beta, rm, rv, stride=stride, padding=1,
+                                                    training=training)
+    return fn
+
+
+def _fused_providers(x, w, bn, stride, training):
+    """depthwise -> BN -> ReLU6 (MobileNet); training: forward and every gradient."""
+    fns = {"triton": _fused_fn("triton"), "torch": _fused_fn(None)}
+    fns["torch_compile"] = torch.compile(fns["torch"], dynamic=False)
+    if not training:
+        return {name: (lambda fn=fn: fn(x, w, *bn, stride, False)) for name, fn in fns.items()}
+    leaves = [t.detach().requires_grad_() for t in (x, w, bn[0], bn[1])]
+    with torch.no_grad():
+        grad_out = torch.randn_like(fns["torch"](x, w, *bn, stride, True))
+    return {name: (lambda fn=fn: torch.autograd.grad(fn(*leaves, bn[2], bn[3], stride, True), leaves, grad_out))
+            for name, fn in fns.items()}
+
+
+def _fused_check(x, w, bn, stride, training):
+    """Max abs difference between the triton and torch backends (output and gradients)."""
+    results = []
+    for backend in ("triton", None):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn[0], bn[1])]
+        y = _fused_fn(backend)(*leaves, bn[2].clone(), bn[3].clone(), stride, training)
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y) + y.detach()) if training else ()
+        results.append((y, *grads))
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(*results))
 
 
 def _check(providers):

@@ -56,14 +56,17 @@ def _providers(x, backward, with_cuda):
     return {name: (lambda fn=fn: torch.autograd.grad(fn(xg), xg, grad_out)) for name, fn in fns.items()}
 
 
-def cases(device, small=False):
-    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass."""
+def cases(device, small=False, keep=None):
+    """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
+    ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny", 7, 3), ("tiny-wide", 20, 2)] if small else LAYERS
     batch = 2 if small else 128
     dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     with_cuda = device == "cuda"
     for name, channels, spatial in layers:
         for dtype in dtypes:
+            if keep is not None and not keep(name, dtype):
+                continue
             for layout in ("channels_last", "contiguous"):
                 for mode, passes in PASSES.items():
                     x = _make(batch, channels, spatial, dtype, layout, device)

@@ -1,0 +1,93 @@
+"""kernels/_config.py: per-shape shortlists, on-disk tuned picks, VHIST_AUTOTUNE=0."""
+import json
+import types
+
+import torch
+import triton
+
+import vhist.kernels._config as config
+
+
+def _gemm_configs():
+    rows = [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (32, 64, 32, 4, 3),
+            (128, 256, 64, 8, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in rows]
+
+
+def _fwd_args(n, oh, ow, cg_out):
+    return {"N": n, "OH": oh, "OW": ow, "CG_OUT": cg_out, "CG_IN": 64, "H": oh, "W": ow}
+
+
+def _tiles(c, m, n):
+    return triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+
+
+def test_shortlist_drops_oversized_idle_and_unlaunchable_configs():
+    configs = _gemm_configs()
+    # ResNet-50 layer1 (M = 128*56*56, C_out 64): no tile wider than the 64 channels,
+    # never the 128x256x64 s4 config, at most SHORTLIST, in the list's order.
+    picked = config.shortlist("_conv2d_fwd_kernel", configs, _fwd_args(128, 56, 56, 64))
+    assert 1 <= len(picked) <= config.SHORTLIST
+    assert all(c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] >= 64 for c in picked)
+    assert [configs.index(c) for c in picked] == sorted(configs.index(c) for c in picked)
+    # layer4 at batch 8 (M = 392, C_out 512): only tilings with >= 66 programs remain.
+    picked = config.shortlist("_conv2d_fwd_kernel", configs, _fwd_args(8, 7, 7, 512))
+    assert picked and all(_tiles(c, 392, 512) >= 66 for c in picked)
+    assert all((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+               not in config.EXCLUDED for c in picked)
+    # A kernel without a GEMM shape keeps its configs (up to SHORTLIST).
+    assert config.shortlist("_bn_fwd_apply_kernel", configs[:3], {}) == configs[:3]
+
+
+def test_shortlist_counts_programs_off_the_launch_grid():
+    configs = _gemm_configs()
+    args = {**_fwd_args(128, 7, 7, 64), "CG_IN": 64, "CG_OUT": 64,
+            "grid": lambda meta: (triton.cdiv(64, meta["BLOCK_M"]) * triton.cdiv(64, meta["BLOCK_N"]), 9, 59)}
+    picked = config.shortlist("_conv2d_bwd_wgrad_kernel", configs, args)
+    assert picked[0].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # 531 programs: split-K fills
+
+
+def test_no_autotune_launches_the_first_shortlisted_config(monkeypatch):
+    monkeypatch.setattr(config, "AUTOTUNE", False)
+    configs = _gemm_configs()
+    assert config.shortlist("_conv2d_fwd_kernel", configs, _fwd_args(128, 56, 56, 64)) == [configs[0]]
+
+
+class _Tuner:
+    """The parts of triton's Autotuner that TunedKernel uses."""
+
+    def __init__(self, configs):
+        self.configs, self.keys, self.arg_names = configs, ["M"], ["X", "M"]
+        self.base_fn = types.SimpleNamespace(__name__="_stub_kernel")
+        self.tuned, self.direct = 0, []
+        self.fn = types.SimpleNamespace(run=lambda *a, **kw: self.direct.append(kw))
+
+    def run(self, *args, **kwargs):
+        self.tuned += 1
+        self.best_config = self.configs[1]
+
+
+def test_tuned_picks_persist_across_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("VHIST_AUTOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    monkeypatch.setattr(config, "launch_device", lambda args: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    config._cache_path.cache_clear()
+    x = torch.empty(4)
+    first = config.TunedKernel(_Tuner(_gemm_configs()))
+    first.run(x, 4096, grid=(1,), warmup=False)
+    assert first.tuned == 1
+    (path,) = tmp_path.iterdir()
+    assert "NVIDIA_H200" in path.name and f"triton{triton.__version__}" in path.name
+    assert list(json.loads(path.read_text()).values()) == [
+        {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, "num_warps": 8, "num_stages": 3}]
+    # A new process (a new kernel object) launches the stored pick without tuning.
+    second = config.TunedKernel(_Tuner(_gemm_configs()))
+    second.run(x, 4096, grid=(1,), warmup=False)
+    assert second.tuned == 0 and second.best_config.kwargs["BLOCK_M"] == 128
+    assert second.direct[0]["BLOCK_M"] == 128 and second.direct[0]["num_warps"] == 8
+    # Another shape is tuned again.
+    second.run(x, 8192, grid=(1,), warmup=False)
+    assert second.tuned == 1
+    config._cache_path.cache_clear()
