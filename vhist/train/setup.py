@@ -213,18 +213,22 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
                 dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
     import vhist
+    from vhist.models import DropPath
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     extra = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+    no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
+                              "vit_* have it)")
     try:
         model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
-        raise ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
-                         "vit_* have it)") from None
+        raise no_drop_path from None
+    if recipe.drop_path and not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
+        raise no_drop_path  # an entrypoint that took the keyword and ignored it
     if cfg.sync_bn:
         model = vhist.nn.convert_sync_batchnorm(model)
     model = model.to(device)
