@@ -426,6 +426,11 @@ def test_all_regularizers_train_and_resume_bitwise(tmp_path, cifar, capsys):
     best = max(max(r["val_top1"], r["ema_val_top1"]) for r in rows)
     assert summary["best_val_top1"] == best
     assert straight["ema"]["updates"] == 2 * (52 // 8)
+    best_state = ckpt.load(run / "best.pt")
+    weights, which = ckpt.selected_weights(best_state)
+    assert which == summary["best_weights"] == best_state["best"]["weights"]
+    assert weights is (best_state["ema"]["module"] if which == "ema" else best_state["model"])
+    assert list(weights) == list(best_state["model"])
     assert straight["recipe"]["drop_path"] == 0.2 and straight["recipe"]["auto_augment"] == "rand-m9-n2"
 
     # without the regularizers the same seed trains differently

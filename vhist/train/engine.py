@@ -6,12 +6,16 @@ A run folder holds:
 
 * ``config.json``: the command, the resolved recipe, data, model, device and versions;
 * ``metrics.jsonl`` and ``metrics.csv``: one row per epoch (train and validation loss
-  and accuracy, learning rate, img/s, epoch time);
+  and accuracy, learning rate, img/s, epoch time; with ``--ema`` also the EMA weights'
+  validation loss and accuracy and the decay in use);
 * ``curves.png``: loss and accuracy per epoch (matplotlib, Agg backend);
 * ``last.pt`` (every epoch, on Ctrl-C, and with ``--stop-after-epochs``) and ``best.pt``
-  (highest validation top-1), both complete resumable checkpoints written atomically;
+  (highest validation top-1 of the raw or, with ``--ema``, the EMA weights, whichever is
+  higher; ``best["weights"]`` says which), both complete resumable checkpoints (with the
+  EMA) written atomically;
 * ``summary.json``: the test top-1/top-5 of the best-on-validation weights (evaluated
-  once, at the end), wall time, img/s, skipped corrupt images and the final status.
+  once, at the end; ``best_weights``: raw or ema), wall time, img/s, skipped corrupt
+  images and the final status.
 """
 from __future__ import annotations
 
