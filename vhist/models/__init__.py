@@ -6,5 +6,5 @@ from vhist.models._registry import (ModelConfig, create_model, list_models, mode
 from vhist.models import (alexnet, bn_inception, inception_resnet, inception_v3, inception_v4,  # noqa: F401,E402
                           mobilenet, resnet, vgg, vit)
 
-__all__ = ["DropPath", "ModelConfig", "create_model", "list_models", "model_config", "register_model", "unknown_model_message",
-           "drop_path_rates"]
+__all__ = ["DropPath", "ModelConfig", "create_model", "drop_path_rates", "list_models", "model_config",
+           "register_model", "unknown_model_message"]

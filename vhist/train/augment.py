@@ -262,15 +262,13 @@ def auto_augment(batch: torch.Tensor, spec: str, rng: np.random.Generator) -> to
     x, size = batch.float(), min(batch.shape[-2:])
     space = WIDE_OPS if kind == "trivial" else RAND_OPS
     names = list(space)
+    table = {name: op.magnitudes(BINS, size) if op.magnitudes else np.zeros(BINS) for name, op in space.items()}
     for _ in range(n_ops):
         picks = [names[k] for k in rng.integers(0, len(names), size=len(x))]
         bins = rng.integers(0, BINS, size=len(x)) if kind == "trivial" else np.full(len(x), m)
         signs = np.where(rng.random(len(x)) < 0.5, -1.0, 1.0)
-        mags = np.zeros(len(x))
-        for i, (name, b) in enumerate(zip(picks, bins)):
-            op = space[name]
-            if op.magnitudes is not None:
-                mags[i] = op.magnitudes(BINS, size)[b] * (signs[i] if op.signed else 1.0)
+        mags = np.array([table[name][b] * (sign if space[name].signed else 1.0)
+                         for name, b, sign in zip(picks, bins, signs)])
         x = apply_ops(x, picks, mags, space)
     return x.round().clamp_(0, 255).to(torch.uint8) if batch.dtype == torch.uint8 else x
 

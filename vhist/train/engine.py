@@ -165,8 +165,8 @@ def evaluate(model, loader, device, channels_last: bool, amp_dtype, cached_augme
 def _evaluate_split(run: Run, split: str, desc: str, model: Optional[torch.nn.Module] = None) -> dict:
     """``model`` (default: the trained net) on the validation or test split."""
     loader = run.loaders.val if split == "val" else run.loaders.test
-    return evaluate(run.net if model is None else model, loader, run.device, run.channels_last, run.amp_dtype, run.loaders.cached_augment,
-                    desc, run.dist)
+    return evaluate(run.net if model is None else model, loader, run.device, run.channels_last, run.amp_dtype,
+                    run.loaders.cached_augment, desc, run.dist)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -342,7 +342,7 @@ def end_epoch(run: Run, state: RunState, ep: EpochProgress) -> None:
            "epoch_time_s": ep.time, "train_img_per_s": count_total / max(ep.time, 1e-9)}
     if run.ema is not None:
         row.update(ema_val_loss=ema_val and ema_val["loss"], ema_val_top1=ema_val and ema_val["top1"],
-                   ema_val_top5=ema_val and ema_val["top5"], ema_decay=run.ema.decay_at(run.ema.updates))
+                   ema_val_top5=ema_val and ema_val["top5"], ema_decay=run.ema.decay_at(max(run.ema.updates - 1, 0)))
     state.history.append(row)
     weights, score = select_weights(val, ema_val, run.ema is not None)
     is_best = score is None or score > state.best["val_top1"]
