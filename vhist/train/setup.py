@@ -301,8 +301,8 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
     schedule = LRSchedule(optimizer, recipe, loaders.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    ema = ModelEma(model, recipe.ema) if recipe.ema else None  # copied before the probe hooks the model
     probe = SyncBNProbe(model) if cfg.sync_bn else None
-    ema = ModelEma(model, recipe.ema) if recipe.ema else None
     augment = BatchAugment(recipe.auto_augment, recipe.random_erasing,
                            MixSpec(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.mix_switch_prob,
                                    recipe.label_smoothing))
