@@ -78,3 +78,42 @@ def init_conv_bn(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016),
+    per sample as in FractalNet / timm's ``DropPath``: in training, each sample's residual
+    branch is zeroed with probability ``drop_prob`` and the kept ones are scaled by
+    ``1 / (1 - drop_prob)``, so the expectation is unchanged; the identity in eval.
+
+    The mask is drawn from the global torch generator (as ``nn.Dropout``), whose state the
+    training checkpoints hold, so ``--resume`` reproduces it. No parameters or buffers:
+    adding it leaves a model's ``state_dict`` unchanged.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0 <= drop_prob < 1:
+            raise ValueError(f"drop path probability must be >= 0 and < 1, got {drop_prob!r}")
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Per-block drop probabilities rising linearly from 0 to ``rate`` over ``blocks``
+    residual blocks (Huang et al. 2016, §3: "linear decay rule" of the survival
+    probability)."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"drop_path_rate must be >= 0 and < 1, got {rate!r}")
+    if blocks <= 1:
+        return [0.0] * blocks
+    return [rate * i / (blocks - 1) for i in range(blocks)]

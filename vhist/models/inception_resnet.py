@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, scaled
+from vhist.models._common import DropPath, check_image_size, drop_path_rates, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 75
@@ -52,13 +52,15 @@ def conv_block(cin: int, cout: int, kernel_size, stride=1, padding=0) -> vnn.Con
 
 
 class _Residual(nn.Module):
-    """relu(scale · up(cat(branches)) + x): the residual join shared by all blocks."""
+    """relu(drop_path(scale · up(cat(branches))) + x): the residual join shared by all
+    blocks (``drop_path``: stochastic depth, identity unless set)."""
 
     scale: float
     relu: bool
+    drop_path: DropPath
 
     def _join(self, branches: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2d(torch.cat(branches, 1)) * self.scale + x
+        out = self.drop_path(self.conv2d(torch.cat(branches, 1)) * self.scale) + x
         return torch.relu(out) if self.relu else out
 
     def extra_repr(self) -> str:
@@ -68,10 +70,10 @@ class _Residual(nn.Module):
 class Block35(_Residual):
     """35×35 residual block: v2 Fig. 16 (320 wide), v1 Fig. 10 (256 wide)."""
 
-    def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True):
+    def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True, drop_path: float = 0.0):
         super().__init__()
         b0, b1, (b2a, b2b, b2c) = widths
-        self.scale, self.relu = scale, relu
+        self.scale, self.relu, self.drop_path = scale, relu, DropPath(drop_path)
         self.branch0 = conv_block(cin, b0, 1)
         self.branch1 = nn.Sequential(conv_block(cin, b1, 1), conv_block(b1, b1, 3, padding=1))
         self.branch2 = nn.Sequential(conv_block(cin, b2a, 1), conv_block(b2a, b2b, 3, padding=1),
@@ -87,11 +89,11 @@ class _FactorizedBlock(_Residual):
 
     K = 7
 
-    def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True):
+    def __init__(self, cin: int, widths: tuple, scale: float = 1.0, relu: bool = True, drop_path: float = 0.0):
         super().__init__()
         b0, (b1a, b1b, b1c) = widths
         k, p = self.K, self.K // 2
-        self.scale, self.relu = scale, relu
+        self.scale, self.relu, self.drop_path = scale, relu, DropPath(drop_path)
         self.branch0 = conv_block(cin, b0, 1)
         self.branch1 = nn.Sequential(conv_block(cin, b1a, 1), conv_block(b1a, b1b, (1, k), padding=(0, p)),
                                      conv_block(b1b, b1c, (k, 1), padding=(p, 0)))
@@ -191,12 +193,15 @@ class InceptionResNet(nn.Module):
             ``block8``), (5, 10, 5) for v1; fewer only to make tests fast.
         final_block: v1 only: end with the extra linear Block8 (scale 1, no ReLU) of
             the common implementations (see the module docstring); v2 always has it.
+        drop_path_rate: stochastic depth of the residual blocks, rising linearly from 0
+            in the first Block35 to this in the last residual block (Huang et al. 2016).
         channel_divisor: test-only, not a paper knob: divides every width.
     """
 
     def __init__(self, version: int = 2, num_classes: int = 1000, image_size: int = 299,
                  residual_scale: Scales = (0.17, 0.10, 0.20), dropout: float = 0.2,
-                 num_blocks: Optional[Sequence[int]] = None, final_block: bool = True, channel_divisor: int = 1):
+                 num_blocks: Optional[Sequence[int]] = None, final_block: bool = True, drop_path_rate: float = 0.0,
+                 channel_divisor: int = 1):
         super().__init__()
         if version == 2 and not final_block:
             raise ValueError("inception_resnet_v2 always ends with its linear block8 (timm's layout)")
@@ -223,12 +228,15 @@ class InceptionResNet(nn.Module):
             self.mixed_5b = Mixed_5b(channel_divisor)
         else:
             self.conv2d_4b = conv_block(c(192), c(256), 3, 2)
-        self.repeat = nn.Sequential(*[Block35(w35, cs(layout["b35"]), s35) for _ in range(n35)])
+        rates = iter(drop_path_rates(drop_path_rate, n35 + n17 + n8 + int(final_block)))
+        self.repeat = nn.Sequential(*[Block35(w35, cs(layout["b35"]), s35, drop_path=next(rates))
+                                      for _ in range(n35)])
         self.mixed_6a = Mixed_6a(w35, *cs(layout["m6a"]))
-        self.repeat_1 = nn.Sequential(*[Block17(w17, cs(layout["b17"]), s17) for _ in range(n17)])
+        self.repeat_1 = nn.Sequential(*[Block17(w17, cs(layout["b17"]), s17, drop_path=next(rates))
+                                        for _ in range(n17)])
         self.mixed_7a = Mixed_7a(w17, *cs(layout["m7a"]))
-        self.repeat_2 = nn.Sequential(*[Block8(w8, cs(layout["b8"]), s8) for _ in range(n8)])
-        self.block8 = Block8(w8, cs(layout["b8"]), 1.0, relu=False) if final_block else None
+        self.repeat_2 = nn.Sequential(*[Block8(w8, cs(layout["b8"]), s8, drop_path=next(rates)) for _ in range(n8)])
+        self.block8 = Block8(w8, cs(layout["b8"]), 1.0, relu=False, drop_path=next(rates)) if final_block else None
         if version == 2:
             self.conv2d_7b = conv_block(w8, c(1536), 1)
         num_features = c(1536) if version == 2 else w8

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, init_conv_bn, scaled
+from vhist.models._common import DropPath, check_image_size, drop_path_rates, init_conv_bn, scaled
 from vhist.models._registry import register_model
 
 SMALL_MAX = 64  # image sizes up to this use the CIFAR stem
@@ -32,24 +32,36 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> vnn.Conv2d:
     return vnn.Conv2d(cin, cout, k, stride, padding=k // 2, bias=False)
 
 
+def residual_join(conv: vnn.Conv2d, bn: vnn.BatchNorm2d, x: torch.Tensor, identity: torch.Tensor,
+                  drop_path: DropPath) -> torch.Tensor:
+    """``relu(drop_path(bn(conv(x))) + identity)``: one fused op with the shortcut as its
+    residual input, unless stochastic depth is active (training with a drop
+    probability), which must scale the branch alone before the sum."""
+    if drop_path.training and drop_path.drop_prob > 0:
+        return torch.relu(drop_path(vnn.conv_bn_act(conv, bn, x, None)) + identity)
+    return vnn.conv_bn_act(conv, bn, x, "relu", residual=identity)
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 convs; the second's BN output is added to the shortcut before the ReLU."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.conv1 = _conv(inplanes, planes, 3, stride)
         self.bn1 = vnn.BatchNorm2d(planes)
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = vnn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else vnn.conv_bn_act(
             self.downsample[0], self.downsample[1], x, None)
         out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
-        return vnn.conv_bn_act(self.conv2, self.bn2, out, "relu", residual=identity)
+        return residual_join(self.conv2, self.bn2, out, identity, self.drop_path)
 
 
 class Bottleneck(nn.Module):
@@ -57,7 +69,8 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None,
+                 drop_path: float = 0.0):
         super().__init__()
         self.conv1 = _conv(inplanes, planes, 1)
         self.bn1 = vnn.BatchNorm2d(planes)
@@ -66,13 +79,14 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv(planes, planes * self.expansion, 1)
         self.bn3 = vnn.BatchNorm2d(planes * self.expansion)
         self.downsample = downsample
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else vnn.conv_bn_act(
             self.downsample[0], self.downsample[1], x, None)
         out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
         out = vnn.conv_bn_act(self.conv2, self.bn2, out, "relu")
-        return vnn.conv_bn_act(self.conv3, self.bn3, out, "relu", residual=identity)
+        return residual_join(self.conv3, self.bn3, out, identity, self.drop_path)
 
 
 class ResNet(nn.Module):
@@ -84,13 +98,16 @@ class ResNet(nn.Module):
         num_classes: classifier outputs.
         image_size: input resolution (224 by default); ``<= 64`` selects the CIFAR stem.
         zero_init_residual: zero the last BN's gamma in every block (Goyal et al. 2017).
+        drop_path_rate: stochastic depth of the residual branches, rising linearly
+            from 0 in the first block to this in the last (Huang et al. 2016).
         channel_divisor: test-only, not a paper knob: divides every width.
     """
 
     def __init__(self, block, layers, num_classes: int = 1000, image_size: int = 224,
-                 zero_init_residual: bool = False, channel_divisor: int = 1):
+                 zero_init_residual: bool = False, drop_path_rate: float = 0.0, channel_divisor: int = 1):
         super().__init__()
         check_image_size("resnet", image_size, 8)
+        rates = iter(drop_path_rates(drop_path_rate, sum(layers)))
         self.small_input = image_size <= SMALL_MAX
         widths = [scaled(w, channel_divisor) for w in (64, 128, 256, 512)]
         self.inplanes = widths[0]
@@ -101,10 +118,10 @@ class ResNet(nn.Module):
             self.conv1 = vnn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = vnn.BatchNorm2d(widths[0])
-        self.layer1 = self._make_layer(block, widths[0], layers[0])
-        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
-        self.layer3 = self._make_layer(block, widths[2], layers[2], 2)
-        self.layer4 = self._make_layer(block, widths[3], layers[3], 2)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1, rates)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2, rates)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], 2, rates)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], 2, rates)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
         init_conv_bn(self)
@@ -115,14 +132,14 @@ class ResNet(nn.Module):
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, blocks: int, stride: int, rates) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(_conv(self.inplanes, planes * block.expansion, 1, stride),
                                        vnn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, next(rates))]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, drop_path=next(rates)) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, scaled
+from vhist.models._common import DropPath, check_image_size, drop_path_rates, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 64
@@ -65,29 +65,33 @@ class MLPBlock(nn.Sequential):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: x + MSA(LN(x)), then + MLP(LN(.)) (Eqs. 2-3)."""
+    """Pre-norm transformer block: x + MSA(LN(x)), then + MLP(LN(.)) (Eqs. 2-3), each
+    branch through stochastic depth (DeiT, Touvron et al. 2021)."""
 
-    def __init__(self, num_heads: int, dim: int, mlp_dim: int, dropout: float, attention_dropout: float):
+    def __init__(self, num_heads: int, dim: int, mlp_dim: int, dropout: float, attention_dropout: float,
+                 drop_path: float = 0.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
         self.self_attention = SelfAttention(dim, num_heads, dropout=attention_dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.self_attention(self.ln_1(x)))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop_path(self.dropout(self.self_attention(self.ln_1(x))))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
 
 
 class Encoder(nn.Module):
     def __init__(self, seq_length: int, num_layers: int, num_heads: int, dim: int, mlp_dim: int,
-                 dropout: float, attention_dropout: float):
+                 dropout: float, attention_dropout: float, drop_path_rate: float = 0.0):
         super().__init__()
+        rates = drop_path_rates(drop_path_rate, num_layers)
         self.pos_embedding = nn.Parameter(torch.empty(1, seq_length, dim).normal_(std=0.02))
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", EncoderBlock(num_heads, dim, mlp_dim, dropout, attention_dropout))
+            (f"encoder_layer_{i}", EncoderBlock(num_heads, dim, mlp_dim, dropout, attention_dropout, rates[i]))
             for i in range(num_layers)))
         self.ln = nn.LayerNorm(dim, eps=1e-6)
 
@@ -104,12 +108,14 @@ class VisionTransformer(nn.Module):
         num_layers, num_heads, hidden_dim, mlp_dim: the encoder's shape.
         num_classes: classifier outputs.
         dropout, attention_dropout: dropout rates (0 by default).
+        drop_path_rate: stochastic depth, rising linearly from 0 in the first block to
+            this in the last (DeiT uses 0.1).
         channel_divisor: test-only, not a paper knob: divides hidden_dim and mlp_dim.
     """
 
     def __init__(self, image_size: int, patch_size: Optional[int], num_layers: int, num_heads: int,
                  hidden_dim: int, mlp_dim: int, num_classes: int = 1000, dropout: float = 0.0,
-                 attention_dropout: float = 0.0, channel_divisor: int = 1):
+                 attention_dropout: float = 0.0, drop_path_rate: float = 0.0, channel_divisor: int = 1):
         super().__init__()
         check_image_size("vit", image_size, 8)
         if patch_size is None:
@@ -126,7 +132,8 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.conv_proj.bias)
         self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
         seq_length = (image_size // patch_size) ** 2 + 1
-        self.encoder = Encoder(seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout)
+        self.encoder = Encoder(seq_length, num_layers, num_heads, hidden_dim, mlp_dim, dropout, attention_dropout,
+                               drop_path_rate)
         self.heads = nn.Sequential(OrderedDict(head=nn.Linear(hidden_dim, num_classes)))
         nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
         nn.init.zeros_(self.heads.head.bias)

@@ -104,3 +104,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def selected_weights(state: dict) -> tuple[dict, str]:
+    """The weights best-epoch selection chose, from a checkpoint: ``(state_dict, "ema")``
+    when the run's best epoch was won by its weight EMA (``--ema``), else
+    ``(state["model"], "raw")``. In a ``best.pt`` these are the weights that
+    ``summary.json``'s test accuracy was measured with; the EMA module has the model's
+    own keys, so either loads into a freshly built model."""
+    which = (state.get("best") or {}).get("weights", "raw")
+    if which == "ema" and state.get("ema") is not None:
+        return state["ema"]["module"], "ema"
+    return state["model"], "raw"

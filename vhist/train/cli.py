@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 from vhist.train.recipes import RECIPES, Recipe, describe_recipes
+from vhist.train.augment import AUTO_AUGMENT_HELP
 from vhist.train.transforms import AUGMENTATIONS
 
 TRAIN_EPILOG = """\
@@ -47,13 +48,23 @@ warmup_epochs    linear warm-up epochs
 label_smoothing  label smoothing of the cross-entropy
 grad_clip        clip the gradient norm to this (0: off)
 augment          training augmentation: {augment}
-amp              auto (bf16 on GPU, off on CPU), bf16, fp16 or off"""
+amp              auto (bf16 on GPU, off on CPU), bf16, fp16 or off
+lr_base_batch    if > 0: --lr is per this many images, scaled by the global batch
+auto_augment     batch augmentation on the device: {auto_augment}
+random_erasing   probability of random erasing per image (0: off)
+mixup            mixup Beta alpha (0: off)
+cutmix           cutmix Beta alpha (0: off)
+mix_prob         probability that a batch is mixed (mixup or cutmix)
+mix_switch_prob  with --mixup and --cutmix: probability of cutmix for a mixed batch
+drop_path        stochastic depth of the last block, linear from 0 (resnet, inception_resnet, vit)
+ema              decay of the weight EMA evaluated beside the raw weights (0: off)"""
 _TYPES = {"str": str, "int": int, "float": float}
 _FIELD_TYPES = {f.name: _TYPES[str(f.type)] for f in dataclasses.fields(Recipe) if str(f.type) in _TYPES}
 # CLI flag → recipe field, for the overrides: {field: (type, help)}.
 RECIPE_FLAGS = {name: (_FIELD_TYPES[name], text.strip())
                 for name, text in (line.split(maxsplit=1) for line in
-                                   RECIPE_HELP.format(augment=", ".join(AUGMENTATIONS)).splitlines())}
+                                   RECIPE_HELP.format(augment=", ".join(AUGMENTATIONS),
+                                                      auto_augment=AUTO_AUGMENT_HELP).splitlines())}
 
 
 def add_train_parser(commands) -> argparse.ArgumentParser:

@@ -6,12 +6,16 @@ A run folder holds:
 
 * ``config.json``: the command, the resolved recipe, data, model, device and versions;
 * ``metrics.jsonl`` and ``metrics.csv``: one row per epoch (train and validation loss
-  and accuracy, learning rate, img/s, epoch time);
+  and accuracy, learning rate, img/s, epoch time; with ``--ema`` also the EMA weights'
+  validation loss and accuracy and the decay in use);
 * ``curves.png``: loss and accuracy per epoch (matplotlib, Agg backend);
 * ``last.pt`` (every epoch, on Ctrl-C, and with ``--stop-after-epochs``) and ``best.pt``
-  (highest validation top-1), both complete resumable checkpoints written atomically;
+  (highest validation top-1 of the raw or, with ``--ema``, the EMA weights, whichever is
+  higher; ``best["weights"]`` says which), both complete resumable checkpoints (with the
+  EMA) written atomically;
 * ``summary.json``: the test top-1/top-5 of the best-on-validation weights (evaluated
-  once, at the end), wall time, img/s, skipped corrupt images and the final status.
+  once, at the end; ``best_weights``: raw or ema), wall time, img/s, skipped corrupt
+  images and the final status.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 
 from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
+from vhist.train.augment import auto_augment, mix_batch, random_erasing, soft_target_cross_entropy, step_generators
 from vhist.train.guards import (EXIT_BUG, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunEnded,
                                 StopRequest, TrainingDiverged, expected_errors)
 from vhist.train.metrics import StepProgress, progress_bar, write_metrics
@@ -86,6 +91,10 @@ class RunState:
         run.optimizer.load_state_dict(saved["optimizer"])
         run.schedule.load_state_dict(saved["schedule"])
         run.scaler.load_state_dict(saved["scaler"])
+        if run.ema is not None:
+            if saved.get("ema") is None:
+                raise ValueError(f"{run.cfg.resume} was written without --ema; a resumed run keeps its recipe")
+            run.ema.load_state_dict(saved["ema"])
         state.epoch, state.step = saved["epoch"], saved["step"]
         state.history, state.best = saved["history"], saved["best"]
         state.partial = _own(run.dist, saved["partial"])
@@ -103,7 +112,8 @@ class RunState:
                 "num_classes": run.data.num_classes, "classes": run.data.classes,
                 "image_size": run.recipe.image_size, "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
-                "scaler": run.scaler.state_dict(), "rng": rng, "epoch": self.epoch, "step": self.step,
+                "scaler": run.scaler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
+                "rng": rng, "epoch": self.epoch, "step": self.step,
                 "history": self.history, "best": self.best, "partial": gathered(run.dist, dict(self.partial)),
                 "corrupt": sorted(self.corrupt), "wall_time_s": self.wall_time()}
 
@@ -152,10 +162,11 @@ def evaluate(model, loader, device, channels_last: bool, amp_dtype, cached_augme
             "count": int(count), "corrupt": corrupt}
 
 
-def _evaluate_split(run: Run, split: str, desc: str) -> dict:
+def _evaluate_split(run: Run, split: str, desc: str, model: Optional[torch.nn.Module] = None) -> dict:
+    """``model`` (default: the trained net) on the validation or test split."""
     loader = run.loaders.val if split == "val" else run.loaders.test
-    return evaluate(run.net, loader, run.device, run.channels_last, run.amp_dtype, run.loaders.cached_augment,
-                    desc, run.dist)
+    return evaluate(run.net if model is None else model, loader, run.device, run.channels_last, run.amp_dtype,
+                    run.loaders.cached_augment, desc, run.dist)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -195,10 +206,13 @@ def train_step(run: Run, ep: EpochProgress, images, labels, epoch: int) -> None:
     if run.loaders.cached_augment is not None:
         gen = np.random.default_rng((run.cfg.seed, epoch, ep.step, run.dist.rank))
         images = device_augment(images, *run.loaders.cached_augment, gen, train=True)
-    x = normalize(images, channels_last=run.channels_last)
+    x, targets = augment_batch(run, images, labels, epoch, ep.step)
     with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = run.net(x)
-    loss = run.criterion(logits.float(), labels)
+    if targets is None:
+        loss = run.criterion(logits.float(), labels)
+    else:
+        loss = soft_target_cross_entropy(logits.float(), targets)
     if run.probe is not None:
         run.probe.check()
     run.scaler.scale(loss).backward()
@@ -209,11 +223,36 @@ def train_step(run: Run, ep: EpochProgress, images, labels, epoch: int) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
     n = labels.numel()
     ep.loss_sum += loss.detach().double() * n
     ep.correct += (logits.detach().argmax(1) == labels).sum().double()
     ep.count += n
     ep.nonfinite |= ~torch.isfinite(loss.detach())
+
+
+def augment_batch(run: Run, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The recipe's batch augmentations (auto-augment, normalization, random erasing,
+    mixup / cutmix), drawn from generators seeded by the step's position in the run.
+
+    Returns:
+        The network input and the soft targets (None without mixup / cutmix: the
+        criterion takes the labels).
+    """
+    aug = run.augment
+    if not aug.active:
+        return normalize(images, channels_last=run.channels_last), None
+    rng, gen = step_generators(run.cfg.seed, epoch, step, run.dist.rank, run.device)
+    images = auto_augment(images, aug.auto_augment, rng)
+    x = normalize(images, channels_last=run.channels_last)
+    if aug.random_erasing > 0:
+        x = random_erasing(x, aug.random_erasing, rng, gen)
+    if not aug.mix.enabled:
+        return x, None
+    x, targets, _ = mix_batch(x, labels, run.data.num_classes, aug.mix, rng)
+    return x, targets
 
 
 def _check(run: Run, ep: EpochProgress, progress: StepProgress, epoch: int, stop: StopRequest) -> None:
@@ -292,17 +331,24 @@ def end_epoch(run: Run, state: RunState, ep: EpochProgress) -> None:
     """Validation, the metrics row, ``last.pt`` / ``best.pt`` and the epoch line."""
     loss_total, correct_total, count_total = D.all_sum([ep.loss_sum.item(), ep.correct.item(), ep.count],
                                                        run.device)
-    val = _evaluate_split(run, "val", "validation") if run.loaders.sizes["val"] else \
+    has_val = bool(run.loaders.sizes["val"])
+    val = _evaluate_split(run, "val", "validation") if has_val else \
         {"loss": None, "top1": None, "top5": None, "corrupt": []}
     state.corrupt.update(val["corrupt"])
+    ema_val = _evaluate_split(run, "val", "validation (EMA)", run.ema.module) if has_val and run.ema else None
     row = {"epoch": state.epoch + 1, "lr": ep.last_lr,
            "train_loss": loss_total / max(count_total, 1), "train_top1": 100.0 * correct_total / max(count_total, 1),
            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
            "epoch_time_s": ep.time, "train_img_per_s": count_total / max(ep.time, 1e-9)}
+    if run.ema is not None:
+        row.update(ema_val_loss=ema_val and ema_val["loss"], ema_val_top1=ema_val and ema_val["top1"],
+                   ema_val_top5=ema_val and ema_val["top5"], ema_decay=run.ema.decay_at(max(run.ema.updates - 1, 0)))
     state.history.append(row)
-    is_best = val["top1"] is None or val["top1"] > state.best["val_top1"]
+    weights, score = select_weights(val, ema_val, run.ema is not None)
+    is_best = score is None or score > state.best["val_top1"]
     if is_best:
-        state.best = {"epoch": state.epoch + 1, "val_top1": val["top1"] if val["top1"] is not None else -math.inf}
+        state.best = {"epoch": state.epoch + 1, "val_top1": score if score is not None else -math.inf,
+                      "weights": weights}
     state.partial, state.step, state.epoch = _empty_partial(), 0, state.epoch + 1
     checkpoint = state.checkpoint(run, gathered(run.dist, ckpt.rng_state()))
     save(run, "last.pt", checkpoint)
@@ -312,9 +358,23 @@ def end_epoch(run: Run, state: RunState, ep: EpochProgress) -> None:
         write_metrics(run.run_dir, state.history)
     val_text = (f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
                 if row["val_loss"] is not None else "no validation set")
+    if ema_val is not None:
+        val_text += f" | EMA val top-1 {ema_val['top1']:.2f}% top-5 {ema_val['top5']:.2f}%"
+    best_text = f" | best ({weights} weights)" if run.ema is not None else " | best"
     main_print(run.dist, f"epoch {state.epoch}/{run.recipe.epochs}: train loss {row['train_loss']:.4f} "
                          f"top-1 {row['train_top1']:.2f}% | {val_text} | lr {row['lr']:.3g} | "
-                         f"{row['train_img_per_s']:.0f} img/s" + (" | best" if is_best else ""))
+                         f"{row['train_img_per_s']:.0f} img/s" + (best_text if is_best else ""))
+
+
+def select_weights(val: dict, ema_val: Optional[dict], has_ema: bool) -> tuple[str, Optional[float]]:
+    """Which weights an epoch offers for best-epoch selection: ``("raw" | "ema", val
+    top-1)``, the better of the two on validation (raw on a tie); without a validation
+    set (score None), the EMA weights when there are any, as the papers evaluate them."""
+    if val["top1"] is None:
+        return ("ema" if has_ema else "raw"), None
+    if ema_val is not None and ema_val["top1"] > val["top1"]:
+        return "ema", ema_val["top1"]
+    return "raw", val["top1"]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -344,19 +404,25 @@ def finish_run(run: Run, state: RunState, outcome: RunEnded) -> dict:
                "run_dir": str(run.run_dir), "model": run.cfg.model, "recipe": run.cfg.recipe, "data": run.data.kind,
                "device": run.config["device"], "world_size": run.dist.world, "backend": run.config["backend"],
                "epochs_done": len(history), "best_epoch": best["epoch"],
-               "best_val_top1": best["val_top1"] if best["epoch"] else None,
+               "best_val_top1": best["val_top1"] if best["epoch"] and best["val_top1"] > -math.inf else None,
+               "best_weights": best.get("weights", "raw") if best["epoch"] else None,
                "test_top1": None, "test_top5": None, "test_loss": None, "test_images": run.loaders.sizes["test"],
                "wall_time_s": state.wall_time(),
                "train_img_per_s": float(np.mean([r["train_img_per_s"] for r in history])) if history else None,
                "corrupt_images": len(corrupt), "corrupt_paths": sorted(corrupt)[:100]}
     if outcome.status == "completed":
-        run.model.load_state_dict(ckpt.load(run.run_dir / "best.pt", map_location=run.device)["model"])
-        test = _evaluate_split(run, "test", "test")
+        best_state = ckpt.load(run.run_dir / "best.pt", map_location=run.device)
+        if summary["best_weights"] == "ema":
+            run.ema.load_state_dict(best_state["ema"])
+            test = _evaluate_split(run, "test", "test (EMA weights)", run.ema.module)
+        else:
+            run.model.load_state_dict(best_state["model"])
+            test = _evaluate_split(run, "test", "test")
         corrupt.update(test["corrupt"])
         summary.update(test_top1=test["top1"], test_top5=test["top5"], test_loss=test["loss"],
                        corrupt_images=len(corrupt), corrupt_paths=sorted(corrupt)[:100])
         summary["message"] = (f"test top-1 {test['top1']:.2f}%, top-5 {test['top5']:.2f}% (best validation epoch "
-                              f"{best['epoch']}), {summary['wall_time_s']:.1f} s, "
+                              f"{best['epoch']}, {summary['best_weights']} weights), {summary['wall_time_s']:.1f} s, "
                               f"{summary['train_img_per_s']:.0f} img/s")
     if run.dist.is_main:
         with open(run.run_dir / "summary.json", "w") as f:

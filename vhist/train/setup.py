@@ -18,9 +18,11 @@ import torch
 
 from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
+from vhist.train.augment import BatchAugment, MixSpec
 from vhist.train.data import DataBundle, EpochBatches, SampleSet, build_cache, load_data, make_loader
 from vhist.train.guards import SyncBNProbe
-from vhist.train.recipes import LRSchedule, Recipe, build_optimizer, get_recipe
+from vhist.train.ema import ModelEma
+from vhist.train.recipes import LRSchedule, Recipe, build_optimizer, effective_lr, get_recipe
 
 
 @dataclass
@@ -85,6 +87,8 @@ class Run:
     criterion: torch.nn.Module
     probe: Optional[SyncBNProbe]
     resume_state: Optional[dict]
+    ema: Optional[ModelEma] = None        # --ema: the averaged weights
+    augment: BatchAugment = BatchAugment()  # batch augmentations on the device
     run_dir: Optional[Path] = None
     config: dict = field(default_factory=dict)
 
@@ -209,11 +213,22 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
                 dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
     import vhist
+    from vhist.models import DropPath
 
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size)
+    extra = {"drop_path_rate": recipe.drop_path} if recipe.drop_path else {}
+    no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
+                              "vit_* have it)")
+    try:
+        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
+    except TypeError as exc:
+        if "drop_path_rate" not in str(exc):
+            raise
+        raise no_drop_path from None
+    if recipe.drop_path and not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
+        raise no_drop_path  # an entrypoint that took the keyword and ignored it
     if cfg.sync_bn:
         model = vhist.nn.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -282,13 +297,17 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
     _configure_determinism(cfg, device)
     model, net = build_model(cfg, data, recipe, device, channels_last, dist)
     loaders = build_loaders(cfg, data, recipe, device, workers, dist)
-    optimizer = build_optimizer(model, recipe)
+    optimizer = build_optimizer(model, recipe, dist.world)
     schedule = LRSchedule(optimizer, recipe, loaders.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    ema = ModelEma(model, recipe.ema) if recipe.ema else None  # copied before the probe hooks the model
     probe = SyncBNProbe(model) if cfg.sync_bn else None
+    augment = BatchAugment(recipe.auto_augment, recipe.random_erasing,
+                           MixSpec(recipe.mixup, recipe.cutmix, recipe.mix_prob, recipe.mix_switch_prob,
+                                   recipe.label_smoothing))
     return Run(cfg, recipe, data, device, dist, amp, channels_last, workers, model, net, loaders, optimizer,
-               schedule, scaler, criterion, probe, resume_state)
+               schedule, scaler, criterion, probe, resume_state, ema, augment)
 
 
 def _versions() -> dict:
@@ -360,6 +379,9 @@ def _print_header(run: Run) -> None:
                      f"x{dist.world}, backend {run.config['backend']}, amp {run.config['amp']}, "
                      f"channels_last {run.channels_last}, sync_bn {cfg.sync_bn}")
     recipe = run.recipe
+    if recipe.lr_base_batch:
+        main_print(dist, f"learning rate {effective_lr(recipe, dist.world):g} = {recipe.lr:g} x {recipe.batch_size} "
+                         f"x{dist.world} / {recipe.lr_base_batch} (--lr-base-batch)")
     if recipe.warmup_epochs >= recipe.epochs and dist.is_main:
         print(f"warning: the warm-up ({recipe.warmup_epochs:g} epochs) is not shorter than the run ({recipe.epochs} "
               f"epochs): the learning rate never reaches its base value {recipe.lr:g}; lower --warmup-epochs "
