@@ -133,7 +133,7 @@ def evaluate_checkpoint(path: str, data_spec: Optional[str] = None, split: str =
         model = vhist.create_model(tc["model"], num_classes=state["num_classes"], image_size=size)
         if tc.get("sync_bn"):
             model = vhist.nn.convert_sync_batchnorm(model)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(ckpt.selected_weights(state)[0])
         model.to(dev)
         channels_last = dev.type == "cuda"
         if channels_last:
