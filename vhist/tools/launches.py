@@ -14,7 +14,8 @@ Two things are adjusted for the duration, both so that the launchers behave as t
 would on the GPU the records stand for:
 
 * the triton backend's guard against CPU tensors outside the interpreter
-  (``vhist.kernels._config.INTERPRETED``) is lifted: no CPU tensor reaches a kernel;
+  (``vhist.kernels._config.INTERPRETED`` and ``vhist.ops._dispatch.triton_cpu_ready``)
+  is lifted: no CPU tensor reaches a kernel;
 * every ``sm_count`` / ``_sm_count`` helper of the loaded ``vhist`` modules returns
   ``sm_count`` (default 132, an H100/H200 SXM), since grids, split counts and chunkings
   are sized from it.
@@ -290,6 +291,7 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
     import triton.runtime.jit as jit
 
     import vhist.kernels._config as config
+    import vhist.ops._dispatch as dispatch
 
     if config.INTERPRETED:
         raise RuntimeError("record_launches needs compiled Triton kernels: run without TRITON_INTERPRET=1 "
@@ -318,11 +320,14 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
         recorder._record(fn, args, kwargs, [None], autotuned=False, heuristics=[self] + heuristics)
 
     saved = [(jit.JITFunction, "run", jit.JITFunction.run), (autotuner.Autotuner, "run", autotuner.Autotuner.run),
-             (autotuner.Heuristics, "run", autotuner.Heuristics.run), (config, "INTERPRETED", config.INTERPRETED)]
+             (autotuner.Heuristics, "run", autotuner.Heuristics.run), (config, "INTERPRETED", config.INTERPRETED),
+             (dispatch, "triton_cpu_ready", dispatch.triton_cpu_ready)]
     jit.JITFunction.run = jit_run
     autotuner.Autotuner.run = autotune_run
     autotuner.Heuristics.run = heuristics_run
     config.INTERPRETED = True
+    # The dispatcher lets CPU tensors reach the (recorded, never run) triton launchers.
+    dispatch.triton_cpu_ready = lambda: True
     saved += _patch_sm_count(sm_count)
     try:
         yield recorder
