@@ -247,7 +247,9 @@ def _bn_fwd_apply_kernel(
 # These two sums give dbeta = sum(dy), dgamma = sum(dy * x_hat), and the two mean
 # terms of the training input gradient. With ACTIVATION (and HAS_RESIDUAL), dy is first
 # masked by the derivative of act(w * x_hat + b + residual), recomputed from x and the
-# statistics: the sums are then those of dz, the gradient at the BN output.
+# statistics: the sums are then those of dz, the gradient at the BN output. WRITE_DZ
+# also stores dz (the residual's gradient), so that the dx stage reads dz instead of
+# recomputing the mask from dy, x and the residual again.
 @triton.jit
 def _bn_bwd_reduce_kernel(
     DY,     # (N, C, S) upstream gradient, same strides as X
@@ -258,12 +260,13 @@ def _bn_bwd_reduce_kernel(
     Res,    # (N, C, S) forward residual, same strides as X (unused unless HAS_RESIDUAL)
     PartSumDy,      # (NUM_CHUNKS, C)
     PartSumDyXhat,  # (NUM_CHUNKS, C)
+    DZ,     # (N, C, S) the masked gradient dz, same strides as X (written only with WRITE_DZ)
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
-    HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False,
+    HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False, WRITE_DZ: tl.constexpr = False,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -279,6 +282,8 @@ def _bn_bwd_reduce_kernel(
             offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
+            if WRITE_DZ:
+                tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
             x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             sum_dy += tl.sum(dy, axis=0)
             sum_dy_xhat += tl.sum(dy * x_hat, axis=0)

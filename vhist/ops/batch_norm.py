@@ -158,9 +158,10 @@ def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = F
 
 def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
                  residual: Optional[torch.Tensor] = None, activation: int = 0,
-                 want_dweight: bool = False, want_dbias: bool = False):
+                 want_dweight: bool = False, want_dbias: bool = False, dz_out: Optional[torch.Tensor] = None):
     """Per-channel Σdz and Σdz·x̂, where dz is ``grad_output`` masked by the activation's
-    derivative (recomputed from ``x``, the statistics and ``residual``).
+    derivative (recomputed from ``x``, the statistics and ``residual``); with ``dz_out``
+    (a tensor like ``x``) dz itself is also written there, in the same pass.
 
     Returns:
         ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``; the parameter gradients are
@@ -180,14 +181,15 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
     _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
         grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
         or_placeholder(residual, x),
-        part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=acc_tl,
-        ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None)
+        part_dy, part_dy_xhat, or_placeholder(dz_out, x), *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var,
+        ACC=acc_tl, ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, WRITE_DZ=dz_out is not None)
     sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_merge_sums(
         part_dy, part_dy_xhat, weight.dtype if want_dweight else None, bias.dtype if want_dbias else None)
-    # Empty results in the input's dtype, as the registered ops' fakes give them.
-    empty = x.new_empty((0,))
-    return sum_dy, sum_dy_xhat, grad_weight if want_dweight else empty, grad_bias if want_dbias else empty
+    # Empty results in the input's dtype, as the registered ops' fakes give them (two
+    # tensors: a custom op's outputs may not alias).
+    return (sum_dy, sum_dy_xhat, grad_weight if want_dweight else x.new_empty((0,)),
+            grad_bias if want_dbias else x.new_empty((0,)))
 
 
 def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = None,
