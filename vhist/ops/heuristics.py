@@ -25,7 +25,7 @@ WGRAD_PROGRAMS_PER_SM = 4
 
 # Depthwise forward: output pixels per tile (the launcher picks it, the configs tune only
 # BLOCK_C), and the most BN-statistics partials (one per program) the fused op writes,
-# so that the single-pass finalize kernel merges them quickly.
+# so that the BN merge tree over them stays two levels deep at most.
 DEPTHWISE_FWD_BLOCK_P = 64
 DEPTHWISE_MAX_STATS_PARTIALS = 1024
 

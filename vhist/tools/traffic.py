@@ -198,10 +198,10 @@ def _bn_params(c):
     return [torch.empty(c) for _ in range(4)]
 
 
-def _drive(op: str, mode: str, shape, conv: Optional[dict], channels_last: bool, dtype, activation: int,
+def _drive(op: str, shape, conv: Optional[dict], channels_last: bool, dtype, activation: int,
            residual: bool):
-    """Runs ``op``'s forward (and, for the backward, records only what follows it);
-    returns (forward tensors, a callable running the backward)."""
+    """Runs ``op``'s training forward through its registered op; returns (its input
+    and output tensors, a callable running the matching backward)."""
     import vhist.ops  # noqa: F401  (registers the ops)
     from vhist.ops import conv as conv_ops, depthwise as dw_ops
 
@@ -272,7 +272,7 @@ def op_traffic(op: str, mode: str, shape, *, conv: Optional[dict] = None, channe
         raise ValueError(f"traffic: unknown op {op!r}")
     kwargs = {} if sm_count is None else dict(sm_count=sm_count)
     with record_launches(**kwargs) as rec:
-        tensors, backward = _drive(op, mode, shape, conv, channels_last, dtype, activation, residual)
+        tensors, backward = _drive(op, shape, conv, channels_last, dtype, activation, residual)
         start = len(rec.records)
         if mode == "backward":
             backward()
