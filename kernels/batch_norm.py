@@ -5,8 +5,10 @@ the flattened spatial extent. The launcher collapses N into S when the two are
 contiguous together (channels_last, or a 2-D (N, C) input), so that one loop covers
 both memory formats. The reduction space N*S is split into chunks; a chunk is a range
 of rows n and a segment [s0, s0 + SEG_LEN) of each row. Programs form a grid of
-(channel blocks, chunks), and every reduction writes per-chunk partials that a second,
-tiny kernel merges in a fixed order, so results are bitwise reproducible.
+(channel blocks, chunks), and every reduction writes per-chunk partials that a merge
+tree (channel blocks x groups of at most BN_MERGE_GROUP partials per level, then a small
+finalize) combines in an order fixed by the partial count, so results are bitwise
+reproducible.
 """
 import triton
 import triton.language as tl
@@ -85,13 +87,62 @@ def _bn_fwd_stats_kernel(
         tl.store(PartCount + chunk + tl.arange(0, 1), count)
 
 
-# Merges the per-chunk (count, mean, M2) of each channel, BLOCK_K chunks at a time in
-# chunk order (the K-way form of Chan's formula inside a block, the pairwise form
-# across blocks). Writes mean and 1/sqrt(var + eps) (biased var, Algorithm 1) and
+@triton.jit
+def _merge_stats(PartMean, PartM2, PartCount, c, c_mask, C, k_start, k_end,
+                 ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Merges partials k_start..k_end-1 of each channel, BLOCK_K at a time in partial
+    # order: the K-way form of Chan's formula inside a block, the pairwise form across
+    # blocks. The order is fixed by the bounds, so the bits are too.
+    count = tl.zeros([1], dtype=ACC)
+    mean = tl.zeros([BLOCK_C], dtype=ACC)
+    m2 = tl.zeros([BLOCK_C], dtype=ACC)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < k_end
+        mask = k_mask[:, None] & c_mask[None, :]
+        offs = k.to(tl.int64)[:, None] * C + c[None, :]
+        part_count = tl.load(PartCount + k, mask=k_mask, other=0.0)
+        part_mean = tl.load(PartMean + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(PartM2 + offs, mask=mask, other=0.0)
+        block_count = tl.sum(part_count, axis=0)
+        block_mean = tl.sum(part_count[:, None] * part_mean, axis=0) / block_count
+        dev = tl.where(mask, part_mean - block_mean[None, :], 0.0)
+        block_m2 = tl.sum(part_m2 + part_count[:, None] * dev * dev, axis=0)
+        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+    return count, mean, m2
+
+
+# First level of the two-level statistics merge: program (channel block, group g)
+# merges partials [g * GROUP, (g + 1) * GROUP) into one (count, mean, M2) per channel,
+# so that no program walks more than GROUP partials in sequence however many the conv
+# epilogue or the stats kernel wrote. The launcher repeats this level until at most
+# GROUP partials remain; the finalize kernel merges those.
+@triton.jit
+def _bn_fwd_merge_kernel(
+    PartMean, PartM2, PartCount,     # (NUM_CHUNKS, C), (NUM_CHUNKS, C), (NUM_CHUNKS,) partials
+    GroupMean, GroupM2, GroupCount,  # (cdiv(NUM_CHUNKS, GROUP), C) x 2, (cdiv(NUM_CHUNKS, GROUP),) merged groups
+    C, NUM_CHUNKS, GROUP,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    g = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    k_start = g * GROUP
+    k_end = tl.minimum(k_start + GROUP, NUM_CHUNKS)
+    count, mean, m2 = _merge_stats(PartMean, PartM2, PartCount, c, c_mask, C, k_start, k_end, ACC, BLOCK_C, BLOCK_K)
+    tl.store(GroupMean + g * C + c, mean, mask=c_mask)
+    tl.store(GroupM2 + g * C + c, m2, mask=c_mask)
+    if pid_c == 0:
+        tl.store(GroupCount + g + tl.arange(0, 1), count)
+
+
+# Merges the (at most a group of) per-chunk (count, mean, M2) of each channel in chunk
+# order (_merge_stats). Writes mean and 1/sqrt(var + eps) (biased var, Algorithm 1) and
 # updates the running statistics with the unbiased variance, as PyTorch does.
 @triton.jit
 def _bn_fwd_finalize_kernel(
-    PartMean, PartM2, PartCount,  # per-chunk partials from _bn_fwd_stats_kernel
+    PartMean, PartM2, PartCount,  # per-chunk partials from _bn_fwd_stats_kernel or _bn_fwd_merge_kernel
     Mean,         # (C,) batch mean, accumulation dtype
     Rstd,         # (C,) 1 / sqrt(biased batch var + eps)
     RunningMean,  # (C,) updated in place when UPDATE_RUNNING
@@ -101,22 +152,7 @@ def _bn_fwd_finalize_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    count = tl.zeros([1], dtype=ACC)
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for k0 in range(0, NUM_CHUNKS, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < NUM_CHUNKS
-        mask = k_mask[:, None] & c_mask[None, :]
-        offs = k[:, None] * C + c[None, :]
-        part_count = tl.load(PartCount + k, mask=k_mask, other=0.0)
-        part_mean = tl.load(PartMean + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(PartM2 + offs, mask=mask, other=0.0)
-        block_count = tl.sum(part_count, axis=0)
-        block_mean = tl.sum(part_count[:, None] * part_mean, axis=0) / block_count
-        dev = tl.where(mask, part_mean - block_mean[None, :], 0.0)
-        block_m2 = tl.sum(part_m2 + part_count[:, None] * dev * dev, axis=0)
-        count, mean, m2 = chan_merge(count, mean, m2, block_count, block_mean, block_m2)
+    count, mean, m2 = _merge_stats(PartMean, PartM2, PartCount, c, c_mask, C, 0, NUM_CHUNKS, ACC, BLOCK_C, BLOCK_K)
 
     var = m2 / count
     tl.store(Mean + c, mean, mask=c_mask)
@@ -211,7 +247,9 @@ def _bn_fwd_apply_kernel(
 # These two sums give dbeta = sum(dy), dgamma = sum(dy * x_hat), and the two mean
 # terms of the training input gradient. With ACTIVATION (and HAS_RESIDUAL), dy is first
 # masked by the derivative of act(w * x_hat + b + residual), recomputed from x and the
-# statistics: the sums are then those of dz, the gradient at the BN output.
+# statistics: the sums are then those of dz, the gradient at the BN output. WRITE_DZ
+# also stores dz (the residual's gradient), so that the dx stage reads dz instead of
+# recomputing the mask from dy, x and the residual again.
 @triton.jit
 def _bn_bwd_reduce_kernel(
     DY,     # (N, C, S) upstream gradient, same strides as X
@@ -222,12 +260,13 @@ def _bn_bwd_reduce_kernel(
     Res,    # (N, C, S) forward residual, same strides as X (unused unless HAS_RESIDUAL)
     PartSumDy,      # (NUM_CHUNKS, C)
     PartSumDyXhat,  # (NUM_CHUNKS, C)
+    DZ,     # (N, C, S) the masked gradient dz, same strides as X (written only with WRITE_DZ)
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     N_PER_CHUNK, SEG_LEN, SEGS_PER_ROW, eps,
     RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
-    HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False,
+    HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False, WRITE_DZ: tl.constexpr = False,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -243,6 +282,8 @@ def _bn_bwd_reduce_kernel(
             offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
             dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
+            if WRITE_DZ:
+                tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
             x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
             sum_dy += tl.sum(dy, axis=0)
             sum_dy_xhat += tl.sum(dy * x_hat, axis=0)
@@ -250,11 +291,47 @@ def _bn_bwd_reduce_kernel(
     tl.store(PartSumDyXhat + chunk * C + c, sum_dy_xhat, mask=c_mask)
 
 
-# Backward, stage 2: sums the partials over chunks in chunk order. dgamma and dbeta are
-# these sums (paper, backward of Algorithm 1); they are written in the parameter dtype.
+@triton.jit
+def _sum_partials(PartSumDy, PartSumDyXhat, c, c_mask, C, k_start, k_end,
+                  ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Sums partials k_start..k_end-1 of each channel, BLOCK_K at a time in partial order.
+    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
+    sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < k_end)[:, None] & c_mask[None, :]
+        offs = k.to(tl.int64)[:, None] * C + c[None, :]
+        sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=mask, other=0.0), axis=0)
+        sum_dy_xhat += tl.sum(tl.load(PartSumDyXhat + offs, mask=mask, other=0.0), axis=0)
+    return sum_dy, sum_dy_xhat
+
+
+# Backward, first merge level (as _bn_fwd_merge_kernel): program (channel block, g)
+# sums partials [g * GROUP, (g + 1) * GROUP) of Σdy and Σdy·x̂.
+@triton.jit
+def _bn_bwd_merge_kernel(
+    PartSumDy, PartSumDyXhat,    # (NUM_CHUNKS, C) partial sums
+    GroupSumDy, GroupSumDyXhat,  # (cdiv(NUM_CHUNKS, GROUP), C) group sums
+    C, NUM_CHUNKS, GROUP,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    g = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    k_start = g * GROUP
+    k_end = tl.minimum(k_start + GROUP, NUM_CHUNKS)
+    sum_dy, sum_dy_xhat = _sum_partials(PartSumDy, PartSumDyXhat, c, c_mask, C, k_start, k_end, ACC, BLOCK_C,
+                                        BLOCK_K)
+    tl.store(GroupSumDy + g * C + c, sum_dy, mask=c_mask)
+    tl.store(GroupSumDyXhat + g * C + c, sum_dy_xhat, mask=c_mask)
+
+
+# Backward, stage 2: sums the (at most a group of) partials over chunks in chunk order.
+# dgamma and dbeta are these sums (paper, backward of Algorithm 1); they are written in
+# the parameter dtype.
 @triton.jit
 def _bn_bwd_finalize_kernel(
-    PartSumDy, PartSumDyXhat,  # (NUM_CHUNKS, C) from _bn_bwd_reduce_kernel
+    PartSumDy, PartSumDyXhat,  # (NUM_CHUNKS, C) from _bn_bwd_reduce_kernel or _bn_bwd_merge_kernel
     SumDy, SumDyXhat,          # (C,) accumulation dtype
     DW, DB,                    # (C,) gradients of weight and bias
     C, NUM_CHUNKS,
@@ -263,14 +340,8 @@ def _bn_bwd_finalize_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    sum_dy = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dy_xhat = tl.zeros([BLOCK_C], dtype=ACC)
-    for k0 in range(0, NUM_CHUNKS, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = (k < NUM_CHUNKS)[:, None] & c_mask[None, :]
-        offs = k[:, None] * C + c[None, :]
-        sum_dy += tl.sum(tl.load(PartSumDy + offs, mask=mask, other=0.0), axis=0)
-        sum_dy_xhat += tl.sum(tl.load(PartSumDyXhat + offs, mask=mask, other=0.0), axis=0)
+    sum_dy, sum_dy_xhat = _sum_partials(PartSumDy, PartSumDyXhat, c, c_mask, C, 0, NUM_CHUNKS, ACC, BLOCK_C,
+                                        BLOCK_K)
     tl.store(SumDy + c, sum_dy, mask=c_mask)
     tl.store(SumDyXhat + c, sum_dy_xhat, mask=c_mask)
     if WRITE_DW:
@@ -337,3 +408,5 @@ bn_bwd_reduce = _tuned(_bn_bwd_reduce_kernel)
 bn_bwd_dx = _tuned(_bn_bwd_dx_kernel)
 bn_fwd_finalize = _bn_fwd_finalize_kernel
 bn_bwd_finalize = _bn_bwd_finalize_kernel
+bn_fwd_merge = _bn_fwd_merge_kernel
+bn_bwd_merge = _bn_bwd_merge_kernel

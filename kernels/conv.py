@@ -32,7 +32,7 @@ GEMM_CONFIGS = _configs([
 FP64_CONFIGS = _configs([(32, 32, 8, 4), (16, 32, 16, 4), (32, 16, 16, 4)], stages=2)
 WGRAD_REDUCE_BLOCK = 1024
 
-FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w"]
+FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w", "ACTIVATION"]
 
 
 @triton.jit
@@ -285,7 +285,9 @@ def _tuned(kernel, key):
     return autotune(GEMM_CONFIGS, key)(kernel), autotune(FP64_CONFIGS, key)(kernel)
 
 
-conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_KEY + ["HAS_BIAS", "STATS"])
-conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, FWD_KEY)
-conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS"])
+# stride_xn / stride_dxn (C_in*H*W in either dense layout) with H, W and CG_IN fix the
+# group count, which the forward and dgrad kernels take from their grid.
+conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_KEY + ["HAS_BIAS", "STATS", "HAS_RESIDUAL", "stride_xn"])
+conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, FWD_KEY + ["stride_dxn"])
+conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS", "GROUPS"])
 conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel

@@ -24,7 +24,10 @@ from .common import activate, activation_grad_mask, chan_merge
 FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8))]
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
-FWD_KEY = ["C_OUT", "OH", "OW", "BLOCK_P", "TILES"]
+# Everything that changes the best tile: the batch, sizes, filter and conv geometry, and
+# the epilogue (residual, activation, BN statistics).
+FWD_KEY = ["N", "C_IN", "H", "W", "C_OUT", "OH", "OW", "KH", "KW", "conv_stride_h", "conv_stride_w", "dil_h", "dil_w",
+           "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION", "STATS", "BLOCK_P", "TILES"]
 
 
 @triton.jit
@@ -276,7 +279,8 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
-BWD_INPUT_KEY = ["C_IN", "C_OUT", "H", "W", "OH", "OW"]
+BWD_INPUT_KEY = ["N", "C_IN", "C_OUT", "H", "W", "OH", "OW", "KH", "KW", "conv_stride_h", "conv_stride_w",
+                 "dil_h", "dil_w", "ACTIVATION"]
 depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_kernel)
 # The weight gradient's tiling is fixed by the shape (weight_grad_tiling), not tuned.
 depthwise_bwd_weight_reduce = _depthwise_bwd_weight_reduce_kernel

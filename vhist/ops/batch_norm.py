@@ -109,13 +109,26 @@ def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
 
 def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum: float, eps: float):
     """Merges (num_partials, C) statistics partials into the batch (mean, rstd) and, when
-    running statistics are given, updates them in place."""
+    running statistics are given, updates them in place.
+
+    The merge is a tree of fan-in ``heuristics.BN_MERGE_GROUP`` (levels of
+    ``bn_fwd_merge`` over (channel blocks x groups), then ``bn_fwd_finalize``), in an
+    order fixed by ``num_partials``: no program walks more than a group of partials.
+    """
     from vhist.kernels import batch_norm as kernels
 
     c = part_mean.shape[1]
     mean, rstd = torch.empty_like(part_mean[0]), torch.empty_like(part_mean[0])
     update = running_mean is not None
     block_c = heuristics.bn_finalize_block_c(c)
+    acc_tl, group = tl_acc(part_mean.dtype), heuristics.BN_MERGE_GROUP
+    for num in heuristics.bn_merge_levels(part_count.shape[0]):
+        groups = triton.cdiv(num, group)
+        merged = (part_mean.new_empty((groups, c)), part_m2.new_empty((groups, c)), part_count.new_empty((groups,)))
+        kernels.bn_fwd_merge[(triton.cdiv(c, block_c), groups)](
+            part_mean, part_m2, part_count, *merged, c, num, group,
+            ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
+        part_mean, part_m2, part_count = merged
     kernels.bn_fwd_finalize[(triton.cdiv(c, block_c),)](
         part_mean, part_m2, part_count, mean, rstd,
         running_mean if update else mean, running_var if update else rstd,
@@ -145,9 +158,10 @@ def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = F
 
 def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
                  residual: Optional[torch.Tensor] = None, activation: int = 0,
-                 want_dweight: bool = False, want_dbias: bool = False):
+                 want_dweight: bool = False, want_dbias: bool = False, dz_out: Optional[torch.Tensor] = None):
     """Per-channel Σdz and Σdz·x̂, where dz is ``grad_output`` masked by the activation's
-    derivative (recomputed from ``x``, the statistics and ``residual``).
+    derivative (recomputed from ``x``, the statistics and ``residual``); with ``dz_out``
+    (a tensor like ``x``) dz itself is also written there, in the same pass.
 
     Returns:
         ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``; the parameter gradients are
@@ -167,16 +181,48 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
     _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
         grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
         or_placeholder(residual, x),
-        part_dy, part_dy_xhat, *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var, ACC=acc_tl,
-        ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None)
-    sum_dy, sum_dy_xhat = x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
-    grad_weight = x.new_empty((c,), dtype=weight.dtype) if want_dweight else x.new_empty((0,))
-    grad_bias = x.new_empty((c,), dtype=bias.dtype) if want_dbias else x.new_empty((0,))
+        part_dy, part_dy_xhat, or_placeholder(dz_out, x), *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var,
+        ACC=acc_tl, ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, WRITE_DZ=dz_out is not None)
+    sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_merge_sums(
+        part_dy, part_dy_xhat, weight.dtype if want_dweight else None, bias.dtype if want_dbias else None)
+    # Empty results in the input's dtype, as the registered ops' fakes give them (two
+    # tensors: a custom op's outputs may not alias).
+    return (sum_dy, sum_dy_xhat, grad_weight if want_dweight else x.new_empty((0,)),
+            grad_bias if want_dbias else x.new_empty((0,)))
+
+
+def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = None,
+                  dbias_dtype: Optional[torch.dtype] = None):
+    """Sums (num_partials, C) partials of Σdz and Σdz·x̂ over partials, by the same tree as
+    :func:`bn_finalize` (order fixed by ``num_partials``).
+
+    Args:
+        dweight_dtype, dbias_dtype: the dtypes to also write the sums in as the
+            parameter gradients (Σdz·x̂ and Σdz), or None.
+
+    Returns:
+        ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``, the latter two empty when
+        their dtype is None.
+    """
+    from vhist.kernels import batch_norm as kernels
+
+    c, acc_tl = part_dy.shape[1], tl_acc(part_dy.dtype)
+    want_dweight, want_dbias = dweight_dtype is not None, dbias_dtype is not None
+    sum_dy, sum_dy_xhat = part_dy.new_empty((c,)), part_dy.new_empty((c,))
+    grad_weight = part_dy.new_empty((c,), dtype=dweight_dtype) if want_dweight else part_dy.new_empty((0,))
+    grad_bias = part_dy.new_empty((c,), dtype=dbias_dtype) if want_dbias else part_dy.new_empty((0,))
     block_c = heuristics.bn_finalize_block_c(c)
+    for num in heuristics.bn_merge_levels(part_dy.shape[0]):
+        groups = triton.cdiv(num, heuristics.BN_MERGE_GROUP)
+        merged = part_dy.new_empty((groups, c)), part_dy_xhat.new_empty((groups, c))
+        kernels.bn_bwd_merge[(triton.cdiv(c, block_c), groups)](
+            part_dy, part_dy_xhat, *merged, c, num, heuristics.BN_MERGE_GROUP,
+            ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
+        part_dy, part_dy_xhat = merged
     kernels.bn_bwd_finalize[(triton.cdiv(c, block_c),)](
         part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
-        grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, geom.num_chunks,
+        grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, part_dy.shape[0],
         WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=acc_tl, BLOCK_C=block_c,
         BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
     return sum_dy, sum_dy_xhat, grad_weight, grad_bias

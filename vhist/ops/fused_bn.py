@@ -8,8 +8,9 @@ the epilogue, input gradient, weight gradient) and gets the rest:
   M2) partials; ``bn_finalize`` merges them (Chan et al.) and updates the running
   statistics; one ``bn_apply`` pass applies scale, shift, residual and activation;
 * training backward: ``bn_grad_sums`` recomputes the activation mask from the saved
-  conv output and sums dz and dz * x_hat per channel, ``bn_grad_input`` writes dy_conv
-  (and the residual's gradient), then the conv's input- and weight-gradient passes;
+  conv output and sums dz and dz * x_hat per channel (with a residual whose gradient is
+  wanted, it also writes dz, that gradient), ``bn_grad_input`` writes dy_conv (reading
+  dz when it was written), then the conv's input- and weight-gradient passes;
 * eval: BN folded into the weight and a bias (:func:`fold_bn`), one conv launch with
   residual and activation in its epilogue.
 
@@ -122,13 +123,23 @@ def _fused_bwd(passes: ConvPasses):
         """
         geom = passes.geometry(input.shape, weight.shape, stride, padding, dilation, groups)
         want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
+        # With the residual's gradient wanted, the sums pass also writes dz (= that
+        # gradient), and the dx pass reads dz instead of dy, x's mask and the residual:
+        # one write and one read instead of two reads and a write.
+        dz = torch.empty_like(conv_output) if residual is not None and want_dres else None
         _, _, dgamma, dbeta = sums = bn_grad_sums(
             grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual,
-            activation=activation, want_dweight=want_dgamma, want_dbias=want_dbeta)
+            activation=activation, want_dweight=want_dgamma, want_dbias=want_dbeta, dz_out=dz)
         dx, dw, dres = input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
-        if want_dx or want_dw or want_dres:
-            dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2], eps,
-                                          residual=residual, activation=activation, want_dresidual=want_dres)
+        if dz is not None:
+            dres = dz
+        if want_dx or want_dw:
+            if dz is not None:
+                dy_conv, _ = bn_grad_input(dz, conv_output, mean, rstd, bn_weight, None, *sums[:2], eps)
+            else:
+                dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2],
+                                              eps, residual=residual, activation=activation,
+                                              want_dresidual=want_dres)
             if want_dx:
                 dx = passes.grad_input(dy_conv, input, weight, geom)
             if want_dw:

@@ -25,7 +25,7 @@ WGRAD_PROGRAMS_PER_SM = 4
 
 # Depthwise forward: output pixels per tile (the launcher picks it, the configs tune only
 # BLOCK_C), and the most BN-statistics partials (one per program) the fused op writes,
-# so that the single-pass finalize kernel merges them quickly.
+# so that the BN merge tree over them stays two levels deep at most.
 DEPTHWISE_FWD_BLOCK_P = 64
 DEPTHWISE_MAX_STATS_PARTIALS = 1024
 
@@ -39,6 +39,11 @@ BN_CHANNELS_CONTIGUOUS_BLOCK_C = 64
 BN_SPATIAL_CONTIGUOUS_BLOCK_C = 2
 BN_FINALIZE_MAX_BLOCK_C = 128
 BN_FINALIZE_BLOCK_K = 16  # partials merged per step
+# The statistics / gradient-sum merge is a tree of this fan-in: each level's programs
+# (channel blocks x groups) walk at most this many partials in sequence, and the
+# finalize kernel merges the last <= BN_MERGE_GROUP. A function of the partial count only,
+# so the merge order (and the bits) depend on the shape, never on the tuning.
+BN_MERGE_GROUP = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,3 +100,14 @@ def bn_chunks(total: int, channels: int, channels_contiguous: bool, device: torc
 def bn_finalize_block_c(channels: int) -> int:
     """Channel tile of the BN finalize kernels (one program per tile)."""
     return min(triton.next_power_of_2(channels), BN_FINALIZE_MAX_BLOCK_C)
+
+
+def bn_merge_levels(num_partials: int) -> list[int]:
+    """Partial counts entering each first-level merge launch before the finalize: empty
+    when ``num_partials <= BN_MERGE_GROUP``; each level groups ``BN_MERGE_GROUP`` partials
+    into one."""
+    levels = []
+    while num_partials > BN_MERGE_GROUP:
+        levels.append(num_partials)
+        num_partials = triton.cdiv(num_partials, BN_MERGE_GROUP)
+    return levels
