@@ -94,14 +94,11 @@ def _aligned_channels_last(report, kernels):
 
 def test_compile_report_bn_and_depthwise_load_16_bytes_on_aligned_channels_last_rows(report):
     kernels = ("_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel",
-               "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel")
+               "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_depthwise_bwd_weight_reduce_kernel")
     narrow = [r for r in _aligned_channels_last(report, kernels) if "ld.128" not in r["access"]]
     assert not narrow, _where(narrow)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the LRN kernels walk channels one at a time and load one "
-                   "element per position per channel (16-bit loads in bf16), also on channels_last rows; "
-                   "remove this mark when the rewrite gives them 128-bit loads")
 def test_compile_report_lrn_loads_16_bytes_on_aligned_channels_last_rows(report):
     narrow = [r for r in _aligned_channels_last(report, ("_lrn_fwd_kernel", "_lrn_bwd_kernel"))
               if "ld.128" not in r["access"]]
