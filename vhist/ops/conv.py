@@ -118,11 +118,27 @@ def _pick_gemm(kernels, dtype):
     return fma_kernel if dtype == torch.float64 else dot_kernel
 
 
-def _used_block_m(kernel, configs) -> int:
-    """BLOCK_M of the config the kernel just ran with (autotuned on a GPU, the first
-    config under the interpreter)."""
-    best = getattr(kernel, "best_config", None)
-    return (best or configs[0]).kwargs["BLOCK_M"]
+def _fwd_grid(g: ConvGeometry):
+    m_total, cg_out = g.n * g.oh * g.ow, g.c_out // g.groups
+
+    def grid(meta):
+        return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), g.groups)
+
+    return grid
+
+
+def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
+    """The config of a BatchNorm-statistics forward launch: the first of the shape's
+    shortlist (:func:`vhist.kernels._config.shortlist`, the config ``VHIST_AUTOTUNE=0``
+    runs), a function of the geometry, the dtype and the device's SM count only, never of
+    what autotuning picked; so are the number of partials (one per BLOCK_M rows) and the
+    order of every sum, and with them the statistics' bits."""
+    from vhist.kernels import conv as kernels
+    from vhist.kernels._config import shortlist
+
+    configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
+    args = {"X": input, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
+    return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
 
 
 def _geom_args(g: ConvGeometry) -> tuple:
@@ -140,31 +156,28 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
     if residual is not None:
         residual = like_layout(residual, out)
     m_total = g.n * g.oh * g.ow
-    configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
-    kernel = _pick_gemm(kernels.conv2d_fwd, input.dtype)
     acc = acc_dtype(input.dtype)
+    grid = _fwd_grid(g)
     if stats:
-        # Sized for the smallest BLOCK_M any config may run with (autotuning runs them all).
-        max_tiles = triton.cdiv(m_total, min(c.kwargs["BLOCK_M"] for c in configs))
-        part_mean = input.new_empty((max_tiles, g.c_out), dtype=acc)
-        part_m2 = input.new_empty((max_tiles, g.c_out), dtype=acc)
-        part_count = input.new_empty((max_tiles,), dtype=acc)
+        config = stats_config(g, input)
+        kernel, launch = kernels.conv2d_fwd_stats, dict(config.all_kwargs())
+        tiles = triton.cdiv(m_total, config.kwargs["BLOCK_M"])
+        part_mean = input.new_empty((tiles, g.c_out), dtype=acc)
+        part_m2 = input.new_empty((tiles, g.c_out), dtype=acc)
+        part_count = input.new_empty((tiles,), dtype=acc)
+        launch_grid = grid(config.kwargs)
     else:
+        kernel, launch, launch_grid = _pick_gemm(kernels.conv2d_fwd, input.dtype), {}, grid
         part_mean = part_m2 = part_count = out
-    cg_out = g.c_out // g.groups
 
-    def grid(meta):
-        return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), g.groups)
-
-    kernel[grid](
+    kernel[launch_grid](
         input, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         part_mean, part_m2, part_count, *_geom_args(g),
         *input.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, STATS=stats,
-        **_precision(input.dtype))
+        **_precision(input.dtype), **launch)
     if not stats:
         return out, None
-    tiles = triton.cdiv(m_total, _used_block_m(kernel, configs))
     return out, (part_mean, part_m2, part_count, tiles)
 
 
