@@ -30,6 +30,13 @@ GEMM_CONFIGS = _configs([
 ]) + _configs([(128, 128, 64, 8), (128, 256, 64, 8)], stages=4)
 # fp64: the FMA path holds a BLOCK_M x BLOCK_K x BLOCK_N product in registers.
 FP64_CONFIGS = _configs([(32, 32, 8, 4), (16, 32, 16, 4), (32, 16, 16, 4)], stages=2)
+# Stem convs (C_in <= 4, no groups, e.g. RGB 7x7 stride 2, AlexNet's 11x11 stride 4):
+# the forward launcher zero-pads the input and weight channels to STEM_CHANNELS once per
+# call, so that every activation row is 16-byte aligned (cp.async / 16-byte loads) and a
+# tap is one K block of 16; the dgrad keeps the real channels as a narrow N tile.
+STEM_CHANNELS = 16
+STEM_FWD_CONFIGS = _configs([(128, 64, 16, 4), (64, 64, 16, 4), (128, 128, 16, 8), (64, 32, 16, 4)])
+STEM_DGRAD_CONFIGS = _configs([(128, 16, 32, 4), (64, 16, 32, 4), (128, 16, 64, 4), (256, 16, 32, 8)])
 WGRAD_REDUCE_BLOCK = 1024
 
 FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w"]
@@ -325,5 +332,7 @@ conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_KEY + ["HAS_BIAS", "STATS"])
 # config a process's autotuning picked, so the statistics are reproducible bit for bit.
 conv2d_fwd_stats = _conv2d_fwd_kernel
 conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, FWD_KEY)
+conv2d_fwd_stem = autotune(STEM_FWD_CONFIGS, FWD_KEY + ["HAS_BIAS", "STATS"])(_conv2d_fwd_kernel)
+conv2d_bwd_dgrad_stem = autotune(STEM_DGRAD_CONFIGS, FWD_KEY)(_conv2d_bwd_dgrad_kernel)
 conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS"])
 conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel

@@ -23,6 +23,7 @@ the autocast dtype, as ``F.conv2d`` does.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,6 +128,18 @@ def _fwd_grid(g: ConvGeometry):
     return grid
 
 
+def is_stem(g: ConvGeometry, dtype: torch.dtype) -> bool:
+    """Whether the launchers take the stem path (:data:`vhist.kernels.conv.STEM_CHANNELS`):
+    at most 4 input channels, no groups, a tensor-core dtype (fp64 keeps its FMA path)."""
+    return g.c_in <= 4 and g.groups == 1 and dtype != torch.float64
+
+
+def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """``t`` (N, C, H, W) zero-padded to ``channels`` channels, channels_last, one copy."""
+    nhwc = torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, channels - t.shape[1]))
+    return nhwc.permute(0, 3, 1, 2)
+
+
 def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
     """The config of a BatchNorm-statistics forward launch: the first of the shape's
     shortlist (:func:`vhist.kernels._config.shortlist`, the config ``VHIST_AUTOTUNE=0``
@@ -136,7 +149,10 @@ def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
     from vhist.kernels import conv as kernels
     from vhist.kernels._config import shortlist
 
-    configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
+    if is_stem(g, input.dtype):
+        configs = kernels.STEM_FWD_CONFIGS
+    else:
+        configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
     args = {"X": input, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
     return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
 
@@ -158,8 +174,13 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
     m_total = g.n * g.oh * g.ow
     acc = acc_dtype(input.dtype)
     grid = _fwd_grid(g)
+    stem = is_stem(g, input.dtype)
+    config = stats_config(g, input) if stats else None
+    if stem:
+        input = pad_channels(input, kernels.STEM_CHANNELS)
+        weight = pad_channels(weight, kernels.STEM_CHANNELS)
+        g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
     if stats:
-        config = stats_config(g, input)
         kernel, launch = kernels.conv2d_fwd_stats, dict(config.all_kwargs())
         tiles = triton.cdiv(m_total, config.kwargs["BLOCK_M"])
         part_mean = input.new_empty((tiles, g.c_out), dtype=acc)
@@ -167,7 +188,8 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
         part_count = input.new_empty((tiles,), dtype=acc)
         launch_grid = grid(config.kwargs)
     else:
-        kernel, launch, launch_grid = _pick_gemm(kernels.conv2d_fwd, input.dtype), {}, grid
+        kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, input.dtype)
+        launch, launch_grid = {}, grid
         part_mean = part_m2 = part_count = out
 
     kernel[launch_grid](
@@ -194,7 +216,9 @@ def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cg_in, meta["BLOCK_N"]), g.groups * s_h * s_w)
 
-    _pick_gemm(kernels.conv2d_bwd_dgrad, grad.dtype)[grid](
+    kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, grad.dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad,
+                                                                                     grad.dtype)
+    kernel[grid](
         grad, output if output is not None else grad, weight, dx, *_geom_args(g),
         *grad.stride(), *weight.stride(), *dx.stride(),
         ACTIVATION=activation, **_precision(grad.dtype))
