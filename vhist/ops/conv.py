@@ -12,10 +12,15 @@ Registered custom ops (each with a fake implementation, so ``torch.compile`` tra
 * ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
   :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
   passes. Training: the conv epilogue writes the conv output and per-tile BN partials
-  (count, mean, M2), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
+  (count, mean, M2) from a config fixed by the shape (:func:`stats_config`, so the bits
+  do not depend on autotuning), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
   backward through BatchNorm's reduce/dx kernels, then dgrad and wgrad on dy_conv.
   Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
   and runs one ``conv2d_fwd`` launch with bias, residual and activation in the epilogue.
+
+Stem convs (at most 4 input channels, :func:`is_stem`) run the forward on channels
+zero-padded to 16 once per call (:func:`pad_channels`), so that activation rows are
+16-byte aligned.
 
 Activations are NCHW or channels_last; NCHW inputs are converted once at the op
 boundary, and outputs are channels_last. Under autocast the conv's tensors are cast to
