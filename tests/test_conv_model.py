@@ -1,7 +1,8 @@
 """bench/conv_model.py: the static model's factors on a hand-worked layer, and its CLI."""
-import importlib.util
+import importlib
 import json
 import os
+import sys
 
 import pytest
 
@@ -9,10 +10,9 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _model():
-    spec = importlib.util.spec_from_file_location("vhist_bench_conv_model", os.path.join(BENCH, "conv_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if BENCH not in sys.path:
+        sys.path.append(BENCH)
+    return importlib.import_module("conv_model")
 
 
 H100 = dict(hbm_gbps=3350, bf16_tflops=989)
