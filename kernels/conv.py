@@ -24,12 +24,23 @@ def _configs(rows, stages=3):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps). The first row is the one the interpreter uses.
+# No 256-wide tile: with the flat main loop the compile report (static, sm_90 compile,
+# bf16, ResNet-50 3x3 layers) still puts 128x256x32, 256x128x32 and 128x256x64 s4 at the
+# 255-register cap in the forward (with stack stores), one 8-warp block per SM, and at
+# ResNet-50's 14x14 and 7x7 layers (batch 128) they give 1.5-3 programs per SM.
 GEMM_CONFIGS = _configs([
     (64, 64, 32, 4), (128, 128, 32, 8), (128, 64, 32, 4), (64, 128, 32, 4),
-    (128, 128, 64, 8), (128, 256, 32, 8), (256, 128, 32, 8), (32, 64, 32, 4), (64, 32, 32, 4),
-]) + _configs([(128, 128, 64, 8), (128, 256, 64, 8)], stages=4)
+    (128, 128, 64, 8), (32, 64, 32, 4), (64, 32, 32, 4),
+]) + _configs([(128, 128, 64, 8)], stages=4)
 # fp64: the FMA path holds a BLOCK_M x BLOCK_K x BLOCK_N product in registers.
 FP64_CONFIGS = _configs([(32, 32, 8, 4), (16, 32, 16, 4), (32, 16, 16, 4)], stages=2)
+# Stem convs (C_in <= 4, no groups, e.g. RGB 7x7 stride 2, AlexNet's 11x11 stride 4):
+# the forward launcher zero-pads the input and weight channels to STEM_CHANNELS once per
+# call, so that every activation row is 16-byte aligned (cp.async / 16-byte loads) and a
+# tap is one K block of 16; the dgrad keeps the real channels as a narrow N tile.
+STEM_CHANNELS = 16
+STEM_FWD_CONFIGS = _configs([(128, 64, 16, 4), (64, 64, 16, 4), (128, 128, 16, 8), (64, 32, 16, 4)])
+STEM_DGRAD_CONFIGS = _configs([(128, 16, 32, 4), (64, 16, 32, 4), (128, 16, 64, 4), (256, 16, 32, 8)])
 WGRAD_REDUCE_BLOCK = 1024
 
 FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w", "ACTIVATION"]
@@ -47,8 +58,9 @@ def _mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 # Forward, implicit GEMM (Chetlur et al., "cuDNN", 2014, section 3.1):
 #   Y[m, co] = sum_{kh, kw, ci} X[n, oh*s - p + kh*d, ow*s - p + kw*d, ci] * W[co, ci, kh, kw]
-# with m = (n, oh, ow) and K walked as (kh, kw) outer, channel blocks inner, the padded
-# taps masked to zero. Epilogue on the fp32 accumulator: bias, then (STATS) the tile's
+# with m = (n, oh, ow) and K walked as one flat loop over (tap, channel block), so that
+# the software pipeline runs across taps (one fill and drain per program, not one per
+# tap); the padding masks are computed per step from the tap, the padded taps loading zero. Epilogue on the fp32 accumulator: bias, then (STATS) the tile's
 # BatchNorm partials (count, mean, M2) per channel in the layout bn_fwd_finalize merges
 # with Chan's formula, then residual and activation, then one store.
 @triton.jit
@@ -83,22 +95,28 @@ def _conv2d_fwd_kernel(
     x_base = X + n.to(tl.int64) * stride_xn + (g * CG_IN).to(tl.int64) * stride_xc
     w_base = Wt + co_g.to(tl.int64) * stride_wo
 
+    # One loop over (tap, channel block): the pipeliner overlaps the loads of step i+1
+    # with the MMA of step i across tap boundaries, one fill and one drain per program.
+    ih0 = oh * conv_stride_h - pad_h
+    iw0 = ow * conv_stride_w - pad_w
+    x_row0 = x_base + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
+    num_cb = tl.cdiv(CG_IN, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for kh in range(KH):
-        ih = oh * conv_stride_h - pad_h + kh * dil_h
-        h_ok = m_mask & (ih >= 0) & (ih < H)
-        for kw in range(KW):
-            iw = ow * conv_stride_w - pad_w + kw * dil_w
-            row_ok = h_ok & (iw >= 0) & (iw < W)
-            x_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-            w_tap = w_base + kh * stride_wh + kw * stride_ww
-            for c0 in range(0, CG_IN, BLOCK_K):
-                c = c0 + ck
-                c_ok = c < CG_IN
-                a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * stride_xc,
-                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(w_tap[None, :] + c[:, None] * stride_wi, mask=c_ok[:, None] & co_mask[None, :], other=0.0)
-                acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+    for step in range(0, KH * KW * num_cb):
+        tap = step // num_cb
+        c = (step - tap * num_cb) * BLOCK_K + ck
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * dil_h
+        iw = iw0 + kw * dil_w
+        row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_row = x_row0 + ((kh * dil_h).to(tl.int64) * stride_xh + (kw * dil_w).to(tl.int64) * stride_xw)
+        c_ok = c < CG_IN
+        a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * stride_xc,
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_base[None, :] + (kh * stride_wh + kw * stride_ww) + c[:, None] * stride_wi,
+                    mask=c_ok[:, None] & co_mask[None, :], other=0.0)
+        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(Bias + co_g, mask=co_mask, other=0.0).to(ACC)[None, :]
@@ -128,7 +146,8 @@ def _conv2d_fwd_kernel(
 # Strided convs are split by output phase (h mod s, w mod s), one phase per program
 # (grid axis 2 = group * s_h * s_w + phase): whether a tap's division is exact depends
 # only on the phase, so a program skips the taps that contribute nothing to its rows
-# instead of multiplying masked zeros (a s_h*s_w-fold saving on stride-2 layers).
+# instead of multiplying masked zeros (a s_h*s_w-fold saving on stride-2 layers); the
+# reaching taps and the channel blocks form one flat, software-pipelined loop.
 # With ACTIVATION (plain conv2d with an activation epilogue) dY is masked on the fly by
 # the activation's derivative, recovered from the saved output Y.
 @triton.jit
@@ -153,8 +172,10 @@ def _conv2d_bwd_dgrad_kernel(
     hh_n, ww_n = tl.cdiv(H, conv_stride_h), tl.cdiv(W, conv_stride_w)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n = m // (hh_n * ww_n)
-    h = ((m // ww_n) % hh_n) * conv_stride_h + ph
-    w = (m % ww_n) * conv_stride_w + pw
+    hh = (m // ww_n) % hh_n
+    ww = m % ww_n
+    h = hh * conv_stride_h + ph
+    w = ww * conv_stride_w + pw
     m_mask = (m < N * hh_n * ww_n) & (h < H) & (w < W)
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = ci < CG_IN
@@ -162,30 +183,53 @@ def _conv2d_bwd_dgrad_kernel(
     dy_base = n.to(tl.int64) * stride_dyn + (g * CG_OUT).to(tl.int64) * stride_dyc
     w_base = Wt + (g * CG_OUT).to(tl.int64) * stride_wo + ci.to(tl.int64) * stride_wi
 
+    # The taps that reach this phase: kh*dil_h = ph + pad_h (mod s_h), an arithmetic
+    # progression kh0, kh0 + step_h, ... with step_h = s_h / gcd(s_h, dil_h) (likewise kw);
+    # found by scalar scans for the first solutions (KH, KW and the strides are small).
+    step_h, step_w = conv_stride_h, conv_stride_w
+    for t in range(1, conv_stride_h):
+        if ((t * dil_h) % conv_stride_h == 0) & (step_h == conv_stride_h):
+            step_h = t
+    for t in range(1, conv_stride_w):
+        if ((t * dil_w) % conv_stride_w == 0) & (step_w == conv_stride_w):
+            step_w = t
+    kh0, kw0 = KH, KW
+    for k in range(0, KH):
+        if ((ph + pad_h - k * dil_h) % conv_stride_h == 0) & (kh0 == KH):
+            kh0 = k
+    for k in range(0, KW):
+        if ((pw + pad_w - k * dil_w) % conv_stride_w == 0) & (kw0 == KW):
+            kw0 = k
+    num_kh = tl.cdiv(KH - kh0, step_h)
+    num_kw = tl.cdiv(KW - kw0, step_w)
+    num_cb = tl.cdiv(CG_OUT, BLOCK_K)
+    # For a reaching tap, oh = hh + (ph + pad_h - kh*dil_h) / s_h exactly (likewise ow).
+    dy_row0 = dy_base + hh.to(tl.int64) * stride_dyh + ww.to(tl.int64) * stride_dyw
+    w_base = w_base + kh0 * stride_wh + kw0 * stride_ww
+
+    # One loop over (reaching tap, channel block), pipelined across taps (see forward).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for kh in range(KH):
-        for kw in range(KW):
-            # C remainder: zero exactly when the (possibly negative) offset is divisible.
-            if ((ph + pad_h - kh * dil_h) % conv_stride_h == 0) & ((pw + pad_w - kw * dil_w) % conv_stride_w == 0):
-                th = h + pad_h - kh * dil_h
-                tw = w + pad_w - kw * dil_w
-                oh = th // conv_stride_h
-                ow = tw // conv_stride_w
-                row_ok = m_mask & (th >= 0) & (oh < OH) & (tw >= 0) & (ow < OW)
-                dy_row = dy_base + oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw
-                w_tap = w_base + kh * stride_wh + kw * stride_ww
-                for c0 in range(0, CG_OUT, BLOCK_K):
-                    c = c0 + ck
-                    c_ok = c < CG_OUT
-                    offs = dy_row[:, None] + c[None, :].to(tl.int64) * stride_dyc
-                    a_mask = row_ok[:, None] & c_ok[None, :]
-                    a = tl.load(DY + offs, mask=a_mask, other=0.0)
-                    if ACTIVATION != 0:
-                        y = tl.load(Y + offs, mask=a_mask, other=0.0)
-                        a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
-                    b = tl.load(w_tap[None, :] + c[:, None].to(tl.int64) * stride_wo,
-                                mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
-                    acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+    for step in range(0, num_kh * num_kw * num_cb):
+        tap = step // num_cb
+        c = (step - tap * num_cb) * BLOCK_K + ck
+        th = tap // num_kw
+        tw = tap - th * num_kw
+        dh = (ph + pad_h - (kh0 + th * step_h) * dil_h) // conv_stride_h
+        dw = (pw + pad_w - (kw0 + tw * step_w) * dil_w) // conv_stride_w
+        oh = hh + dh
+        ow = ww + dw
+        row_ok = m_mask & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        c_ok = c < CG_OUT
+        offs = (dy_row0 + (dh.to(tl.int64) * stride_dyh + dw.to(tl.int64) * stride_dyw))[:, None] \
+            + c[None, :].to(tl.int64) * stride_dyc
+        a_mask = row_ok[:, None] & c_ok[None, :]
+        a = tl.load(DY + offs, mask=a_mask, other=0.0)
+        if ACTIVATION != 0:
+            y = tl.load(Y + offs, mask=a_mask, other=0.0)
+            a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+        b = tl.load(w_base[None, :] + (th * step_h * stride_wh + tw * step_w * stride_ww)
+                    + c[:, None].to(tl.int64) * stride_wo, mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
+        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
     dx_offs = (n.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw)[:, None] \
         + (g * CG_IN + ci).to(tl.int64)[None, :] * stride_dxc
@@ -287,7 +331,16 @@ def _tuned(kernel, key):
 
 # stride_xn / stride_dxn (C_in*H*W in either dense layout) with H, W and CG_IN fix the
 # group count, which the forward and dgrad kernels take from their grid.
-conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_KEY + ["HAS_BIAS", "STATS", "HAS_RESIDUAL", "stride_xn"])
-conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, FWD_KEY + ["stride_dxn"])
+FWD_TUNE_KEY = FWD_KEY + ["HAS_BIAS", "STATS", "HAS_RESIDUAL", "stride_xn"]
+DGRAD_TUNE_KEY = FWD_KEY + ["stride_dxn"]
+conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_TUNE_KEY)
+# The BatchNorm-statistics forward (STATS) is launched untuned, with one config a
+# function of the launch shape (vhist.ops.conv.stats_config): the number of
+# (count, mean, M2) partials and the order of every sum then do not depend on which
+# config a process's autotuning picked, so the statistics are reproducible bit for bit.
+conv2d_fwd_stats = _conv2d_fwd_kernel
+conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, DGRAD_TUNE_KEY)
+conv2d_fwd_stem = autotune(STEM_FWD_CONFIGS, FWD_TUNE_KEY)(_conv2d_fwd_kernel)
+conv2d_bwd_dgrad_stem = autotune(STEM_DGRAD_CONFIGS, DGRAD_TUNE_KEY)(_conv2d_bwd_dgrad_kernel)
 conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS", "GROUPS"])
 conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import vhist
 from vhist.nn import Conv2d
-from vhist.ops.conv import _wgrad_launch, conv_geometry
+from vhist.ops.conv import _wgrad_launch, conv_geometry, is_stem, pad_channels
 
 from conftest import DEVICE
 from utils import assert_close, assert_low_precision_close
@@ -80,6 +80,35 @@ def test_conv2d_bwd(case):
     (_, grads), (_, grads_ref) = run_both(x, w, b, kwargs, activation="relu")
     for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
         assert_close(g, g_ref, name=f"grad_{name}", **BWD_TOL)
+
+
+STEM_CASES = [
+    # (input shape, weight shape, stride, padding, dilation, groups): C_in <= 4
+    ((1, 1, 9, 9), (4, 1, 7, 7), 2, 3, 1, 1),            # 1 channel (grayscale), 7x7 stride 2
+    ((2, 3, 9, 8), (5, 3, 7, 7), 2, 3, 1, 1),            # RGB ResNet stem, odd sizes
+    ((1, 4, 9, 9), (3, 4, 7, 7), 2, 3, 1, 1),            # 4 channels (RGBA)
+    ((1, 3, 15, 15), (4, 3, 11, 11), 4, 2, 1, 1),        # AlexNet conv1: 11x11 stride 4
+    ((2, 3, 5, 5), (20, 3, 3, 3), 1, 1, 1, 1),           # 3x3, more outputs than one N tile of 16
+]
+
+
+@pytest.mark.parametrize("case", STEM_CASES, ids=case_id)
+def test_conv2d_stem(case):
+    """The stem path (channels zero-padded to 16 in the forward, a narrow N tile in the
+    dgrad): output and all gradients against F.conv2d."""
+    x, w, b, kwargs = make(case)
+    assert is_stem(conv_geometry("t", x.shape, w.shape, **kwargs), x.dtype)
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, b, kwargs, activation="relu")
+    assert_close(y, y_ref, name="output", **FWD_TOL)
+    for name, g, g_ref in zip(("input", "weight", "bias"), grads, grads_ref):
+        assert_close(g, g_ref, name=f"grad_{name}", **BWD_TOL)
+
+
+def test_conv2d_stem_pad_channels():
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    padded = pad_channels(x, 16)
+    assert padded.shape == (2, 16, 4, 5) and padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:, :3], x) and not padded[:, 3:].any()
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])

@@ -7,7 +7,7 @@ import torch
 
 import vhist
 from vhist.nn import ConvBNAct
-from vhist.ops.conv import _conv_fwd_launch, conv_geometry
+from vhist.ops.conv import _conv_fwd_launch, conv_geometry, stats_config
 
 from conftest import DEVICE
 from utils import assert_close, assert_low_precision_close
@@ -141,6 +141,32 @@ def test_fused_conv_bn_relu_stats_tiles(triton_backend):
     first = rows[: int(part_count[0].item())]
     assert_close(part_mean[0], first.mean(0), name="tile mean", **FWD_TOL)
     assert_close(part_m2[0], ((first - first.mean(0)) ** 2).sum(0), name="tile M2", **FWD_TOL)
+
+
+def test_fused_conv_bn_relu_stats_independent_of_tuning(triton_backend, monkeypatch):
+    """The statistics forward runs the shape's fixed config and never asks the autotuner:
+    with the tuned forward kernels replaced by ones that fail, the training step gives
+    the same bits, and the number of partials is the one of stats_config's BLOCK_M."""
+    from vhist.kernels import conv as kernels
+
+    x, w, bn, kwargs = make(CASES[-1])
+    g = conv_geometry("t", x.shape, w.shape, **kwargs)
+    first = run_both(x, w, bn, kwargs, backends=("triton",))[0]
+
+    class Untunable:
+        def __getitem__(self, grid):
+            raise AssertionError("the statistics forward went through the autotuned kernel")
+
+    monkeypatch.setattr(kernels, "conv2d_fwd", (Untunable(), Untunable()))
+    second = run_both(x, w, bn, kwargs, backends=("triton",))[0]
+    assert torch.equal(first[0], second[0])
+    for g1, g2 in zip(first[1], second[1]):
+        assert torch.equal(g1, g2)
+    assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
+    _, (_, _, part_count, tiles) = _conv_fwd_launch(x.to(memory_format=torch.channels_last), w, None, None, g, 0,
+                                                    stats=True)
+    block_m = stats_config(g, x).kwargs["BLOCK_M"]
+    assert tiles == part_count.numel() == -(-g.n * g.oh * g.ow // block_m)
 
 
 def test_fused_conv_bn_relu_determinism(triton_backend):

@@ -12,10 +12,15 @@ Registered custom ops (each with a fake implementation, so ``torch.compile`` tra
 * ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
   :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
   passes. Training: the conv epilogue writes the conv output and per-tile BN partials
-  (count, mean, M2), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
+  (count, mean, M2) from a config fixed by the shape (:func:`stats_config`, so the bits
+  do not depend on autotuning), merged by ``bn_fwd_finalize``, then one ``bn_fwd_apply`` pass;
   backward through BatchNorm's reduce/dx kernels, then dgrad and wgrad on dy_conv.
   Eval folds BN into the weight and a bias on the fly (autograd flows through the fold)
   and runs one ``conv2d_fwd`` launch with bias, residual and activation in the epilogue.
+
+Stem convs (at most 4 input channels, :func:`is_stem`) run the forward on channels
+zero-padded to 16 once per call (:func:`pad_channels`), so that activation rows are
+16-byte aligned.
 
 Activations are NCHW or channels_last; NCHW inputs are converted once at the op
 boundary, and outputs are channels_last. Under autocast the conv's tensors are cast to
@@ -23,6 +28,7 @@ the autocast dtype, as ``F.conv2d`` does.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,11 +124,42 @@ def _pick_gemm(kernels, dtype):
     return fma_kernel if dtype == torch.float64 else dot_kernel
 
 
-def _used_block_m(kernel, configs) -> int:
-    """BLOCK_M of the config the kernel just ran with (autotuned on a GPU, the first
-    config under the interpreter)."""
-    best = getattr(kernel, "best_config", None)
-    return (best or configs[0]).kwargs["BLOCK_M"]
+def _fwd_grid(g: ConvGeometry):
+    m_total, cg_out = g.n * g.oh * g.ow, g.c_out // g.groups
+
+    def grid(meta):
+        return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), g.groups)
+
+    return grid
+
+
+def is_stem(g: ConvGeometry, dtype: torch.dtype) -> bool:
+    """Whether the launchers take the stem path (:data:`vhist.kernels.conv.STEM_CHANNELS`):
+    at most 4 input channels, no groups, a tensor-core dtype (fp64 keeps its FMA path)."""
+    return g.c_in <= 4 and g.groups == 1 and dtype != torch.float64
+
+
+def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """``t`` (N, C, H, W) zero-padded to ``channels`` channels, channels_last, one copy."""
+    nhwc = torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, channels - t.shape[1]))
+    return nhwc.permute(0, 3, 1, 2)
+
+
+def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
+    """The config of a BatchNorm-statistics forward launch: the first of the shape's
+    shortlist (:func:`vhist.kernels._config.shortlist`, the config ``VHIST_AUTOTUNE=0``
+    runs), a function of the geometry, the dtype and the device's SM count only, never of
+    what autotuning picked; so are the number of partials (one per BLOCK_M rows) and the
+    order of every sum, and with them the statistics' bits."""
+    from vhist.kernels import conv as kernels
+    from vhist.kernels._config import shortlist
+
+    if is_stem(g, input.dtype):
+        configs = kernels.STEM_FWD_CONFIGS
+    else:
+        configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
+    args = {"X": input, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
+    return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
 
 
 def _geom_args(g: ConvGeometry) -> tuple:
@@ -140,31 +177,34 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
     if residual is not None:
         residual = like_layout(residual, out)
     m_total = g.n * g.oh * g.ow
-    configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
-    kernel = _pick_gemm(kernels.conv2d_fwd, input.dtype)
     acc = acc_dtype(input.dtype)
+    grid = _fwd_grid(g)
+    stem = is_stem(g, input.dtype)
+    config = stats_config(g, input) if stats else None
+    if stem:
+        input = pad_channels(input, kernels.STEM_CHANNELS)
+        weight = pad_channels(weight, kernels.STEM_CHANNELS)
+        g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
     if stats:
-        # Sized for the smallest BLOCK_M any config may run with (autotuning runs them all).
-        max_tiles = triton.cdiv(m_total, min(c.kwargs["BLOCK_M"] for c in configs))
-        part_mean = input.new_empty((max_tiles, g.c_out), dtype=acc)
-        part_m2 = input.new_empty((max_tiles, g.c_out), dtype=acc)
-        part_count = input.new_empty((max_tiles,), dtype=acc)
+        kernel, launch = kernels.conv2d_fwd_stats, dict(config.all_kwargs())
+        tiles = triton.cdiv(m_total, config.kwargs["BLOCK_M"])
+        part_mean = input.new_empty((tiles, g.c_out), dtype=acc)
+        part_m2 = input.new_empty((tiles, g.c_out), dtype=acc)
+        part_count = input.new_empty((tiles,), dtype=acc)
+        launch_grid = grid(config.kwargs)
     else:
+        kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, input.dtype)
+        launch, launch_grid = {}, grid
         part_mean = part_m2 = part_count = out
-    cg_out = g.c_out // g.groups
 
-    def grid(meta):
-        return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), g.groups)
-
-    kernel[grid](
+    kernel[launch_grid](
         input, weight, bias if bias is not None else out, residual if residual is not None else out, out,
         part_mean, part_m2, part_count, *_geom_args(g),
         *input.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, STATS=stats,
-        **_precision(input.dtype))
+        **_precision(input.dtype), **launch)
     if not stats:
         return out, None
-    tiles = triton.cdiv(m_total, _used_block_m(kernel, configs))
     return out, (part_mean, part_m2, part_count, tiles)
 
 
@@ -181,7 +221,9 @@ def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: 
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cg_in, meta["BLOCK_N"]), g.groups * s_h * s_w)
 
-    _pick_gemm(kernels.conv2d_bwd_dgrad, grad.dtype)[grid](
+    kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, grad.dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad,
+                                                                                     grad.dtype)
+    kernel[grid](
         grad, output if output is not None else grad, weight, dx, *_geom_args(g),
         *grad.stride(), *weight.stride(), *dx.stride(),
         ACTIVATION=activation, **_precision(grad.dtype))
