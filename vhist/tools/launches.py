@@ -290,6 +290,7 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
     import triton.runtime.jit as jit
 
     import vhist.kernels._config as config
+    import vhist.ops._dispatch as dispatch
 
     if config.INTERPRETED:
         raise RuntimeError("record_launches needs compiled Triton kernels: run without TRITON_INTERPRET=1 "
@@ -323,6 +324,9 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
     autotuner.Autotuner.run = autotune_run
     autotuner.Heuristics.run = heuristics_run
     config.INTERPRETED = True
+    # The CPU guard also asks whether Triton itself was imported under the interpreter.
+    saved.append((dispatch, "triton_cpu_ready", dispatch.triton_cpu_ready))
+    dispatch.triton_cpu_ready = lambda: True
     saved += _patch_sm_count(sm_count)
     try:
         yield recorder

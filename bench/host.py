@@ -1,0 +1,304 @@
+"""Host cost of a training step: what vhist's Python costs before its kernels start (no GPU).
+
+For each model, one training step (forward, cross-entropy, backward, SGD with momentum
+0.9) runs on the triton backend with CPU tensors and every Triton launch recorded instead
+of run (:func:`vhist.tools.launches.record_launches`: nothing is compiled or executed).
+The same run then times Triton's own per-launch binding on the launches it captured.
+Reported per model:
+
+* ``step_ms``: host wall time of the step, less the recorder's own time;
+* ``launches`` and ``custom_op_calls`` per step (the ``vhist::*`` ops, counted in a
+  separate untimed step under a dispatch mode);
+* ``vhist_ms`` and ``vhist_us_per_launch``: time spent inside vhist's ops (every public
+  op of :mod:`vhist.ops` called from outside vhist, and the ``backward`` of every vhist
+  autograd Function), less the recorder's time inside them: checks, geometry, dispatch,
+  custom-op calls, allocation, grids and the launchers' own arithmetic;
+* ``triton_bind_ms`` and ``triton_bind_us_per_launch``: on the captured arguments of the
+  same launches, what ``JITFunction.run`` does before the driver launch: the driver's
+  device and stream queries, the kernel's generated binder (argument binding and runtime
+  specialization), the cache-key lookup and the grid evaluation, for the config the
+  autotuner would run (its own dispatch and the C launch itself are not counted, so this
+  is a lower bound of Triton's cost);
+* ``optimizer_ms``: the SGD update alone (timed apart: on a CPU it includes the update's
+  arithmetic, which a GPU does asynchronously).
+
+Only host work is timed: the inputs are batch 2 at each model's smallest input size that
+keeps its full architecture (the registry's ``small_below``, 64 for the ViT), in fp32
+(no autocast: its weight casts would be CPU copies of every weight, each step), so the
+CPU compute of the aten ops outside vhist (pooling, linear, loss) is small, and vhist's
+kernels never run. Launch counts and the launchers' work do not depend on the
+spatial size, except where a grid or split count does (the SM count seen is 132, an
+H100/H200). The first step (autotune shortlists, caches) is not timed; the figures are
+the median of ``--repeat`` steps. Times are those of this machine, whose load they
+follow: compare vhist and Triton figures of the same run only.
+
+Outputs bench/results/host_<device>_<date>.{json,csv} (bench/common.py) and, per model,
+the ten host functions with the largest own time (cProfile of one step).
+
+    python bench/host.py [--models resnet50,mobilenet_v2] [--repeat 5] [--quick] [--out DIR]
+"""
+import argparse
+import cProfile
+import contextlib
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+    sys.exit("host.py records launches instead of running them: run it without TRITON_INTERPRET=1 (no GPU needed)")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import vhist  # noqa: E402
+import vhist.ops  # noqa: E402
+from common import metadata, print_table, write_results  # noqa: E402
+from vhist.tools.compile_report import sm90_driver  # noqa: E402
+from vhist.tools.launches import record_launches  # noqa: E402
+
+MODELS = ("resnet50", "mobilenet_v2", "alexnet", "inception_v3", "vit_small_patch16")
+QUICK_MODELS = ("alexnet",)
+BATCH = 2
+COLUMNS = ["model", "image_size", "launches", "custom_op_calls", "step_ms", "vhist_ms", "triton_bind_ms",
+           "vhist_us_per_launch", "triton_bind_us_per_launch", "vhist_over_triton", "optimizer_ms", "target_met"]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ``vhist::*`` custom-op calls that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "namespace", None) == "vhist":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostTimer:
+    """Accumulates the host time spent inside vhist's ops and inside the launch recorder.
+
+    Wraps, for the duration of :meth:`installed`, every public op of :mod:`vhist.ops`
+    wherever a ``vhist`` module bound it, and the ``backward`` of every vhist autograd
+    Function; only the outermost vhist frame is timed. The recorder's ``_record`` is
+    wrapped too, so that its time can be taken out, and each launch's call is kept for
+    :func:`triton_binding_ns`.
+    """
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.depth = 0
+        self.vhist_ns = 0
+        self.record_ns = 0
+        self.calls = []  # (JITFunction, args, kwargs) per launch, for the binding timing
+
+    def _span(self, fn):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.vhist_ns += time.perf_counter_ns() - start
+                self.depth -= 1
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = []
+        public = {name: getattr(vhist.ops, name) for name in vhist.ops.__all__ if callable(getattr(vhist.ops, name))
+                  and not isinstance(getattr(vhist.ops, name), type)}
+        for modname, module in list(sys.modules.items()):
+            if module is None or not modname.startswith("vhist"):
+                continue
+            for name, fn in public.items():
+                if getattr(module, name, None) is fn:
+                    saved.append((module, name, fn))
+                    setattr(module, name, self._span(fn))
+        functions = {cls for name in vhist.ops.__all__ for cls in [getattr(vhist.ops, name)]
+                     if isinstance(cls, type) and issubclass(cls, torch.autograd.Function)}
+        for cls in functions:
+            saved.append((cls, "backward", cls.__dict__["backward"]))
+            cls.backward = staticmethod(self._span(cls.__dict__["backward"].__func__))
+        original = self.recorder._record
+
+        def record(fn, args, kwargs, *rest, **kw):
+            start = time.perf_counter_ns()
+            call = dict(kwargs)
+            original(fn, args, kwargs, *rest, **kw)
+            self.calls.append((self.recorder.records[-1], args, call))
+            self.record_ns += time.perf_counter_ns() - start
+
+        self.recorder._record = record
+        try:
+            yield self
+        finally:
+            del self.recorder._record
+            for owner, name, value in reversed(saved):
+                setattr(owner, name, value)
+
+    def reset(self):
+        self.vhist_ns = self.record_ns = 0
+        self.calls = []
+
+
+def _binding_calls(calls):
+    """``(JITFunction, args, kwargs, grid)`` per captured launch, with the constexprs and
+    options of the config the launch would run (the autotuner's first candidate)."""
+    out = []
+    for record, args, kwargs in calls:
+        config, _ = record.candidates[0]
+        grid = kwargs.pop("grid")
+        kwargs.pop("warmup", None)
+        fn = record.fn
+        positional = set(fn.arg_names[:len(args)])
+        merged = {**kwargs, **record.constexprs, **dict(config.kwargs), **config.options()}
+        out.append((fn, args, {k: v for k, v in merged.items() if k not in positional}, grid))
+    return out
+
+
+def triton_binding_ns(calls) -> int:
+    """Host ns of Triton's launch path before the driver call, summed over ``calls``
+    (see the module docstring), best of three passes after one warm-up pass."""
+    from triton import knobs
+    from triton.runtime import driver
+    from triton.runtime.jit import compute_cache_key
+
+    calls = _binding_calls(calls)
+    best = None
+    with sm90_driver():
+        for _ in range(4):
+            total = 0
+            for fn, args, kwargs, grid in calls:
+                start = time.perf_counter_ns()
+                kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
+                              instrumentation_mode=knobs.compilation.instrumentation_mode,
+                              fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                device = driver.active.get_current_device()
+                driver.active.get_current_stream(device)
+                kernel_cache, key_cache, _, _, binder = fn.device_caches[device]
+                bound, specialization, options = binder(*args, **kwargs)
+                kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+                if callable(grid):
+                    grid(bound)
+                total += time.perf_counter_ns() - start
+            best = total if best is None else min(best, total)
+    return best
+
+
+def make_step(name: str):
+    """A training step of ``name`` (batch 2, smallest full-architecture size, fp32,
+    channels_last), its optimizer and its input size."""
+    torch.manual_seed(0)
+    config = vhist.models.model_config(name)
+    size = max(config.small_below, 32)
+    size += -size % 16 if name.startswith("vit") else 0
+    model = vhist.create_model(name, image_size=size).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+    x = torch.randn(BATCH, 3, size, size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (BATCH,))
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, opt, size
+
+
+def measure_model(name: str, repeat: int, profile_top: int = 10) -> tuple[dict, str]:
+    """The row of ``name`` and its cProfile summary."""
+    step, opt, size = make_step(name)
+    with record_launches() as recorder, vhist.use_backend("triton"):
+        step()  # autotune shortlists, lru caches, Triton binders: not timed
+        counter = _OpCounter()
+        with counter:
+            step()
+        samples = []
+        with HostTimer(recorder).installed() as timer:
+            for _ in range(repeat):
+                timer.reset()
+                launches = len(recorder.records)
+                start = time.perf_counter_ns()
+                step()
+                wall = time.perf_counter_ns() - start
+                samples.append((wall - timer.record_ns, timer.vhist_ns - timer.record_ns,
+                                len(recorder.records) - launches, list(timer.calls)))
+            calls = samples[-1][3]
+        launches = samples[-1][2]
+        bind_ns = triton_binding_ns(calls)
+        grads = [p for p in opt.param_groups[0]["params"]]
+        step()  # leaves gradients to time the optimizer alone
+        opt_ns = []
+        for p in grads:
+            p.grad = torch.zeros_like(p)
+        for _ in range(repeat):
+            start = time.perf_counter_ns()
+            opt.step()
+            opt_ns.append(time.perf_counter_ns() - start)
+        opt.zero_grad(set_to_none=True)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        step()
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile_top)
+    step_ms = statistics.median(s[0] for s in samples) / 1e6
+    vhist_ms = statistics.median(s[1] for s in samples) / 1e6
+    bind_ms = bind_ns / 1e6
+    row = {"model": name, "batch": BATCH, "image_size": size, "dtype": "fp32", "layout": "channels_last",
+           "launches": launches, "custom_op_calls": counter.calls, "step_ms": step_ms, "vhist_ms": vhist_ms,
+           "triton_bind_ms": bind_ms, "vhist_us_per_launch": vhist_ms * 1e3 / launches,
+           "triton_bind_us_per_launch": bind_ms * 1e3 / launches, "vhist_over_triton": vhist_ms / bind_ms,
+           "optimizer_ms": statistics.median(opt_ns) / 1e6, "target_met": vhist_ms <= bind_ms}
+    return row, _top_functions(text.getvalue(), profile_top)
+
+
+def _top_functions(stats_text: str, top: int) -> str:
+    lines = stats_text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
+    body = [line for line in lines[start + 1:] if line.strip()]
+    return "\n".join([lines[start]] + body[:top])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeat", type=int, default=5, help="timed steps per model (median)")
+    parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} only, 2 timed steps")
+    parser.add_argument("--no-profile", action="store_true", help="skip printing the profiles")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    names = list(QUICK_MODELS) if args.quick else [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in vhist.list_models()]
+    if unknown:
+        parser.error(f"unknown models {unknown}")
+    repeat = 2 if args.quick else max(1, args.repeat)
+    meta = metadata()
+    meta.update(device=f"cpu host ({os.cpu_count()} cores), launches recorded, not run",
+                kind="host cost, launches recorded", sm_count_seen=132)
+    rows = []
+    for name in names:
+        row, top = measure_model(name, repeat)
+        rows.append(row)
+        if not args.no_profile:
+            print(f"\n{name}: top host functions (own time, one step)\n{top}")
+    print()
+    print_table(rows, COLUMNS)
+    for path in write_results("host", meta, rows, args.out):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
