@@ -96,7 +96,8 @@ class HostTimer:
         self.depth = 0
         self.vhist_ns = 0
         self.record_ns = 0
-        self.calls = []  # (JITFunction, args, kwargs) per launch, for the binding timing
+        self.outside = 0  # launches made outside a timed vhist frame (must stay 0)
+        self.calls = []  # (LaunchRecord, args, kwargs) per launch, for the binding timing
 
     def _span(self, fn):
         def timed(*args, **kwargs):
@@ -124,8 +125,11 @@ class HostTimer:
                 if getattr(module, name, None) is fn:
                     saved.append((module, name, fn))
                     setattr(module, name, self._span(fn))
-        functions = {cls for name in vhist.ops.__all__ for cls in [getattr(vhist.ops, name)]
-                     if isinstance(cls, type) and issubclass(cls, torch.autograd.Function)}
+        functions = {cls for modname, module in list(sys.modules.items())
+                     if module is not None and modname.startswith("vhist.ops")
+                     for cls in vars(module).values()
+                     if isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
+                     and cls.__module__.startswith("vhist.") and "backward" in cls.__dict__}
         for cls in functions:
             saved.append((cls, "backward", cls.__dict__["backward"]))
             cls.backward = staticmethod(self._span(cls.__dict__["backward"].__func__))
@@ -136,6 +140,7 @@ class HostTimer:
             call = dict(kwargs)
             original(fn, args, kwargs, *rest, **kw)
             self.calls.append((self.recorder.records[-1], args, call))
+            self.outside += not self.depth
             self.record_ns += time.perf_counter_ns() - start
 
         self.recorder._record = record
@@ -147,7 +152,7 @@ class HostTimer:
                 setattr(owner, name, value)
 
     def reset(self):
-        self.vhist_ns = self.record_ns = 0
+        self.vhist_ns = self.record_ns = self.outside = 0
         self.calls = []
 
 
@@ -232,6 +237,8 @@ def measure_model(name: str, repeat: int, profile_top: int = 10) -> tuple[dict, 
                 start = time.perf_counter_ns()
                 step()
                 wall = time.perf_counter_ns() - start
+                if timer.outside:
+                    raise RuntimeError(f"{name}: {timer.outside} launches outside the timed vhist frames")
                 samples.append((wall - timer.record_ns, timer.vhist_ns - timer.record_ns,
                                 len(recorder.records) - launches, list(timer.calls)))
             calls = samples[-1][3]
