@@ -33,4 +33,4 @@ def test_host_quick_counts_and_timings(tmp_path):
         assert row[key] > 0, (key, row[key])
     assert row["vhist_ms"] < row["step_ms"]
     assert row["target_met"] == (row["vhist_ms"] <= row["triton_bind_ms"])
-    assert "top host functions" in proc.stdout and "tottime" in proc.stdout
+    assert "top host functions" in proc.stdout and "own ms" in proc.stdout

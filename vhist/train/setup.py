@@ -19,6 +19,7 @@ import torch
 from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
 from vhist.train.data import DataBundle, EpochBatches, SampleSet, build_cache, load_data, make_loader
+from vhist.train.graph import check_cuda_graph
 from vhist.train.guards import SyncBNProbe
 from vhist.train.recipes import LRSchedule, Recipe, build_optimizer, get_recipe
 
@@ -49,6 +50,7 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: Optional[int] = None
     eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
+    cuda_graph: bool = False                       # --cuda-graph: replay the captured training step
 
 
 @dataclass
@@ -273,10 +275,14 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: to
 def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_state: Optional[dict]) -> Run:
     """Validates the backend and recipe, loads the data and builds the model, loaders and
     optimizer. The run folder is not created here."""
+    if cfg.cuda_graph:
+        check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
     recipe = resolve_recipe(cfg, data)
     amp = amp_dtype(recipe, device)
+    if cfg.cuda_graph:
+        check_cuda_graph(device, amp)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     workers = (8 if device.type == "cuda" else 0) if cfg.workers is None else cfg.workers
     _configure_determinism(cfg, device)

@@ -1,0 +1,182 @@
+"""A whole training step captured as one CUDA graph (``vhist train --cuda-graph``, and the
+``triton+graph`` / ``torch+graph`` providers of bench/models.py).
+
+Replaying a graph launches every kernel of the step (forward, backward, gradient
+clipping, optimizer update) with one host call, so the host's Python no longer paces
+the GPU. What makes a step capturable:
+
+* static inputs: each batch is copied into buffers allocated once (:class:`CapturedStep`);
+* warm-up before capture, on a side stream, so that autotuning, lazily created state
+  (optimizer buffers, cuBLAS workspaces) and first-call allocations happen outside it;
+* no host synchronization inside: vhist's launchers make none (tests/test_capture_safety.py),
+  the NaN check reads a device flag every ``--log-every`` steps, and the learning rate
+  reaches the captured update through a device tensor refilled before each replay
+  (:class:`GraphOptimizerStep`): AdamW and RMSprop run with ``capturable=True`` and a
+  tensor lr during capture; SGD, whose tensor-lr update calls ``.item()`` in eager
+  PyTorch, runs an equivalent multi-tensor update here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def check_cuda_graph(device: torch.device, amp_dtype=None, distributed: bool = False) -> None:
+    """Raises ValueError unless a step on ``device`` can be captured: CUDA graphs capture
+    GPU work only, fp16's GradScaler checks for overflow on the host every step, and
+    DDP's gradient buckets are not captured here."""
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA device (CUDA graphs capture GPU work); this run is on {device}")
+    if amp_dtype == torch.float16:
+        raise ValueError("--cuda-graph does not support fp16 autocast (its GradScaler syncs with the host every "
+                         "step); use bf16 or fp32")
+    if distributed:
+        raise ValueError("--cuda-graph runs single-process only (not under torchrun)")
+
+
+class GraphOptimizerStep:
+    """The optimizer update of a captured step, with the learning rate read from device
+    tensors (one per parameter group) that :meth:`refresh` fills from the groups'
+    current (scheduled) float ``lr`` before each replay.
+
+    Args:
+        optimizer: an SGD, AdamW or RMSprop optimizer whose state exists (one eager
+            step ran before capture).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.kind = type(optimizer).__name__
+        if self.kind not in ("SGD", "AdamW", "Adam", "RMSprop"):
+            raise ValueError(f"--cuda-graph supports SGD, AdamW and RMSprop, not {self.kind}")
+        device = optimizer.param_groups[0]["params"][0].device
+        self.lrs = [torch.tensor(float(g["lr"]), device=device) for g in optimizer.param_groups]
+        if self.kind != "SGD":
+            for group in optimizer.param_groups:
+                group["capturable"] = True
+
+    def refresh(self) -> None:
+        """Copies each group's scheduled lr into its device tensor (no host sync)."""
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(float(group["lr"]))
+
+    def __call__(self) -> None:
+        if self.kind == "SGD":
+            for lr, group in zip(self.lrs, self.optimizer.param_groups):
+                sgd_update(self.optimizer, group, lr)
+            return
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        for lr, group in zip(self.lrs, self.optimizer.param_groups):
+            group["lr"] = lr
+        try:
+            self.optimizer.step()
+        finally:
+            for value, group in zip(saved, self.optimizer.param_groups):
+                group["lr"] = value
+
+
+def sgd_update(optimizer: torch.optim.SGD, group: dict, lr: torch.Tensor) -> None:
+    """``torch.optim.SGD``'s update of one parameter group (weight decay, momentum with
+    dampening, Nesterov) with a device-tensor learning rate, without a host sync.
+    Momentum buffers must exist (created by an eager step)."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    if group["maximize"]:
+        grads = torch._foreach_neg(grads)
+    if group["weight_decay"]:
+        grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+    momentum = group["momentum"]
+    if momentum:
+        bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads, alpha=1 - group["dampening"])
+        grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+    torch._foreach_add_(params, torch._foreach_mul(grads, torch.neg(lr)))
+
+
+class CapturedStep:
+    """``step(*inputs) -> outputs`` captured once in a CUDA graph, then replayed.
+
+    Args:
+        step: the step on static inputs; returns a tensor or a tuple of tensors (static
+            outputs, overwritten by each replay).
+        inputs: example tensors giving the static buffers' shapes, dtypes and layouts.
+        warmup: eager runs on a side stream before capture (autotuning, lazy state);
+            the last one's outputs are kept as ``warmup_outputs``.
+        before_replay: called before each replay (e.g. :meth:`GraphOptimizerStep.refresh`).
+    """
+
+    def __init__(self, step: Callable, inputs: Sequence[torch.Tensor], warmup: int = 3,
+                 before_replay: Callable[[], None] | None = None):
+        self.static = [torch.empty_like(x).copy_(x) for x in inputs]
+        self.before_replay = before_replay
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        self.warmup_outputs = None
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self.warmup_outputs = step(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = step(*self.static)
+
+    def matches(self, *inputs: torch.Tensor) -> bool:
+        """Whether ``inputs`` fit the static buffers (a short last batch does not)."""
+        return all(x.shape == s.shape and x.dtype == s.dtype for x, s in zip(inputs, self.static))
+
+    def __call__(self, *inputs: torch.Tensor):
+        for static, x in zip(self.static, inputs):
+            static.copy_(x, non_blocking=True)
+        if self.before_replay is not None:
+            self.before_replay()
+        self.graph.replay()
+        return self.outputs
+
+
+# Eager steps before the capture: autotuning and the optimizer's lazily created state
+# (momentum buffers, Adam moments) happen in them.
+EAGER_STEPS_BEFORE_CAPTURE = 3
+
+
+def graph_train_step(run, ep, x: torch.Tensor, labels: torch.Tensor, eager_update: Callable) -> tuple:
+    """One training step of ``vhist train --cuda-graph``: the first
+    :data:`EAGER_STEPS_BEFORE_CAPTURE` steps run ``eager_update``; the next one is the
+    capture's warm-up (a real step on that batch, on a side stream), and every later
+    batch of the captured shape replays the graph. A batch of another shape (a short
+    last batch) runs eagerly.
+
+    Returns:
+        ``(loss, logits)``, static outputs of the graph when replayed.
+    """
+    state = run.__dict__.setdefault("cuda_graph_state", {"eager": 0, "step": None})
+    captured = state["step"]
+    if captured is not None and captured.matches(x, labels):
+        ep.phase = "update"  # the replay includes the update
+        return captured(x, labels)
+    if captured is not None or state["eager"] < EAGER_STEPS_BEFORE_CAPTURE:
+        state["eager"] += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        return eager_update(run, ep, x, labels)
+    update = GraphOptimizerStep(run.optimizer)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    clip = run.recipe.grad_clip
+
+    def step(x, labels):
+        run.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            logits = run.net(x)
+        loss = run.criterion(logits.float(), labels)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        update()
+        return loss.detach(), logits.detach()
+
+    ep.phase = "update"
+    update.refresh()
+    captured = state["step"] = CapturedStep(step, (x, labels), warmup=1, before_replay=update.refresh)
+    return captured.warmup_outputs
