@@ -224,17 +224,24 @@ def triton_binding_ns(calls) -> int:
     return best
 
 
-def make_step(name: str):
-    """A training step of ``name`` (batch 2, smallest full-architecture size, fp32,
-    channels_last), its optimizer and its input size."""
+def make_step_parts(name: str):
+    """``(model, input, labels, size)`` of ``name`` in training mode: batch 2 at the
+    smallest size that keeps the full architecture, fp32, channels_last."""
     torch.manual_seed(0)
     config = vhist.models.model_config(name)
     size = max(config.small_below, 32)
     size += -size % 16 if name.startswith("vit") else 0
     model = vhist.create_model(name, image_size=size).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     x = torch.randn(BATCH, 3, size, size).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (BATCH,))
+    return model, x, y, size
+
+
+def make_step(name: str):
+    """A training step of ``name`` (:func:`make_step_parts`, SGD with momentum), its
+    optimizer and its input size."""
+    model, x, y, size = make_step_parts(name)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
 
     def step():
         loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -16,6 +16,10 @@ from typing import Callable, Iterable, Union
 import torch
 
 
+# Every op registered through :func:`custom_op`, by qualified name ("vhist::conv2d_fwd").
+REGISTRY: dict[str, "EagerOp"] = {}
+
+
 def direct_call_allowed() -> bool:
     """Whether an op may skip the dispatcher here: eager mode with no dispatch mode active
     (``torch._C._len_torch_dispatch_stack`` is the dispatcher's own count of them)."""
@@ -53,6 +57,7 @@ def custom_op(name: str, fn: Callable | None = None, *, mutates_args: Union[str,
     """``torch.library.custom_op(name, fn, mutates_args=...)`` returning an :class:`EagerOp`;
     usable as a decorator like the original."""
     def register(impl: Callable) -> EagerOp:
-        return EagerOp(name, impl, torch.library.custom_op(name, impl, mutates_args=mutates_args))
+        op = REGISTRY[name] = EagerOp(name, impl, torch.library.custom_op(name, impl, mutates_args=mutates_args))
+        return op
 
     return register(fn) if fn is not None else register

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def check_cuda_graph(device: torch.device, amp_dtype=None, distributed: bool = False) -> None:
@@ -63,8 +64,9 @@ class GraphOptimizerStep:
 
     def __call__(self) -> None:
         if self.kind == "SGD":
-            for lr, group in zip(self.lrs, self.optimizer.param_groups):
-                sgd_update(self.optimizer, group, lr)
+            with torch.no_grad():
+                for lr, group in zip(self.lrs, self.optimizer.param_groups):
+                    sgd_update(self.optimizer, group, lr)
             return
         saved = [g["lr"] for g in self.optimizer.param_groups]
         for lr, group in zip(self.lrs, self.optimizer.param_groups):
@@ -180,3 +182,69 @@ def graph_train_step(run, ep, x: torch.Tensor, labels: torch.Tensor, eager_updat
     update.refresh()
     captured = state["step"] = CapturedStep(step, (x, labels), warmup=1, before_replay=update.refresh)
     return captured.warmup_outputs
+
+
+# Ops whose output shape depends on tensor values, or that hand a value to the host.
+DATA_DEPENDENT_OPS = ("nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
+                      "unique_dim", "repeat_interleave", "_local_scalar_dense", "is_nonzero", "equal", "item")
+
+
+class CaptureUnsafe(RuntimeError):
+    """A step did something a CUDA graph cannot capture."""
+
+
+class CaptureGuard(TorchDispatchMode):
+    """Fails on what a CUDA graph capture cannot contain: a host synchronization
+    (``aten._local_scalar_dense``, ``.item()``, ``aten.equal``, ``aten.is_nonzero``), a
+    copy between devices (device-to-host), and data-dependent output shapes
+    (``aten.nonzero``, ``masked_select``, ``unique``, boolean-mask indexing).
+
+    vhist's registered ops are followed into their implementation (with the guard still
+    active), so the aten calls of the launchers are checked too.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        if func.namespace == "vhist":
+            from vhist.ops.op_call import REGISTRY
+
+            with self:
+                return REGISTRY[name].impl(*args, **kwargs)
+        base = name.split("::")[-1].split(".")[0]
+        if base in DATA_DEPENDENT_OPS:
+            raise CaptureUnsafe(f"{name}: a host synchronization or a data-dependent shape")
+        if base == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                   for i in (args[1] if len(args) > 1 else ())):
+            raise CaptureUnsafe(f"{name} with a boolean mask: a data-dependent shape")
+        if base in ("_to_copy", "copy_", "to"):
+            src = args[1] if base == "copy_" else args[0]
+            dst = args[0].device if base == "copy_" else kwargs.get("device") or src.device
+            if isinstance(src, torch.Tensor) and torch.device(dst) != src.device:
+                raise CaptureUnsafe(f"{name}: a copy from {src.device} to {dst}")
+        return func(*args, **kwargs)
+
+
+def state_signature(model: torch.nn.Module, optimizer=None) -> dict:
+    """What must not change between replays of a captured step: every module's attribute
+    names, the identity and storage of every parameter and buffer, and the optimizer's
+    state tensors."""
+    sig = {}
+    for name, module in model.named_modules():
+        sig[("attrs", name)] = frozenset(vars(module))
+        for kind, tensors in (("param", module._parameters), ("buffer", module._buffers)):
+            for key, t in tensors.items():
+                sig[(kind, name, key)] = None if t is None else (id(t), t.data_ptr())
+    if optimizer is not None:
+        for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+            for key, t in optimizer.state.get(p, {}).items():
+                if isinstance(t, torch.Tensor):
+                    sig[("opt", i, key)] = (id(t), t.data_ptr())
+    return sig
+
+
+def check_same_state(before: dict, after: dict) -> None:
+    """Raises :class:`CaptureUnsafe` naming what a step added or replaced."""
+    changed = sorted(str(k) for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        raise CaptureUnsafe(f"the step added or replaced module/optimizer state: {', '.join(changed[:8])}")
