@@ -56,6 +56,12 @@ class GraphOptimizerStep:
         if self.kind != "SGD":
             for group in optimizer.param_groups:
                 group["capturable"] = True
+                # State created by eager steps without capturable keeps its step count on
+                # the CPU; a captured update needs it on the parameters' device.
+                for p in group["params"]:
+                    state = optimizer.state.get(p, {})
+                    if isinstance(state.get("step"), torch.Tensor):
+                        state["step"] = state["step"].to(p.device, torch.float32)
 
     def refresh(self) -> None:
         """Copies each group's scheduled lr into its device tensor (no host sync)."""
