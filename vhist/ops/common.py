@@ -12,6 +12,10 @@ import functools
 from typing import Optional
 
 import torch
+# Imported with vhist (the launchers no longer need it at module level): Triton decides
+# at its import whether it runs under the interpreter, and vhist documents that
+# TRITON_INTERPRET counts only when set before vhist is imported.
+import triton  # noqa: F401
 
 from vhist.ops._dispatch import check_float_dtype, check_same_device
 
