@@ -1,4 +1,6 @@
-"""bench/host.py --quick: one AlexNet training step with every launch recorded instead of
+"""bench/host.py --quick, and the op-call layer and launch caches it measures.
+
+bench/host.py --quick: one AlexNet training step with every launch recorded instead of
 run, in a subprocess without TRITON_INTERPRET (nothing launches, no GPU is needed).
 
 The counts are AlexNet's by construction: 5 convs (with bias, no BatchNorm) and 2 LRNs.
@@ -34,3 +36,62 @@ def test_host_quick_counts_and_timings(tmp_path):
     assert row["vhist_ms"] < row["step_ms"]
     assert row["target_met"] == (row["vhist_ms"] <= row["triton_bind_ms"])
     assert "top host functions" in proc.stdout and "own ms" in proc.stdout
+
+
+def test_eager_op_skips_the_dispatcher_only_in_eager_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vhist.ops.op_call import REGISTRY, direct_call_allowed
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    op = REGISTRY["vhist::conv2d_fwd"]
+    calls = []
+    impl = op.impl
+    op.impl = lambda *a: calls.append(a) or impl(*a)  # never reached under the mode
+    try:
+        assert direct_call_allowed()
+        x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1)
+        with Seen() as seen, torch.device("meta"):
+            # Under a dispatch mode the registered op runs (here to its fake, on meta).
+            out = op(x.to("meta"), w.to("meta"), None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0)
+        assert "vhist::conv2d_fwd" in seen.ops and not calls
+        assert out.shape == (1, 3, 4, 4)
+        # In eager mode the implementation is called directly, with the same arguments.
+        op.impl = lambda *a: calls.append(a) or "direct"
+        assert op(x, w, None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0) == "direct"
+        assert len(calls) == 1 and calls[0][0] is x
+    finally:
+        op.impl = impl
+
+
+def test_shape_cached_memoizes_lists_as_tuples_and_never_caches_errors():
+    from vhist.ops.launch_cache import clear, shape_cached
+
+    calls = []
+
+    @shape_cached
+    def geometry(shape, stride):
+        calls.append((shape, stride))
+        if stride[0] < 1:
+            raise ValueError("stride must be >= 1")
+        return shape[0] * stride[0]
+
+    assert geometry((2, 3), [1, 1]) == 2 and geometry((2, 3), [1, 1]) == 2
+    assert calls == [((2, 3), (1, 1))]
+    for _ in range(2):
+        try:
+            geometry((2, 3), [0, 1])
+        except ValueError:
+            pass
+    assert len(calls) == 3  # each bad call raised afresh
+    clear()
+    assert geometry((2, 3), [1, 1]) == 2 and len(calls) == 4
