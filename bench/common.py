@@ -27,6 +27,8 @@ DEVICE_PEAKS = {
 }
 
 PROVIDERS = ("triton", "cuda", "torch", "torch_compile")
+# bench/models.py adds whole-step CUDA-graph replays of the triton and torch providers.
+MODEL_PROVIDERS = PROVIDERS + ("triton+graph", "torch+graph")
 
 
 @dataclass

@@ -8,7 +8,10 @@ weights. Providers, in the same run and on the same batch:
 * ``cuda``: the cuda backend (models using an op without a CUDA kernel report that op's
   NotImplementedError: the backend does not apply to them);
 * ``torch``: the torch backend in eager mode (the baseline);
-* ``torch_compile``: ``torch.compile`` of the torch-backend model.
+* ``torch_compile``: ``torch.compile`` of the torch-backend model;
+* ``triton+graph`` and ``torch+graph``: the triton and torch providers with the whole
+  step captured in one CUDA graph and replayed (vhist.train.graph, as
+  ``vhist train --cuda-graph`` runs it), so that the host's Python is out of the step.
 
 For each it reports the wall time of the first step (compilation and autotuning: Triton
 kernels are tuned over per-shape shortlists, or not at all with ``VHIST_AUTOTUNE=0``, and
@@ -35,7 +38,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vhist  # noqa: E402
-from common import PROVIDERS, metadata, print_table, time_ms, write_results  # noqa: E402
+from common import MODEL_PROVIDERS, metadata, print_table, time_ms, write_results  # noqa: E402
 from vhist.__main__ import default_image_size  # noqa: E402
 
 COLUMNS = ["model", "provider", "batch", "image_size", "first_step_s", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
@@ -52,7 +55,8 @@ def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    backend = "torch" if provider == "torch_compile" else provider
+    graphed = provider.endswith("+graph")
+    backend = "torch" if provider == "torch_compile" else provider.removesuffix("+graph")
     forward = torch.compile(model) if provider == "torch_compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -69,7 +73,40 @@ def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_
         opt.zero_grad(set_to_none=True)
         return loss
 
+    if graphed:
+        return graph_step(step, x, y, opt, backend, autocast, forward), size
     return step, size
+
+
+def graph_step(eager_step, x, y, opt, backend: str, autocast, forward):
+    """The ``+graph`` providers: on the first call, one eager step (autotuning, momentum
+    buffers) and the capture of the whole step (forward, backward, SGD update) in a CUDA
+    graph (:class:`vhist.train.graph.CapturedStep`, with the update of
+    ``vhist train --cuda-graph``); every call replays it on the same static batch. The
+    first step's wall time so includes the capture."""
+    from vhist.train.graph import CapturedStep, GraphOptimizerStep
+
+    update = None
+    captured = None
+
+    def captured_step(x, y):
+        opt.zero_grad(set_to_none=True)
+        with vhist.use_backend(backend), autocast:
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        update()
+        return loss.detach()
+
+    def run():
+        nonlocal captured, update
+        if captured is None:
+            eager_step()
+            update = GraphOptimizerStep(opt)
+            update.refresh()
+            captured = CapturedStep(captured_step, (x, y), warmup=2, before_replay=update.refresh)
+        return captured(x, y)
+
+    return run
 
 
 def bench_model(name: str, providers, batch: int) -> list[dict]:
@@ -121,13 +158,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="*", help="comma-separated names or shell patterns (default: all)")
     parser.add_argument("--batch", type=int, default=64, choices=[64, 128])
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"from: {', '.join(PROVIDERS)}")
+    parser.add_argument("--providers", default=",".join(MODEL_PROVIDERS), help=f"from: {', '.join(MODEL_PROVIDERS)}")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     names = sorted({n for pat in args.models.split(",") if pat.strip()
                     for n in vhist.list_models() if fnmatch.fnmatch(n, pat.strip())})
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in providers if p not in PROVIDERS]
+    unknown = [p for p in providers if p not in MODEL_PROVIDERS]
     if not names or unknown:
         parser.error(f"no model matches {args.models!r}" if not names else f"unknown providers {unknown}")
     if not torch.cuda.is_available():

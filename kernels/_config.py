@@ -130,6 +130,17 @@ class TunedKernel(KernelInterface):
 
     def __init__(self, autotuner):
         self.autotuner = autotuner
+        self.picks = {}  # in-memory picks: _memo_key -> triton.Config
+
+    def _memo_key(self, device, args, kwargs) -> tuple:
+        """What :meth:`_key` hashes, as a cheap tuple: the device, the tuning-key
+        arguments, every tensor's dtype and the other launch options."""
+        tuner = self.autotuner
+        named = dict(zip(tuner.arg_names, args))
+        named.update(kwargs)
+        return (device, tuple(named.get(k) for k in tuner.keys),
+                tuple(a.dtype for a in args if hasattr(a, "dtype")),
+                tuple((k, v) for k, v in kwargs.items() if k not in ("grid", "warmup") and not hasattr(v, "dtype")))
 
     def __getattr__(self, name):
         return getattr(self.autotuner, name)
@@ -150,15 +161,22 @@ class TunedKernel(KernelInterface):
         device = launch_device(args)
         if not AUTOTUNE or len(tuner.configs) < 2 or device is None or device.type != "cuda":
             return tuner.run(*args, **kwargs)
+        # The pick of a key is read from disk once per process, then kept in memory: a
+        # file read per launch would cost more host time than the launch itself.
+        memo_key = self._memo_key(device, args, kwargs)
+        pick = self.picks.get(memo_key)
+        if pick is not None:
+            tuner.best_config = pick
+            return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
         path = _cache_path(torch.cuda.get_device_name(device))
         key = self._key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
         stored = _load(path).get(key)
         if stored is not None:
             pick = triton.Config(stored["kwargs"], num_warps=stored["num_warps"], num_stages=stored["num_stages"])
-            tuner.best_config = pick
+            tuner.best_config = self.picks[memo_key] = pick
             return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
         ret = tuner.run(*args, **kwargs)
-        best = tuner.best_config
+        best = self.picks[memo_key] = tuner.best_config
         entries = _load(path)
         entries[key] = {"kwargs": best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import check_float_dtype, dispatch
 # is_channels_last_dense stays importable from here, its former home.
+from vhist.ops.common import cdiv
 from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
                               like_layout, or_placeholder, tl_acc)
+from vhist.ops.launch_cache import new_cache
+from vhist.ops.op_call import custom_op
 
 OP = "batch_norm"
 
@@ -42,7 +44,7 @@ class ChannelGeometry:
 
     @property
     def num_chunks(self) -> int:
-        return triton.cdiv(self.n, self.n_per_chunk) * self.segs_per_row
+        return cdiv(self.n, self.n_per_chunk) * self.segs_per_row
 
     @property
     def count(self) -> int:
@@ -53,11 +55,26 @@ class ChannelGeometry:
                 self.n_per_chunk, self.seg_len, self.segs_per_row)
 
     def grid(self, meta) -> tuple:
-        return (triton.cdiv(self.c, meta["BLOCK_C"]), self.num_chunks)
+        return (cdiv(self.c, meta["BLOCK_C"]), self.num_chunks)
+
+
+_CHANNEL_GEOMETRY = new_cache()
 
 
 def channel_geometry(x: torch.Tensor) -> ChannelGeometry:
-    """The (N, C, S) view of a dense ``x`` and its reduction chunks."""
+    """The (N, C, S) view of a dense ``x`` and its reduction chunks, cached per (shape,
+    strides, device) (:mod:`vhist.ops.launch_cache`)."""
+    key = (x.shape, x.stride(), x.device)
+    try:
+        geom = _CHANNEL_GEOMETRY.get(key)
+    except TypeError:  # symbolic sizes: not cached
+        return _channel_geometry(x)
+    if geom is None:
+        geom = _CHANNEL_GEOMETRY[key] = _channel_geometry(x)
+    return geom
+
+
+def _channel_geometry(x: torch.Tensor) -> ChannelGeometry:
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
     channels_contiguous = s == 1 or is_channels_last(x)
@@ -69,13 +86,13 @@ def channel_geometry(x: torch.Tensor) -> ChannelGeometry:
 
     total = rows * length
     chunks = heuristics.bn_chunks(total, c, channels_contiguous, x.device)
-    per_chunk = triton.cdiv(total, chunks)
+    per_chunk = cdiv(total, chunks)
     if per_chunk >= length:
         n_per_chunk, seg_len = per_chunk // length, length
     else:
         n_per_chunk, seg_len = 1, per_chunk
     return ChannelGeometry(rows, c, length, stride_n, stride_c, stride_s, n_per_chunk, seg_len,
-                           triton.cdiv(length, seg_len), channels_contiguous)
+                           cdiv(length, seg_len), channels_contiguous)
 
 
 def _pick(kernels, geom: ChannelGeometry):
@@ -123,13 +140,13 @@ def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momen
     block_c = heuristics.bn_finalize_block_c(c)
     acc_tl, group = tl_acc(part_mean.dtype), heuristics.BN_MERGE_GROUP
     for num in heuristics.bn_merge_levels(part_count.shape[0]):
-        groups = triton.cdiv(num, group)
+        groups = cdiv(num, group)
         merged = (part_mean.new_empty((groups, c)), part_m2.new_empty((groups, c)), part_count.new_empty((groups,)))
-        kernels.bn_fwd_merge[(triton.cdiv(c, block_c), groups)](
+        kernels.bn_fwd_merge[(cdiv(c, block_c), groups)](
             part_mean, part_m2, part_count, *merged, c, num, group,
             ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
         part_mean, part_m2, part_count = merged
-    kernels.bn_fwd_finalize[(triton.cdiv(c, block_c),)](
+    kernels.bn_fwd_finalize[(cdiv(c, block_c),)](
         part_mean, part_m2, part_count, mean, rstd,
         running_mean if update else mean, running_var if update else rstd,
         c, part_count.shape[0], momentum, eps,
@@ -214,13 +231,13 @@ def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = 
     grad_bias = part_dy.new_empty((c,), dtype=dbias_dtype) if want_dbias else part_dy.new_empty((0,))
     block_c = heuristics.bn_finalize_block_c(c)
     for num in heuristics.bn_merge_levels(part_dy.shape[0]):
-        groups = triton.cdiv(num, heuristics.BN_MERGE_GROUP)
+        groups = cdiv(num, heuristics.BN_MERGE_GROUP)
         merged = part_dy.new_empty((groups, c)), part_dy_xhat.new_empty((groups, c))
-        kernels.bn_bwd_merge[(triton.cdiv(c, block_c), groups)](
+        kernels.bn_bwd_merge[(cdiv(c, block_c), groups)](
             part_dy, part_dy_xhat, *merged, c, num, heuristics.BN_MERGE_GROUP,
             ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
         part_dy, part_dy_xhat = merged
-    kernels.bn_bwd_finalize[(triton.cdiv(c, block_c),)](
+    kernels.bn_bwd_finalize[(cdiv(c, block_c),)](
         part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
         grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, part_dy.shape[0],
         WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=acc_tl, BLOCK_C=block_c,
@@ -260,7 +277,7 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
 # ----------------------------------------------------------------------------- launchers
 
 
-@torch.library.custom_op("vhist::batch_norm_fwd", mutates_args=("running_mean", "running_var"))
+@custom_op("vhist::batch_norm_fwd", mutates_args=("running_mean", "running_var"))
 def batch_norm_fwd(
     input: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -291,7 +308,7 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     return torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
 
 
-@torch.library.custom_op("vhist::batch_norm_bwd", mutates_args=())
+@custom_op("vhist::batch_norm_bwd", mutates_args=())
 def batch_norm_bwd(
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -347,7 +364,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
-        output, mean, rstd = torch.ops.vhist.batch_norm_fwd(
+        output, mean, rstd = batch_norm_fwd(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
         if training:
             ctx.save_for_backward(input, weight, bias, mean, rstd)
@@ -360,7 +377,7 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, bias, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        grad_input, grad_weight, grad_bias = torch.ops.vhist.batch_norm_bwd(
+        grad_input, grad_weight, grad_bias = batch_norm_bwd(
             grad_output, input, weight, bias, mean, rstd, ctx.training, ctx.eps, [need_dx, need_dw, need_db])
         return (grad_input if need_dx else None,
                 grad_weight if need_dw else None,

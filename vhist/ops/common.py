@@ -12,6 +12,10 @@ import functools
 from typing import Optional
 
 import torch
+# Imported with vhist (the launchers no longer need it at module level): Triton decides
+# at its import whether it runs under the interpreter, and vhist documents that
+# TRITON_INTERPRET counts only when set before vhist is imported.
+import triton  # noqa: F401
 
 from vhist.ops._dispatch import check_float_dtype, check_same_device
 
@@ -41,6 +45,22 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ----------------------------------------------------------------------------- integer helpers
+# Plain-int versions of triton.cdiv / triton.next_power_of_2, which are Triton
+# constexpr functions (a few microseconds of argument unwrapping per call) and are
+# called thousands of times a training step by the launchers.
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, ``b > 0``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` for ``n >= 1`` (0 for 0, as Triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 # ----------------------------------------------------------------------------- layouts

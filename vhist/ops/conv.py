@@ -33,15 +33,17 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
+from vhist.ops.common import cdiv
 from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, empty_4d, like_layout,
                               tl_acc, to_channels_last)
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
+from vhist.ops.launch_cache import shape_cached
+from vhist.ops.op_call import custom_op
 
 OP = "conv2d"
 FUSED_OP = "fused_conv_bn_act"
@@ -61,9 +63,10 @@ class ConvGeometry(ConvGeometryBase):
         return 2 * self.positions * self.c_out * (self.c_in // self.groups) * self.kh * self.kw
 
 
+@shape_cached
 def conv_geometry(op, input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """Validates a conv's hyper-parameters against the shapes; raises a clear error for
-    what ``F.conv2d`` rejects."""
+    what ``F.conv2d`` rejects. Cached per argument tuple (:mod:`vhist.ops.launch_cache`)."""
     n, c_in, h, w = input_shape
     c_out, cg_in, kh, kw = weight_shape
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -114,8 +117,13 @@ def _empty_cl(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 def _precision(dtype: torch.dtype) -> dict:
     """Compile-time options of the GEMM kernels for ``dtype``: fp64 takes the FMA path;
     fp32 follows ``torch.backends.cudnn.allow_tf32`` like PyTorch's conv."""
+    return _precision_of(dtype, torch.backends.cudnn.allow_tf32)
+
+
+@shape_cached
+def _precision_of(dtype: torch.dtype, allow_tf32: bool) -> dict:
     fp64 = dtype == torch.float64
-    tf32 = dtype != torch.float32 or torch.backends.cudnn.allow_tf32
+    tf32 = dtype != torch.float32 or allow_tf32
     return dict(FMA=fp64, INPUT_PRECISION="tf32" if tf32 and not fp64 else "ieee", ACC=tl_acc(dtype))
 
 
@@ -128,7 +136,7 @@ def _fwd_grid(g: ConvGeometry):
     m_total, cg_out = g.n * g.oh * g.ow, g.c_out // g.groups
 
     def grid(meta):
-        return (triton.cdiv(m_total, meta["BLOCK_M"]), triton.cdiv(cg_out, meta["BLOCK_N"]), g.groups)
+        return (cdiv(m_total, meta["BLOCK_M"]), cdiv(cg_out, meta["BLOCK_N"]), g.groups)
 
     return grid
 
@@ -187,7 +195,7 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
         g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
     if stats:
         kernel, launch = kernels.conv2d_fwd_stats, dict(config.all_kwargs())
-        tiles = triton.cdiv(m_total, config.kwargs["BLOCK_M"])
+        tiles = cdiv(m_total, config.kwargs["BLOCK_M"])
         part_mean = input.new_empty((tiles, g.c_out), dtype=acc)
         part_m2 = input.new_empty((tiles, g.c_out), dtype=acc)
         part_count = input.new_empty((tiles,), dtype=acc)
@@ -216,10 +224,10 @@ def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: 
     cg_in = g.c_in // g.groups
 
     s_h, s_w = g.stride
-    rows = g.n * triton.cdiv(g.h, s_h) * triton.cdiv(g.w, s_w)  # per output phase
+    rows = g.n * cdiv(g.h, s_h) * cdiv(g.w, s_w)  # per output phase
 
     def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cg_in, meta["BLOCK_N"]), g.groups * s_h * s_w)
+        return (cdiv(rows, meta["BLOCK_M"]), cdiv(cg_in, meta["BLOCK_N"]), g.groups * s_h * s_w)
 
     kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, grad.dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad,
                                                                                      grad.dtype)
@@ -233,7 +241,7 @@ def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: 
 def wgrad_split(g: ConvGeometry, device: torch.device) -> int:
     """Number of split-K partials for the weight gradient (:func:`vhist.ops.heuristics.wgrad_split`)."""
     tile = heuristics.WGRAD_TILE
-    weight_tiles = triton.cdiv(g.c_out // g.groups, tile) * triton.cdiv(g.c_in // g.groups, tile) * g.kh * g.kw
+    weight_tiles = cdiv(g.c_out // g.groups, tile) * cdiv(g.c_in // g.groups, tile) * g.kh * g.kw
     return heuristics.wgrad_split(g.positions, weight_tiles * g.groups, device)
 
 
@@ -251,7 +259,7 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
     part_db = grad.new_empty((split, g.c_out), dtype=acc) if want_db else part_dw
 
     def grid(meta):
-        return (triton.cdiv(cg_out, meta["BLOCK_M"]) * triton.cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw,
+        return (cdiv(cg_out, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw,
                 split * g.groups)
 
     _pick_gemm(kernels.conv2d_bwd_wgrad, grad.dtype)[grid](
@@ -262,22 +270,23 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
     block = kernels.WGRAD_REDUCE_BLOCK
     if want_dw:
         dw = torch.empty(weight_shape, device=grad.device, dtype=weight_dtype, memory_format=torch.channels_last)
-        kernels.conv2d_bwd_wgrad_reduce[(triton.cdiv(numel, block),)](
+        kernels.conv2d_bwd_wgrad_reduce[(cdiv(numel, block),)](
             part_dw, dw, numel, split, ACC=tl_acc(grad.dtype), BLOCK=block)
     if want_db:
         db = grad.new_empty((g.c_out,), dtype=acc)
-        kernels.conv2d_bwd_wgrad_reduce[(triton.cdiv(g.c_out, block),)](
+        kernels.conv2d_bwd_wgrad_reduce[(cdiv(g.c_out, block),)](
             part_db, db, g.c_out, split, ACC=tl_acc(grad.dtype), BLOCK=block)
     return dw, db
 
 
+@shape_cached
 def _geometry_from(input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """The geometry of a registered op's (already validated) list arguments."""
     return ConvGeometry(*input_shape, weight_shape[0], weight_shape[2], weight_shape[3], tuple(stride),
                         tuple(padding), tuple(dilation), groups)
 
 
-@torch.library.custom_op("vhist::conv2d_fwd", mutates_args=())
+@custom_op("vhist::conv2d_fwd", mutates_args=())
 def conv2d_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
                groups: int, activation: int) -> torch.Tensor:
@@ -299,7 +308,7 @@ def _(input, weight, bias, residual, stride, padding, dilation, groups, activati
     return _empty_cl(g.out_shape, input)
 
 
-@torch.library.custom_op("vhist::conv2d_bwd", mutates_args=())
+@custom_op("vhist::conv2d_bwd", mutates_args=())
 def conv2d_bwd(
     grad_output: torch.Tensor,
     input: torch.Tensor,
@@ -363,7 +372,7 @@ class Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, stride, padding, dilation, groups, activation):
-        out = torch.ops.vhist.conv2d_fwd(input, weight, bias, residual, stride, padding, dilation, groups, activation)
+        out = conv2d_fwd(input, weight, bias, residual, stride, padding, dilation, groups, activation)
         ctx.save_for_backward(input, weight, out if activation else None)
         ctx.args = (stride, padding, dilation, groups, activation)
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -373,7 +382,7 @@ class Conv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, out = ctx.saved_tensors
         need = list(ctx.needs_input_grad[:4])
-        dx, dw, db, dres = torch.ops.vhist.conv2d_bwd(grad_output, input, weight, out, *ctx.args, need)
+        dx, dw, db, dres = conv2d_bwd(grad_output, input, weight, out, *ctx.args, need)
         return (dx if need[0] else None, dw if need[1] else None,
                 db.to(ctx.bias_dtype) if need[2] else None, dres if need[3] else None,
                 None, None, None, None, None)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
 from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
+from vhist.ops.common import cdiv
 from vhist.ops.common import (acc_dtype, activation_code, activation_grad, dense_layout, empty_4d, is_channels_last,
                               like_layout)
 # The weight-gradient launcher below calls these two under their former private names.
@@ -28,6 +28,7 @@ from vhist.ops.common import sm_count as _sm_count
 from vhist.ops.common import tl_acc as _tl_acc
 from vhist.ops.conv_common import ConvGeometryBase, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
+from vhist.ops.op_call import custom_op
 
 OP = "depthwise_conv2d"
 FUSED_OP = "fused_depthwise_bn_act"
@@ -105,11 +106,11 @@ def _strides(t: torch.Tensor) -> tuple:
 def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, int]:
     """Split of the N*OH*OW reduction of the weight gradient: (chunk length, chunks).
     Depends only on the shape and the device, so the summation order is fixed."""
-    c_blocks = triton.cdiv(c_out, 64)
-    chunks = triton.cdiv(4 * _sm_count(device), c_blocks)
-    chunks = max(min(chunks, triton.cdiv(pixels, 256)), triton.cdiv(pixels, 32768), 1)
-    chunk = triton.cdiv(triton.cdiv(pixels, chunks), 128) * 128
-    return chunk, triton.cdiv(pixels, chunk)
+    c_blocks = cdiv(c_out, 64)
+    chunks = cdiv(4 * _sm_count(device), c_blocks)
+    chunks = max(min(chunks, cdiv(pixels, 256)), cdiv(pixels, 32768), 1)
+    chunk = cdiv(cdiv(pixels, chunks), 128) * 128
+    return chunk, cdiv(pixels, chunk)
 
 
 # ----------------------------------------------------------------------------- triton launchers
@@ -121,7 +122,7 @@ def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activati
 
     tiles_per_program, programs = heuristics.depthwise_fwd_tiling(geom.positions, stats is not None)
     part = stats if stats is not None else (output, output, output)
-    grid = lambda meta: (programs, triton.cdiv(geom.c_out, meta["BLOCK_C"]))  # noqa: E731
+    grid = lambda meta: (programs, cdiv(geom.c_out, meta["BLOCK_C"]))  # noqa: E731
     kernels.depthwise_fwd[grid](
         input, weight, bias if bias is not None else weight, residual if residual is not None else output,
         output, *part,
@@ -132,7 +133,7 @@ def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activati
         ACTIVATION=activation, STATS=stats is not None, ACC=_tl_acc(input.dtype), BLOCK_P=FWD_BLOCK_P)
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_fwd", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_fwd", mutates_args=())
 def depthwise_conv2d_fwd(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -160,7 +161,7 @@ def depthwise_conv2d_fwd(
     return output
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_bwd_input", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_bwd_input", mutates_args=())
 def depthwise_conv2d_bwd_input(
     grad_output: torch.Tensor,
     output: Optional[torch.Tensor],
@@ -193,8 +194,8 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
     if activation:
         grad_output = like_layout(grad_output, output)
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
-    grid = lambda meta: (triton.cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
-                         triton.cdiv(geom.c_in, meta["BLOCK_C"]))
+    grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
+                         cdiv(geom.c_in, meta["BLOCK_C"]))
     kernels.depthwise_bwd_input[grid](
         grad_output, output if activation else grad_output, weight, grad_input,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier,
@@ -204,7 +205,7 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
     return grad_input
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_bwd_weight", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_bwd_weight", mutates_args=())
 def depthwise_conv2d_bwd_weight(
     grad_output: torch.Tensor,
     output: Optional[torch.Tensor],
@@ -238,14 +239,14 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
     block_p, block_c, num_warps = kernels.weight_grad_tiling(geom.kh, geom.kw, _channels_last(input))
-    kernels.depthwise_bwd_weight_reduce[(triton.cdiv(geom.c_out, block_c), chunks)](
+    kernels.depthwise_bwd_weight_reduce[(cdiv(geom.c_out, block_c), chunks)](
         grad_output, output if activation else grad_output, input, part,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
         *_strides(grad_output), *_strides(input), *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     block_j = 128
-    kernels.depthwise_bwd_weight_finalize[(triton.cdiv(taps * geom.c_out, block_j),)](
+    kernels.depthwise_bwd_weight_finalize[(cdiv(taps * geom.c_out, block_j),)](
         part, grad_weight, grad_bias if has_bias else grad_weight, geom.c_out, chunks,
         grad_weight.stride(0), grad_weight.stride(2), grad_weight.stride(3),
         KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=16)
@@ -308,9 +309,7 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 
 
-TRITON_OPS = (lambda *a: torch.ops.vhist.depthwise_conv2d_fwd(*a),
-              lambda *a: torch.ops.vhist.depthwise_conv2d_bwd_input(*a),
-              lambda *a: torch.ops.vhist.depthwise_conv2d_bwd_weight(*a))
+TRITON_OPS = (depthwise_conv2d_fwd, depthwise_conv2d_bwd_input, depthwise_conv2d_bwd_weight)
 
 
 # ----------------------------------------------------------------------------- cuda launchers
@@ -328,7 +327,7 @@ def _no_epilogue(residual, activation):
         raise NotImplementedError(f"{OP}: the cuda kernels have no residual/activation epilogue")
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_cuda_fwd", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_cuda_fwd", mutates_args=())
 def depthwise_conv2d_cuda_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               residual: Optional[torch.Tensor], stride: list[int], padding: list[int],
                               dilation: list[int], activation: int) -> torch.Tensor:
@@ -338,7 +337,7 @@ def depthwise_conv2d_cuda_fwd(input: torch.Tensor, weight: torch.Tensor, bias: O
     return _cuda_extension().fwd(input, weight, bias, stride, padding, dilation)
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_cuda_bwd_input", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_cuda_bwd_input", mutates_args=())
 def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[torch.Tensor], weight: torch.Tensor,
                                     input_size: list[int], channels_last: bool, stride: list[int],
                                     padding: list[int], dilation: list[int], activation: int) -> torch.Tensor:
@@ -347,7 +346,7 @@ def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[
     return _cuda_extension().bwd_input(grad_output, weight, input_size, channels_last, stride, padding, dilation)
 
 
-@torch.library.custom_op("vhist::depthwise_conv2d_cuda_bwd_weight", mutates_args=())
+@custom_op("vhist::depthwise_conv2d_cuda_bwd_weight", mutates_args=())
 def depthwise_conv2d_cuda_bwd_weight(grad_output: torch.Tensor, output: Optional[torch.Tensor], input: torch.Tensor,
                                      weight_size: list[int], stride: list[int], padding: list[int],
                                      dilation: list[int], activation: int,
@@ -367,9 +366,7 @@ depthwise_conv2d_cuda_bwd_input.register_fake(_bwd_input_fake)
 depthwise_conv2d_cuda_bwd_weight.register_fake(_bwd_weight_fake)
 
 
-CUDA_OPS = (lambda *a: torch.ops.vhist.depthwise_conv2d_cuda_fwd(*a),
-            lambda *a: torch.ops.vhist.depthwise_conv2d_cuda_bwd_input(*a),
-            lambda *a: torch.ops.vhist.depthwise_conv2d_cuda_bwd_weight(*a))
+CUDA_OPS = (depthwise_conv2d_cuda_fwd, depthwise_conv2d_cuda_bwd_input, depthwise_conv2d_cuda_bwd_weight)
 
 
 # ----------------------------------------------------------------------------- public ops

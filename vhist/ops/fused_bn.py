@@ -28,8 +28,9 @@ from typing import Callable, Optional
 import torch
 
 from vhist.ops.batch_norm import bn_apply, bn_finalize, bn_grad_input, bn_grad_sums
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, like_layout
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, fold_bn
+from vhist.ops.op_call import custom_op
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def _fused_bwd(passes: ConvPasses):
             The five gradients, an entry not asked for empty.
         """
         geom = passes.geometry(input.shape, weight.shape, stride, padding, dilation, groups)
+        # One layout conversion for both BN backward passes (each would convert its own).
+        grad_output = like_layout(grad_output, conv_output)
         want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
         # With the residual's gradient wanted, the sums pass also writes dz (= that
         # gradient), and the dx pass reads dz instead of dy, x's mask and the residual:
@@ -168,15 +171,16 @@ def define_fused_ops(name: str, passes: ConvPasses) -> tuple:
     ``passes``.
 
     Returns:
-        ``(fwd, bwd)``, the registered ops (``torch.ops.vhist.<name>_fwd`` / ``_bwd``).
+        ``(fwd, bwd)``, the registered ops as :class:`~vhist.ops.op_call.EagerOp` (direct
+        calls in eager mode, ``torch.ops.vhist.<name>_fwd`` / ``_bwd`` when compiling).
     """
     fwd, fwd_fake = _fused_fwd(passes)
     bwd, bwd_fake = _fused_bwd(passes)
-    torch.library.custom_op(f"vhist::{name}_fwd", fwd, mutates_args=("running_mean", "running_var")) \
-        .register_fake(fwd_fake)
-    torch.library.custom_op(f"vhist::{name}_bwd", bwd, mutates_args=()).register_fake(bwd_fake)
-    namespace = torch.ops.vhist
-    return getattr(namespace, f"{name}_fwd"), getattr(namespace, f"{name}_bwd")
+    fwd_op = custom_op(f"vhist::{name}_fwd", fwd, mutates_args=("running_mean", "running_var"))
+    fwd_op.register_fake(fwd_fake)
+    bwd_op = custom_op(f"vhist::{name}_bwd", bwd, mutates_args=())
+    bwd_op.register_fake(bwd_fake)
+    return fwd_op, bwd_op
 
 
 class FusedConvBNFunction(torch.autograd.Function):

@@ -10,9 +10,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
-from vhist.ops.common import sm_count
+from vhist.ops.common import cdiv, next_power_of_2, sm_count
 
 # Weight gradient of the dense conv (split-K): each split reduces a multiple of this many
 # output positions, so that every BLOCK_K of the wgrad configs tiles a split exactly.
@@ -67,7 +66,7 @@ def wgrad_split(positions: int, weight_tiles: int, device: torch.device) -> int:
     """Number of split-K partials for the dense conv's weight gradient: enough (weight
     tile x split) programs to fill the GPU ``WGRAD_PROGRAMS_PER_SM`` times over, each
     reducing at least ``WGRAD_MIN_POSITIONS`` positions."""
-    want = triton.cdiv(WGRAD_PROGRAMS_PER_SM * sm_count(device), weight_tiles)
+    want = cdiv(WGRAD_PROGRAMS_PER_SM * sm_count(device), weight_tiles)
     return max(1, min(want, positions // WGRAD_MIN_POSITIONS, WGRAD_MAX_SPLIT))
 
 
@@ -75,17 +74,17 @@ def wgrad_positions_per_split(positions: int, split: int) -> tuple[int, int]:
     """(positions per split, splits): ``split`` rounded so that every split but the last
     holds a multiple of ``WGRAD_POSITION_ALIGN`` positions."""
     check_kernel_configs()
-    per_split = triton.cdiv(triton.cdiv(positions, split), WGRAD_POSITION_ALIGN) * WGRAD_POSITION_ALIGN
-    return per_split, triton.cdiv(positions, per_split)
+    per_split = cdiv(cdiv(positions, split), WGRAD_POSITION_ALIGN) * WGRAD_POSITION_ALIGN
+    return per_split, cdiv(positions, per_split)
 
 
 def depthwise_fwd_tiling(pixels: int, stats: bool) -> tuple[int, int]:
     """(pixel tiles per program, programs along the pixel axis) of the depthwise forward;
     with ``stats`` a program takes several tiles, so that its partials stay few."""
     check_kernel_configs()
-    tiles = triton.cdiv(pixels, DEPTHWISE_FWD_BLOCK_P)
-    per_program = triton.cdiv(tiles, DEPTHWISE_MAX_STATS_PARTIALS) if stats else 1
-    return per_program, triton.cdiv(tiles, per_program)
+    tiles = cdiv(pixels, DEPTHWISE_FWD_BLOCK_P)
+    per_program = cdiv(tiles, DEPTHWISE_MAX_STATS_PARTIALS) if stats else 1
+    return per_program, cdiv(tiles, per_program)
 
 
 def bn_chunks(total: int, channels: int, channels_contiguous: bool, device: torch.device) -> int:
@@ -93,13 +92,13 @@ def bn_chunks(total: int, channels: int, channels_contiguous: bool, device: torc
     never fewer than ``BN_MIN_CHUNK`` elements per chunk and never more than
     ``BN_MAX_CHUNK`` (which bounds one program's loop)."""
     block_c = BN_CHANNELS_CONTIGUOUS_BLOCK_C if channels_contiguous else BN_SPATIAL_CONTIGUOUS_BLOCK_C
-    chunks = triton.cdiv(BN_PROGRAMS_PER_SM * sm_count(device), triton.cdiv(channels, block_c))
-    return max(min(chunks, triton.cdiv(total, BN_MIN_CHUNK)), triton.cdiv(total, BN_MAX_CHUNK), 1)
+    chunks = cdiv(BN_PROGRAMS_PER_SM * sm_count(device), cdiv(channels, block_c))
+    return max(min(chunks, cdiv(total, BN_MIN_CHUNK)), cdiv(total, BN_MAX_CHUNK), 1)
 
 
 def bn_finalize_block_c(channels: int) -> int:
     """Channel tile of the BN finalize kernels (one program per tile)."""
-    return min(triton.next_power_of_2(channels), BN_FINALIZE_MAX_BLOCK_C)
+    return min(next_power_of_2(channels), BN_FINALIZE_MAX_BLOCK_C)
 
 
 def bn_merge_levels(num_partials: int) -> list[int]:
@@ -109,5 +108,5 @@ def bn_merge_levels(num_partials: int) -> list[int]:
     levels = []
     while num_partials > BN_MERGE_GROUP:
         levels.append(num_partials)
-        num_partials = triton.cdiv(num_partials, BN_MERGE_GROUP)
+        num_partials = cdiv(num_partials, BN_MERGE_GROUP)
     return levels

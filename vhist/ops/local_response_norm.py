@@ -14,12 +14,13 @@ from __future__ import annotations
 import numbers
 
 import torch
-import triton
 
 from vhist import reference
 from vhist.ops._dispatch import check_float_dtype, dispatch
+from vhist.ops.common import cdiv, next_power_of_2
 from vhist.ops.common import dense_layout, is_channels_last_dense, like_layout
 from vhist.ops.common import tl_acc as _tl_acc  # the launchers' name for it
+from vhist.ops.op_call import custom_op
 
 OP = "local_response_norm"
 # Channels a kernel tile holds at most (every channel of a position, in registers).
@@ -43,7 +44,7 @@ def tile_channels(channels: int) -> int:
     if channels > MAX_CHANNELS:
         raise ValueError(f"{OP}: the triton and cuda kernels take at most {MAX_CHANNELS} channels, got "
                          f"{channels}; use the torch backend")
-    return max(4, triton.next_power_of_2(channels))
+    return max(4, next_power_of_2(channels))
 
 
 def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
@@ -64,7 +65,7 @@ def _launch(kernel, tensors, size, alpha, beta, k, like):
     lo, hi = window_bounds(size)
 
     def grid(meta):
-        return (n * triton.cdiv(s, block_s(meta["TILE"], block_c)),)
+        return (n * cdiv(s, block_s(meta["TILE"], block_c)),)
 
     # Shifts beyond the tile's width add only zeros: clip them (huge sizes stay cheap).
     kernel[grid](*tensors, n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k,
@@ -74,7 +75,7 @@ def _launch(kernel, tensors, size, alpha, beta, k, like):
 # ----------------------------------------------------------------------------- triton
 
 
-@torch.library.custom_op("vhist::local_response_norm_fwd", mutates_args=())
+@custom_op("vhist::local_response_norm_fwd", mutates_args=())
 def local_response_norm_fwd(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """Forward of LRN on the Triton kernel; ``input`` is dense (contiguous or
     channels-last) and the output has its strides."""
@@ -85,7 +86,7 @@ def local_response_norm_fwd(input: torch.Tensor, size: int, alpha: float, beta: 
     return output
 
 
-@torch.library.custom_op("vhist::local_response_norm_bwd", mutates_args=())
+@custom_op("vhist::local_response_norm_bwd", mutates_args=())
 def local_response_norm_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
                             beta: float, k: float) -> torch.Tensor:
     """Input gradient of LRN on the fused Triton kernel (window sums recomputed)."""
@@ -123,7 +124,7 @@ def _cuda_extension():
                                csrc_path("local_response_norm/local_response_norm_kernel.cu")])
 
 
-@torch.library.custom_op("vhist::local_response_norm_cuda_fwd", mutates_args=())
+@custom_op("vhist::local_response_norm_cuda_fwd", mutates_args=())
 def local_response_norm_cuda_fwd(input: torch.Tensor, size: int, alpha: float, beta: float,
                                  k: float) -> torch.Tensor:
     """Forward of LRN on the CUDA C++ kernel (csrc/local_response_norm)."""
@@ -131,7 +132,7 @@ def local_response_norm_cuda_fwd(input: torch.Tensor, size: int, alpha: float, b
     return _cuda_extension().fwd(input, size, alpha, beta, k)
 
 
-@torch.library.custom_op("vhist::local_response_norm_cuda_bwd", mutates_args=())
+@custom_op("vhist::local_response_norm_cuda_bwd", mutates_args=())
 def local_response_norm_cuda_bwd(grad_output: torch.Tensor, input: torch.Tensor, size: int, alpha: float,
                                  beta: float, k: float) -> torch.Tensor:
     """Input gradient of LRN on the fused CUDA C++ kernel."""
@@ -145,8 +146,8 @@ local_response_norm_cuda_bwd.register_fake(_bwd_fake)
 
 
 _KERNELS = {
-    "triton": (torch.ops.vhist.local_response_norm_fwd, torch.ops.vhist.local_response_norm_bwd),
-    "cuda": (torch.ops.vhist.local_response_norm_cuda_fwd, torch.ops.vhist.local_response_norm_cuda_bwd),
+    "triton": (local_response_norm_fwd, local_response_norm_bwd),
+    "cuda": (local_response_norm_cuda_fwd, local_response_norm_cuda_bwd),
 }
 
 

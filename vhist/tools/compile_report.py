@@ -81,7 +81,9 @@ class _Sm90Driver:
 
 
 @contextlib.contextmanager
-def _sm90_driver():
+def sm90_driver():
+    """Makes a stand-in sm_90 driver the active Triton driver for the block, so that
+    ``JITFunction`` binders and compiles see an sm_90 target without a GPU."""
     from triton.runtime import driver
 
     previous = driver._active
@@ -131,7 +133,7 @@ def compile_variant(record: LaunchRecord, config: LaunchConfig):
             args.append(_Pointer(TORCH_DTYPES[a.dtype], a.aligned16))
         else:
             args.append(a.value)
-    with _sm90_driver():
+    with sm90_driver():
         return record.fn.run(*args, grid=(1, 1, 1), warmup=True, **record.constexprs, **dict(config.kwargs),
                              **config.options())
 

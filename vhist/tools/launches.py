@@ -292,6 +292,7 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
 
     import vhist.kernels._config as config
     import vhist.ops._dispatch as dispatch
+    from vhist.ops import launch_cache
 
     if config.INTERPRETED:
         raise RuntimeError("record_launches needs compiled Triton kernels: run without TRITON_INTERPRET=1 "
@@ -329,8 +330,11 @@ def record_launches(sm_count: int = H100_SM_COUNT) -> Iterator[LaunchRecorder]:
     # The dispatcher lets CPU tensors reach the (recorded, never run) triton launchers.
     dispatch.triton_cpu_ready = lambda: True
     saved += _patch_sm_count(sm_count)
+    # Cached geometry holds grids and splits sized from the SM count, which changes here.
+    launch_cache.clear()
     try:
         yield recorder
     finally:
         for owner, attr, value in reversed(saved):
             setattr(owner, attr, value)
+        launch_cache.clear()

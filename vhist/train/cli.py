@@ -102,6 +102,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", help="where the uint8 cache lives (default: DATA/.vhist-cache)")
     d.add_argument("--bench-loader", type=int, default=0, metavar="BATCHES",
                    help="only measure the data loader's img/s over BATCHES batches, then exit")
+    d.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step in a CUDA graph and replay it (CUDA only)")
     d.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (needed for bitwise resume on GPU)")
     p.set_defaults(run=run_train)
@@ -156,7 +158,7 @@ def run_train(args) -> int:
                       channels_last=args.channels_last, sync_bn=args.sync_bn, cache=args.cache,
                       cache_dir=args.cache_dir, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every,
-                      eval_finished=args.eval)
+                      eval_finished=args.eval, cuda_graph=args.cuda_graph)
     return train(cfg)["exit_code"]
 
 

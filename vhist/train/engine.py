@@ -38,6 +38,7 @@ from vhist.train import distributed as D
 from vhist.train.augment import auto_augment, mix_batch, random_erasing, soft_target_cross_entropy, step_generators
 from vhist.train.guards import (EXIT_BUG, EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RunEnded,
                                 StopRequest, TrainingDiverged, expected_errors)
+from vhist.train.graph import graph_train_step
 from vhist.train.metrics import StepProgress, progress_bar, write_metrics
 from vhist.train.setup import (Run, TrainConfig, create_run_dir, is_finished, load_resume, main_print,
                                resolve_device, resolve_recipe, setup_run)
@@ -201,13 +202,36 @@ class EpochProgress:
 def train_step(run: Run, ep: EpochProgress, images, labels, epoch: int) -> None:
     """Forward, backward and optimizer update of one batch; ``ep.phase`` tells a Ctrl-C
     whether the update has begun."""
-    device, recipe = run.device, run.recipe
+    device = run.device
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if run.loaders.cached_augment is not None:
         gen = np.random.default_rng((run.cfg.seed, epoch, ep.step, run.dist.rank))
         images = device_augment(images, *run.loaders.cached_augment, gen, train=True)
     x, targets = augment_batch(run, images, labels, epoch, ep.step)
-    with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+    if run.cfg.cuda_graph:
+        loss, logits = graph_train_step(run, ep, x, labels, eager_update)
+    else:
+        loss, logits = eager_update(run, ep, x, labels, targets)
+    if run.ema is not None:
+        run.ema.update(run.model)
+    n = labels.numel()
+    ep.loss_sum += loss.detach().double() * n
+    ep.correct += (logits.detach().argmax(1) == labels).sum().double()
+    ep.count += n
+    ep.nonfinite |= ~torch.isfinite(loss.detach())
+
+
+def eager_update(run: Run, ep: EpochProgress, x, labels, targets: Optional[torch.Tensor] = None) -> tuple:
+    """Forward, backward and optimizer update of one normalized batch, eagerly.
+
+    Args:
+        targets: soft targets of mixup / cutmix, or None (the criterion takes the labels).
+
+    Returns:
+        ``(loss, logits)``.
+    """
+    recipe = run.recipe
+    with torch.autocast(x.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         logits = run.net(x)
     if targets is None:
         loss = run.criterion(logits.float(), labels)
@@ -223,13 +247,7 @@ def train_step(run: Run, ep: EpochProgress, images, labels, epoch: int) -> None:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None:
-        run.ema.update(run.model)
-    n = labels.numel()
-    ep.loss_sum += loss.detach().double() * n
-    ep.correct += (logits.detach().argmax(1) == labels).sum().double()
-    ep.count += n
-    ep.nonfinite |= ~torch.isfinite(loss.detach())
+    return loss, logits
 
 
 def augment_batch(run: Run, images: torch.Tensor, labels: torch.Tensor, epoch: int, step: int

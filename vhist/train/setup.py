@@ -20,6 +20,7 @@ from vhist.train import checkpoint as ckpt
 from vhist.train import distributed as D
 from vhist.train.augment import BatchAugment, MixSpec
 from vhist.train.data import DataBundle, EpochBatches, SampleSet, build_cache, load_data, make_loader
+from vhist.train.graph import check_cuda_graph
 from vhist.train.guards import SyncBNProbe
 from vhist.train.ema import ModelEma
 from vhist.train.recipes import LRSchedule, Recipe, build_optimizer, effective_lr, get_recipe
@@ -51,6 +52,7 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: Optional[int] = None
     eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
+    cuda_graph: bool = False                       # --cuda-graph: replay the captured training step
 
 
 @dataclass
@@ -288,10 +290,17 @@ def build_loaders(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: to
 def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_state: Optional[dict]) -> Run:
     """Validates the backend and recipe, loads the data and builds the model, loaders and
     optimizer. The run folder is not created here."""
+    if cfg.cuda_graph:
+        check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
     recipe = resolve_recipe(cfg, data)
     amp = amp_dtype(recipe, device)
+    if cfg.cuda_graph:
+        check_cuda_graph(device, amp)
+        if recipe.mixup > 0 or recipe.cutmix > 0:
+            raise ValueError("--cuda-graph does not support --mixup/--cutmix yet (the captured step takes "
+                             "hard labels); drop one of them")
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     workers = (8 if device.type == "cuda" else 0) if cfg.workers is None else cfg.workers
     _configure_determinism(cfg, device)

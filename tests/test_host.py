@@ -1,0 +1,97 @@
+"""bench/host.py --quick, and the op-call layer and launch caches it measures.
+
+bench/host.py --quick: one AlexNet training step with every launch recorded instead of
+run, in a subprocess without TRITON_INTERPRET (nothing launches, no GPU is needed).
+
+The counts are AlexNet's by construction: 5 convs (with bias, no BatchNorm) and 2 LRNs.
+Launches: the first conv's input needs no gradient, so it makes forward + wgrad + the dw
+and db reductions (4); each other conv adds dgrad (5 each, 20); each LRN one forward and
+one backward (4): 28. Custom-op calls: one forward and one backward op per conv and per
+LRN: 14.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_host_quick_counts_and_timings(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [f for f in os.listdir(tmp_path) if f.startswith("host_") and f.endswith(".json")]
+    assert len(files) == 1, files
+    with open(tmp_path / files[0]) as f:
+        data = json.load(f)
+    (row,) = data["rows"]
+    assert row["model"] == "alexnet"
+    assert row["launches"] == 28
+    assert row["custom_op_calls"] == 14
+    for key in ("step_ms", "vhist_ms", "triton_bind_ms", "vhist_us_per_launch", "triton_bind_us_per_launch",
+                "triton_bind_loop_us_per_launch", "optimizer_ms"):
+        assert row[key] > 0, (key, row[key])
+    assert row["vhist_ms"] < row["step_ms"]
+    assert row["target_met"] == (row["vhist_ms"] <= row["triton_bind_ms"])
+    assert "top host functions" in proc.stdout and "own ms" in proc.stdout
+
+
+def test_eager_op_skips_the_dispatcher_only_in_eager_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vhist.ops.op_call import REGISTRY, direct_call_allowed
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    op = REGISTRY["vhist::conv2d_fwd"]
+    calls = []
+    impl = op.impl
+    op.impl = lambda *a: calls.append(a) or impl(*a)  # never reached under the mode
+    try:
+        assert direct_call_allowed()
+        x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1)
+        with Seen() as seen, torch.device("meta"):
+            # Under a dispatch mode the registered op runs (here to its fake, on meta).
+            out = op(x.to("meta"), w.to("meta"), None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0)
+        assert "vhist::conv2d_fwd" in seen.ops and not calls
+        assert out.shape == (1, 3, 4, 4)
+        # In eager mode the implementation is called directly, with the same arguments.
+        op.impl = lambda *a: calls.append(a) or "direct"
+        assert op(x, w, None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0) == "direct"
+        assert len(calls) == 1 and calls[0][0] is x
+    finally:
+        op.impl = impl
+
+
+def test_shape_cached_memoizes_lists_as_tuples_and_never_caches_errors():
+    from vhist.ops.launch_cache import clear, shape_cached
+
+    calls = []
+
+    @shape_cached
+    def geometry(shape, stride):
+        calls.append((shape, stride))
+        if stride[0] < 1:
+            raise ValueError("stride must be >= 1")
+        return shape[0] * stride[0]
+
+    assert geometry((2, 3), [1, 1]) == 2 and geometry((2, 3), [1, 1]) == 2
+    assert calls == [((2, 3), (1, 1))]
+    for _ in range(2):
+        try:
+            geometry((2, 3), [0, 1])
+        except ValueError:
+            pass
+    assert len(calls) == 3  # each bad call raised afresh
+    clear()
+    assert geometry((2, 3), [1, 1]) == 2 and len(calls) == 4
