@@ -159,7 +159,9 @@ def flags(row) -> list[str]:
         return ["compile-error"]
     if not row["fits_smem"]:
         out.append(f"smem>{LIMIT_SMEM_KB}KB (never launched)")
-    elif row["spill_bytes"]:
+    elif row["spill_bytes"] or row["ldl"] or row["stl"]:
+        # Local-memory loads/stores also count: a stack frame can hold spills that the
+        # cubin's spill counter does not report.
         out.append("spills")
     if row["kernel"] in GEMM_KERNELS and row["dtype"] in ("bf16", "fp16") and row.get("BLOCK_M", 0) >= 64 \
             and row["mma"] != "wgmma":

@@ -322,7 +322,10 @@ def variant_row(record: LaunchRecord, config: LaunchConfig, grid: tuple, analysi
     row = {"kernel": record.kernel, "op": labels.get("op", "?"), "layer": labels.get("layer", "?"),
            "source": labels.get("source", "?"), "mode": labels.get("mode", ""),
            "dtype": labels.get("dtype") or _data_dtype(record), "config": config.label(),
-           "num_warps": config.num_warps, "num_stages": config.num_stages, **dict(config.kwargs),
+           "num_warps": config.num_warps, "num_stages": config.num_stages,
+           # A plain launch (an untuned kernel, or one launched with a config chosen by
+           # the launcher) passes its tile sizes as constexprs, not through a config.
+           **{k: v for k, v in record.constexprs.items() if k.startswith("BLOCK_")}, **dict(config.kwargs),
            "grid": list(grid), "programs": math.prod(grid), "programs_per_sm": math.prod(grid) / SM90_SMS,
            "specialization": " ".join(a.specialization for a in record.args)}
     if "error" in analysis:
