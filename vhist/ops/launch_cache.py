@@ -13,6 +13,7 @@ it on entry and exit, since the SM count the launchers see changes there.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable
 
 _CACHES: list[dict] = []
@@ -27,14 +28,19 @@ def hashable(value):
 
 
 def shape_cached(fn: Callable) -> Callable:
-    """Memoizes ``fn`` on its positional arguments (lists keyed as tuples). Arguments
+    """Memoizes ``fn`` on its arguments (keywords bound to positions, lists keyed as tuples). Arguments
     that cannot be hashed (symbolic sizes while tracing) bypass the cache. Exceptions
     are not cached: a bad argument raises every time."""
     cache: dict = {}
     _CACHES.append(cache)
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def cached(*args):
+    def cached(*args, **kwargs):
+        if kwargs:  # keyed positionally, so that f(a, b=1) and f(a, 1) share an entry
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
         try:
             return cache[args]
         except KeyError:
