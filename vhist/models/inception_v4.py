@@ -39,17 +39,22 @@ def _avgpool_conv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=False), conv_block(cin, cout, 1))
 
 
-class Mixed3a(nn.Module):
+class _Concat(nn.Module):
+    """A block whose output is the channel concatenation of its sub-modules' outputs on the
+    same input, in the order the sub-modules were assigned (``branch0``, ``branch1``, ...)."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for branch in self.children()], 1)
+
+
+class Mixed3a(_Concat):
     def __init__(self, d: int = 1):
         super().__init__()
         self.maxpool = nn.MaxPool2d(3, 2)
         self.conv = conv_block(scaled(64, d), scaled(96, d), 3, 2)
 
-    def forward(self, x):
-        return torch.cat([self.maxpool(x), self.conv(x)], 1)
 
-
-class Mixed4a(nn.Module):
+class Mixed4a(_Concat):
     def __init__(self, d: int = 1, pad: int = 0):
         super().__init__()
         c64, c96 = scaled(64, d), scaled(96, d)
@@ -58,21 +63,15 @@ class Mixed4a(nn.Module):
             conv_block(scaled(160, d), c64, 1), conv_block(c64, c64, (1, 7), padding=(0, 3)),
             conv_block(c64, c64, (7, 1), padding=(3, 0)), conv_block(c64, c96, 3, padding=pad))
 
-    def forward(self, x):
-        return torch.cat([self.branch0(x), self.branch1(x)], 1)
 
-
-class Mixed5a(nn.Module):
+class Mixed5a(_Concat):
     def __init__(self, d: int = 1):
         super().__init__()
         self.conv = conv_block(scaled(192, d), scaled(192, d), 3, 2)
         self.maxpool = nn.MaxPool2d(3, 2)
 
-    def forward(self, x):
-        return torch.cat([self.conv(x), self.maxpool(x)], 1)
 
-
-class InceptionA(nn.Module):
+class InceptionA(_Concat):
     """35×35 module (Fig. 4)."""
 
     def __init__(self, d: int = 1):
@@ -84,11 +83,8 @@ class InceptionA(nn.Module):
                                      conv_block(c96, c96, 3, padding=1))
         self.branch3 = _avgpool_conv(c384, c96)
 
-    def forward(self, x):
-        return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], 1)
 
-
-class ReductionA(nn.Module):
+class ReductionA(_Concat):
     """35→17 reduction (Fig. 7) with (k, l, m, n) = (192, 224, 256, 384)."""
 
     def __init__(self, d: int = 1):
@@ -100,11 +96,8 @@ class ReductionA(nn.Module):
                                      conv_block(scaled(224, d), scaled(256, d), 3, 2))
         self.branch2 = nn.MaxPool2d(3, 2)
 
-    def forward(self, x):
-        return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x)], 1)
 
-
-class InceptionB(nn.Module):
+class InceptionB(_Concat):
     """17×17 module (Fig. 5)."""
 
     def __init__(self, d: int = 1):
@@ -119,11 +112,8 @@ class InceptionB(nn.Module):
                                      conv_block(c224, c256, (1, 7), padding=(0, 3)))
         self.branch3 = _avgpool_conv(cin, scaled(128, d))
 
-    def forward(self, x):
-        return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], 1)
 
-
-class ReductionB(nn.Module):
+class ReductionB(_Concat):
     """17→8 reduction (Fig. 8)."""
 
     def __init__(self, d: int = 1):
@@ -133,9 +123,6 @@ class ReductionB(nn.Module):
         self.branch1 = nn.Sequential(conv_block(cin, c256, 1), conv_block(c256, c256, (1, 7), padding=(0, 3)),
                                      conv_block(c256, c320, (7, 1), padding=(3, 0)), conv_block(c320, c320, 3, 2))
         self.branch2 = nn.MaxPool2d(3, 2)
-
-    def forward(self, x):
-        return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x)], 1)
 
 
 class InceptionC(nn.Module):

@@ -15,7 +15,7 @@ Only ``conv1``'s weight shape changes (64·3·3·3 instead of 64·3·7·7).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,51 +42,56 @@ def residual_join(conv: vnn.Conv2d, bn: vnn.BatchNorm2d, x: torch.Tensor, identi
     return vnn.conv_bn_act(conv, bn, x, "relu", residual=identity)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """A residual block of (conv, BN) pairs ``conv1``/``bn1``, ``conv2``/``bn2``, ... in
+    torchvision's order, then ``downsample`` (the shortcut's 1×1 conv + BN, or ``None``
+    for the identity) and ``drop_path``. Every pair but the last runs as a fused
+    conv + BN + ReLU; the last joins the shortcut in :func:`residual_join`.
+
+    Args:
+        convs: ``(in_channels, out_channels, kernel_size, stride)`` of each pair, in order.
+        downsample: the shortcut's (conv, BN) Sequential, or ``None``.
+        drop_path: stochastic depth probability of the residual branch.
+    """
+
+    def __init__(self, convs: Sequence[tuple[int, int, int, int]], downsample: Optional[nn.Sequential],
+                 drop_path: float):
+        super().__init__()
+        for i, (cin, cout, k, stride) in enumerate(convs, 1):
+            setattr(self, f"conv{i}", _conv(cin, cout, k, stride))
+            setattr(self, f"bn{i}", vnn.BatchNorm2d(cout))
+        self.num_pairs = len(convs)
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else vnn.conv_bn_act(
+            self.downsample[0], self.downsample[1], x, None)
+        pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_pairs + 1)]
+        for conv, bn in pairs[:-1]:
+            x = vnn.conv_bn_act(conv, bn, x, "relu")
+        return residual_join(*pairs[-1], x, identity, self.drop_path)
+
+
+class BasicBlock(_Block):
     """Two 3×3 convs; the second's BN output is added to the shortcut before the ReLU."""
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None,
                  drop_path: float = 0.0):
-        super().__init__()
-        self.conv1 = _conv(inplanes, planes, 3, stride)
-        self.bn1 = vnn.BatchNorm2d(planes)
-        self.conv2 = _conv(planes, planes, 3)
-        self.bn2 = vnn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else vnn.conv_bn_act(
-            self.downsample[0], self.downsample[1], x, None)
-        out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
-        return residual_join(self.conv2, self.bn2, out, identity, self.drop_path)
+        super().__init__([(inplanes, planes, 3, stride), (planes, planes, 3, 1)], downsample, drop_path)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """1×1 reduce, 3×3 (strided), 1×1 expand ×4; the shortcut joins the last fused op."""
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Sequential] = None,
                  drop_path: float = 0.0):
-        super().__init__()
-        self.conv1 = _conv(inplanes, planes, 1)
-        self.bn1 = vnn.BatchNorm2d(planes)
-        self.conv2 = _conv(planes, planes, 3, stride)
-        self.bn2 = vnn.BatchNorm2d(planes)
-        self.conv3 = _conv(planes, planes * self.expansion, 1)
-        self.bn3 = vnn.BatchNorm2d(planes * self.expansion)
-        self.downsample = downsample
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else vnn.conv_bn_act(
-            self.downsample[0], self.downsample[1], x, None)
-        out = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
-        out = vnn.conv_bn_act(self.conv2, self.bn2, out, "relu")
-        return residual_join(self.conv3, self.bn3, out, identity, self.drop_path)
+        super().__init__([(inplanes, planes, 1, 1), (planes, planes, 3, stride),
+                          (planes, planes * self.expansion, 1, 1)], downsample, drop_path)
 
 
 class ResNet(nn.Module):
