@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import datetime
+import itertools
 import json
 import os
 import subprocess
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -26,6 +27,7 @@ DEVICE_PEAKS = {
     "A100": dict(hbm_gbps=2039, bf16_tflops=312, fp32_tflops=19.5, tf32_tflops=156),
 }
 
+LAYOUTS = ("channels_last", "contiguous")  # the memory formats of the suites that time both
 PROVIDERS = ("triton", "cuda", "torch", "torch_compile")
 # bench/models.py adds whole-step CUDA-graph replays of the triton and torch providers.
 MODEL_PROVIDERS = PROVIDERS + ("triton+graph", "torch+graph")
@@ -47,6 +49,20 @@ class Case:
     check: Callable[[], float] | None = None  # correctness pass: returns max error
     tolerance: float = 0.0
     extra: dict = field(default_factory=dict)
+
+
+def case_grid(layers: Iterable[tuple], small: bool, keep: Optional[Callable[[str, torch.dtype], bool]],
+              *inner: Iterable) -> Iterator[tuple]:
+    """The grid a suite's ``cases`` walks: ``(layer, dtype, *one item of each inner)`` for
+    every layer row (its name first), dtype (float32 alone for the interpreter's ``small``
+    pass, else bfloat16 then float32) and combination of the ``inner`` iterables (layouts,
+    modes, ...), in that nesting order. ``keep(name, dtype)``, when given, drops a layer at
+    a dtype before its cases are made."""
+    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
+    for layer in layers:
+        for dtype in dtypes:
+            if keep is None or keep(layer[0], dtype):
+                yield from itertools.product([layer], [dtype], *inner)
 
 
 def device_peaks(device_name: str) -> dict | None:
@@ -155,3 +171,12 @@ def write_results(name: str, meta: dict, rows: list[dict], out_dir: str) -> tupl
         for r in rows:
             writer.writerow({**meta, **r})
     return base + ".json", base + ".csv"
+
+
+def report(name: str, meta: dict, rows: list[dict], columns: list[str], out_dir: str) -> None:
+    """The end of a run: every row as one table after a blank line, then the results files
+    of :func:`write_results` and their paths."""
+    print()
+    print_table(rows, columns)
+    for path in write_results(name, meta, rows, out_dir):
+        print("wrote", path)

@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vhist  # noqa: E402
 import vhist.ops  # noqa: E402
-from common import metadata, print_table, write_results  # noqa: E402
+from common import metadata, report  # noqa: E402
 from vhist.tools.compile_report import sm90_driver  # noqa: E402
 from vhist.tools.launches import record_launches  # noqa: E402
 
@@ -363,10 +363,7 @@ def main(argv=None) -> int:
         rows.append(row)
         if not args.no_profile:
             print(f"\n{name}: top host functions (own time, one step)\n{top}")
-    print()
-    print_table(rows, COLUMNS)
-    for path in write_results("host", meta, rows, args.out):
-        print("wrote", path)
+    report("host", meta, rows, COLUMNS, args.out)
     return 0
 
 

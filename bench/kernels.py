@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import device_peaks, measure, metadata, print_table, write_results  # noqa: E402
+from common import device_peaks, measure, metadata, print_table, report, write_results  # noqa: E402
 from suites import batch_norm  # noqa: E402
 from suites import conv  # noqa: E402
 from suites import depthwise  # noqa: E402
@@ -86,10 +86,7 @@ def main(argv=None):
                 print_table(rows[-len(case.providers):], COLUMNS)
                 write_results("kernels", meta, rows, args.out)
                 torch.cuda.empty_cache()
-    print()
-    print_table(rows, COLUMNS)
-    for path in write_results("kernels", meta, rows, args.out):
-        print("wrote", path)
+    report("kernels", meta, rows, COLUMNS, args.out)
     return 0
 
 

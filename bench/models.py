@@ -38,7 +38,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vhist  # noqa: E402
-from common import MODEL_PROVIDERS, metadata, print_table, time_ms, write_results  # noqa: E402
+from common import MODEL_PROVIDERS, metadata, print_table, report, time_ms, write_results  # noqa: E402
 from vhist.__main__ import default_image_size  # noqa: E402
 
 COLUMNS = ["model", "provider", "batch", "image_size", "first_step_s", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
@@ -177,10 +177,7 @@ def main(argv=None) -> int:
         rows.extend(bench_model(name, providers, args.batch))
         print_table(rows[-len(providers):], COLUMNS)
         write_results("models", meta, rows, args.out)  # a run stopped at its cap keeps these
-    print()
-    print_table(rows, COLUMNS)
-    for path in write_results("models", meta, rows, args.out):
-        print("wrote", path)
+    report("models", meta, rows, COLUMNS, args.out)
     return 0
 
 

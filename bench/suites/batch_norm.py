@@ -5,7 +5,7 @@ import torch
 import vhist
 from vhist import reference
 
-from common import Case
+from common import LAYOUTS, Case, case_grid
 
 # (channels, spatial size) of every distinct BatchNorm2d in torchvision's ResNet-50.
 RESNET50_BN_LAYERS = [
@@ -54,21 +54,15 @@ def cases(device, small=False, keep=None):
     ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny", 6, 9), ("tiny-wide", 40, 3)] if small else RESNET50_BN_LAYERS
     batch = 2 if small else 128
-    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
-    for name, channels, size in layers:
-        for dtype in dtypes:
-            if keep is not None and not keep(name, dtype):
-                continue
-            for layout in ("channels_last", "contiguous"):
-                for mode, passes in PASSES.items():
-                    x, params, stats = _make(batch, channels, size, dtype, layout, device)
-                    training, backward = mode.startswith("train"), mode.endswith("bwd")
-                    yield Case(
-                        op="batch_norm", layer=name, shape=tuple(x.shape), dtype=dtype, layout=layout,
-                        mode=mode, providers=_providers(x, params, stats, training, backward),
-                        bytes=passes * x.numel() * x.element_size(),
-                        check=lambda x=x, p=params, s=stats, t=training: _check(x, p, s, t),
-                        tolerance=1e-4)
+    for (name, channels, size), dtype, layout, mode in case_grid(layers, small, keep, LAYOUTS, PASSES):
+        x, params, stats = _make(batch, channels, size, dtype, layout, device)
+        training, backward = mode.startswith("train"), mode.endswith("bwd")
+        yield Case(
+            op="batch_norm", layer=name, shape=tuple(x.shape), dtype=dtype, layout=layout,
+            mode=mode, providers=_providers(x, params, stats, training, backward),
+            bytes=PASSES[mode] * x.numel() * x.element_size(),
+            check=lambda x=x, p=params, s=stats, t=training: _check(x, p, s, t),
+            tolerance=1e-4)
     if small:
         # Correctness only: one process cannot show what synchronizing costs.
         x, params, stats = _make(batch, 6, 5, torch.float32, "channels_last", device)

@@ -14,7 +14,7 @@ import vhist
 from vhist import reference
 from vhist.ops.conv import conv_geometry
 
-from common import Case
+from common import Case, case_grid
 
 # (name, C_in, C_out, kernel (kh, kw), stride, padding, input size (h, w)): every distinct
 # conv of torchvision's ResNet-50 (v1.5: stride on the 3x3) at 224 px.
@@ -162,22 +162,17 @@ def cases(device, small=False, keep=None):
         groups = [("fused_conv_bn_relu", "bn", RESNET50_LAYERS + INCEPTION_V3_LAYERS),
                   ("conv2d", "bias", ALEXNET_VGG16_LAYERS)]
     batch = 2 if small else 128
-    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     for op, kind, layers in groups:
-        for name, c_in, c_out, kernel, stride, padding, size in layers:
-            for dtype in dtypes:
-                if keep is not None and not keep(name, dtype):
-                    continue
-                for mode in MODES:
-                    training = mode.startswith("train")
-                    x, w, bn, bias = _make(batch, c_in, c_out, (kernel, size), dtype, device)
-                    geom = conv_geometry(op, x.shape, w.shape, stride, padding, 1, 1)
-                    input_grad = c_in != 3  # a network's first layer needs no input gradient
-                    flops = geom.flops() * ((3 if input_grad else 2) if training else 1)
-                    yield Case(
-                        op=op, layer=name, shape=tuple(x.shape) + tuple(w.shape), dtype=dtype,
-                        layout="channels_last", mode=mode,
-                        providers=_providers(kind, x, w, bn, bias, stride, padding, training, input_grad),
-                        flops=flops,
-                        check=lambda a=(kind, x, w, bn, bias, stride, padding, training): _check(*a),
-                        tolerance=1e-3)
+        for (name, c_in, c_out, kernel, stride, padding, size), dtype, mode in case_grid(layers, small, keep, MODES):
+            training = mode.startswith("train")
+            x, w, bn, bias = _make(batch, c_in, c_out, (kernel, size), dtype, device)
+            geom = conv_geometry(op, x.shape, w.shape, stride, padding, 1, 1)
+            input_grad = c_in != 3  # a network's first layer needs no input gradient
+            flops = geom.flops() * ((3 if input_grad else 2) if training else 1)
+            yield Case(
+                op=op, layer=name, shape=tuple(x.shape) + tuple(w.shape), dtype=dtype,
+                layout="channels_last", mode=mode,
+                providers=_providers(kind, x, w, bn, bias, stride, padding, training, input_grad),
+                flops=flops,
+                check=lambda a=(kind, x, w, bn, bias, stride, padding, training): _check(*a),
+                tolerance=1e-3)

@@ -21,7 +21,7 @@ import vhist  # noqa: F401  (registers the custom ops)
 from vhist import reference
 from vhist.ops.depthwise import depthwise_geometry
 
-from common import Case
+from common import Case, case_grid
 
 # (name, channels, input size, stride), 3x3, padding 1. MobileNetV1 (Howard et al.,
 # 2017, Table 1): dw1..dw13, dw7-dw11 share one shape.
@@ -118,42 +118,38 @@ def cases(device, small=False, keep=None):
     ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny-s1", 6, 9, 1), ("tiny-s2", 5, 8, 2)] if small else LAYERS
     batch = 2 if small else 128
-    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
-    for name, channels, size, stride in layers:
-        for dtype in dtypes:
-            if keep is not None and not keep(name, dtype):
-                continue
-            for mode in MODES:
-                gen = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
-                x = x.to(memory_format=torch.channels_last)
-                w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
-                out = (size + 2 - 3) // stride + 1
-                dy = torch.randn(batch, channels, out, out, device=device, dtype=dtype, generator=gen)
-                dy = dy.to(memory_format=torch.channels_last)
-                providers = _providers(mode, x, w, dy, stride)
-                if small:
-                    providers.pop("cuda")
-                yield Case(op="depthwise_conv2d", layer=name, shape=tuple(x.shape), dtype=dtype,
-                           layout="channels_last", mode=mode, providers=providers, bytes=_bytes(mode, x, dy, w),
-                           check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride})
-            for mode in FUSED_MODES:
-                gen = torch.Generator(device=device).manual_seed(0)
-                x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
-                x = x.to(memory_format=torch.channels_last)
-                w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
-                f32 = dict(device=device, dtype=torch.float32)
-                bn = (torch.rand(channels, **f32) + 0.5, torch.randn(channels, **f32), torch.zeros(channels, **f32),
-                      torch.ones(channels, **f32))
-                training = mode.startswith("train")
-                providers = _fused_providers(x, w, bn, stride, training)
-                x_bytes = x.numel() * x.element_size()
-                y_bytes = x_bytes // (stride * stride)
-                yield Case(op="fused_depthwise_bn_act", layer=name, shape=tuple(x.shape), dtype=dtype,
-                           layout="channels_last", mode=mode, providers=providers,
-                           bytes=3 * x_bytes + 3 * y_bytes if training else x_bytes + y_bytes,
-                           check=lambda a=(x, w, bn, stride, training): _fused_check(*a), tolerance=1e-3,
-                           extra={"stride": stride})
+    for (name, channels, size, stride), dtype in case_grid(layers, small, keep):
+        for mode in MODES:
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
+            x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
+            out = (size + 2 - 3) // stride + 1
+            dy = torch.randn(batch, channels, out, out, device=device, dtype=dtype, generator=gen)
+            dy = dy.to(memory_format=torch.channels_last)
+            providers = _providers(mode, x, w, dy, stride)
+            if small:
+                providers.pop("cuda")
+            yield Case(op="depthwise_conv2d", layer=name, shape=tuple(x.shape), dtype=dtype,
+                       layout="channels_last", mode=mode, providers=providers, bytes=_bytes(mode, x, dy, w),
+                       check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride})
+        for mode in FUSED_MODES:
+            gen = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
+            x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(channels, 1, 3, 3, device=device, dtype=dtype, generator=gen)
+            f32 = dict(device=device, dtype=torch.float32)
+            bn = (torch.rand(channels, **f32) + 0.5, torch.randn(channels, **f32), torch.zeros(channels, **f32),
+                  torch.ones(channels, **f32))
+            training = mode.startswith("train")
+            providers = _fused_providers(x, w, bn, stride, training)
+            x_bytes = x.numel() * x.element_size()
+            y_bytes = x_bytes // (stride * stride)
+            yield Case(op="fused_depthwise_bn_act", layer=name, shape=tuple(x.shape), dtype=dtype,
+                       layout="channels_last", mode=mode, providers=providers,
+                       bytes=3 * x_bytes + 3 * y_bytes if training else x_bytes + y_bytes,
+                       check=lambda a=(x, w, bn, stride, training): _fused_check(*a), tolerance=1e-3,
+                       extra={"stride": stride})
 
 
 def _fused_fn(backend):

@@ -12,7 +12,7 @@ import torch
 import vhist
 from vhist import reference
 
-from common import Case
+from common import LAYOUTS, Case, case_grid
 
 # (name, channels, spatial size) at batch 128; AlexNet uses size=5, alpha=1e-4 (paper's
 # constant, times 5 in PyTorch's convention), beta=0.75, k=2.
@@ -61,21 +61,15 @@ def cases(device, small=False, keep=None):
     ``keep(layer, dtype)`` selects cases before any tensor is made."""
     layers = [("tiny", 7, 3), ("tiny-wide", 20, 2)] if small else LAYERS
     batch = 2 if small else 128
-    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float32]
     with_cuda = device == "cuda"
-    for name, channels, spatial in layers:
-        for dtype in dtypes:
-            if keep is not None and not keep(name, dtype):
-                continue
-            for layout in ("channels_last", "contiguous"):
-                for mode, passes in PASSES.items():
-                    x = _make(batch, channels, spatial, dtype, layout, device)
-                    yield Case(
-                        op="local_response_norm", layer=name, shape=tuple(x.shape), dtype=dtype, layout=layout,
-                        mode=mode, providers=_providers(x, mode == "fwd+bwd", with_cuda),
-                        bytes=passes * x.numel() * x.element_size(),
-                        check=lambda x=x, b=(mode == "fwd+bwd"): _check(x, b), tolerance=1e-4,
-                        extra={"size": SIZE})
+    for (name, channels, spatial), dtype, layout, mode in case_grid(layers, small, keep, LAYOUTS, PASSES):
+        x = _make(batch, channels, spatial, dtype, layout, device)
+        yield Case(
+            op="local_response_norm", layer=name, shape=tuple(x.shape), dtype=dtype, layout=layout,
+            mode=mode, providers=_providers(x, mode == "fwd+bwd", with_cuda),
+            bytes=PASSES[mode] * x.numel() * x.element_size(),
+            check=lambda x=x, b=(mode == "fwd+bwd"): _check(x, b), tolerance=1e-4,
+            extra={"size": SIZE})
 
 
 def _check(x, backward):
