@@ -10,7 +10,7 @@ from vhist.nn import BatchNorm2d
 from vhist.ops.batch_norm import channel_geometry
 
 from conftest import DEVICE
-from utils import assert_close, assert_low_precision_close
+from utils import assert_close, assert_low_precision_results
 
 SHAPES = [
     (2, 3, 4, 5),     # minimal 4-D
@@ -288,9 +288,7 @@ def test_batch_norm_low_precision(shape, fmt, dtype):
     x = x32.to(dtype)
     ours, theirs = run_both(x, weight, bias, running_mean, running_var, True)
     reference = run_both(x.float(), weight, bias, running_mean, running_var, True)[1]
-    assert_low_precision_close(ours[0], theirs[0], reference[0], factor=2, name="output")
-    for name, g, g_theirs, g_ref in zip(("input", "weight", "bias"), ours[1], theirs[1], reference[1]):
-        assert_low_precision_close(g, g_theirs, g_ref, factor=3, name=f"grad_{name}")
+    assert_low_precision_results(ours, theirs, reference, grad_names=("input", "weight", "bias"))
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ from vhist.nn import Conv2d
 from vhist.ops.conv import _wgrad_launch, conv_geometry, is_stem, pad_channels
 
 from conftest import DEVICE
-from utils import assert_close, assert_low_precision_close
+from utils import assert_close, assert_low_precision_close, assert_low_precision_results
 
 CASES = [
     # (input shape, weight shape, stride, padding, dilation, groups)
@@ -258,9 +258,7 @@ def test_conv2d_low_precision(case, dtype):
     x, w, b, kwargs = make(case, channels_last=True)
     ref = run_both(x, w, b, kwargs, activation="relu", backends=("torch",))[0]
     ours, theirs = run_both(x.to(dtype), w.to(dtype), b.to(dtype), kwargs, activation="relu")
-    assert_low_precision_close(ours[0], theirs[0], ref[0], factor=2.0, name="output")
-    for i, (g, g_t, g_r) in enumerate(zip(ours[1], theirs[1], ref[1])):
-        assert_low_precision_close(g, g_t, g_r, factor=3.0, name=f"grad_{i}")
+    assert_low_precision_results(ours, theirs, ref)
 
 
 @pytest.mark.gpu

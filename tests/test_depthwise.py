@@ -9,7 +9,7 @@ import vhist.ops.heuristics as heuristics
 from vhist.ops.depthwise import weight_chunks, depthwise_geometry
 
 from conftest import DEVICE, HAS_GPU
-from utils import assert_close, assert_low_precision_close
+from utils import assert_autocast_matches_torch, assert_close, assert_low_precision_results
 
 CASES = [
     # (N, C_in, H, W, multiplier, kernel, stride, padding, dilation)
@@ -197,6 +197,10 @@ FUSED_CASES = [
 ]
 
 
+# The inputs whose gradients run_fused returns, in order (the residual only where a case has one).
+FUSED_GRAD_NAMES = ("input", "weight", "bn_weight", "bn_bias", "residual")
+
+
 def run_fused(backend, case, training, fmt="channels_last", dtype=torch.float32):
     """Output, gradients (input, weight, gamma, beta[, residual]) and running stats."""
     n, c, h, w, mult, k, stride, padding, activation, has_res = case
@@ -221,18 +225,25 @@ def run_fused(backend, case, training, fmt="channels_last", dtype=torch.float32)
     return y, torch.autograd.grad(y, inputs, grad_out), running_mean, running_var
 
 
+def assert_fused_matches_torch(case, training, *, output_tol, var_tol, grad_tol):
+    """:func:`run_fused` on the triton backend against the torch one: the output, the
+    running variance and every gradient. Returns both runs for a test's own checks."""
+    ours, ref = run_fused("triton", case, training), run_fused("torch", case, training)
+    assert_close(ours[0], ref[0], name="output", **output_tol)
+    assert_close(ours[3], ref[3], name="running_var", **var_tol)
+    for name, g, g_ref in zip(FUSED_GRAD_NAMES, ours[1], ref[1]):
+        assert_close(g, g_ref, name=f"grad_{name}", **grad_tol)
+    return ours, ref
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=str)
 def test_fused_depthwise_bn_act_fwd_bwd(case, training):
     """Against F.relu6(F.batch_norm(F.conv2d(..., groups=C)) + residual) with running stats."""
-    y, grads, rm, rv = run_fused("triton", case, training)
-    y_ref, grads_ref, rm_ref, rv_ref = run_fused("torch", case, training)
-    assert_close(y, y_ref, name="output", atol=2e-5, rtol=1e-5)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_close(rm, rm_ref, name="running_mean", atol=1e-6, rtol=1e-6)
-    assert_close(rv, rv_ref, name="running_var", atol=1e-6, rtol=1e-6)
-    for name, g, g_ref in zip(("input", "weight", "bn_weight", "bn_bias", "residual"), grads, grads_ref):
-        assert_close(g, g_ref, name=f"grad_{name}", **BWD_TOL)
+    ours, ref = assert_fused_matches_torch(case, training, output_tol=dict(atol=2e-5, rtol=1e-5),
+                                           var_tol=dict(atol=1e-6, rtol=1e-6), grad_tol=BWD_TOL)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    assert_close(ours[2], ref[2], name="running_mean", atol=1e-6, rtol=1e-6)
 
 
 def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
@@ -412,9 +423,7 @@ def test_depthwise_conv2d_gpu_low_precision(case, dtype, backend):
     ours = run(backend, x.to(dtype), weight.to(dtype), bias.to(dtype), conv)
     theirs = run("torch", x.to(dtype), weight.to(dtype), bias.to(dtype), conv)
     reference = run("torch", x, weight, bias, conv)
-    assert_low_precision_close(ours[0], theirs[0], reference[0], factor=2, name="output")
-    for name, g, g_theirs, g_ref in zip(("input", "weight", "bias"), ours[1], theirs[1], reference[1]):
-        assert_low_precision_close(g, g_theirs, g_ref, factor=3, name=f"grad_{name}")
+    assert_low_precision_results(ours, theirs, reference, grad_names=("input", "weight", "bias"))
 
 
 @pytest.mark.gpu
@@ -438,12 +447,8 @@ FUSED_GPU_CASES = [
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", FUSED_GPU_CASES, ids=str)
 def test_fused_depthwise_bn_act_gpu(case, training):
-    y, grads, rm, rv = run_fused("triton", case, training)
-    y_ref, grads_ref, rm_ref, rv_ref = run_fused("torch", case, training)
-    assert_close(y, y_ref, name="output", atol=1e-4, rtol=1e-4)
-    assert_close(rv, rv_ref, name="running_var", atol=1e-5, rtol=1e-4)
-    for g, g_ref in zip(grads, grads_ref):
-        assert_close(g, g_ref, name="grad", atol=2e-3, rtol=1e-3)
+    assert_fused_matches_torch(case, training, output_tol=dict(atol=1e-4, rtol=1e-4),
+                               var_tol=dict(atol=1e-5, rtol=1e-4), grad_tol=dict(atol=2e-3, rtol=1e-3))
 
 
 @pytest.mark.gpu
@@ -456,9 +461,7 @@ def test_fused_depthwise_bn_act_gpu_low_precision(case, dtype, training):
     ours = run_fused("triton", case, training, dtype=dtype)
     theirs = run_fused("torch", case, training, dtype=dtype)
     reference = run_fused("torch", case, training)
-    assert_low_precision_close(ours[0], theirs[0], reference[0], factor=2, name="output")
-    for i, (g, g_theirs, g_ref) in enumerate(zip(ours[1], theirs[1], reference[1])):
-        assert_low_precision_close(g, g_theirs, g_ref, factor=3, name=f"grad {i}")
+    assert_low_precision_results(ours, theirs, reference, grad_names=FUSED_GRAD_NAMES)
 
 
 def test_depthwise_autocast():
@@ -467,20 +470,13 @@ def test_depthwise_autocast():
     x = torch.randn(2, 3, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
     weight = torch.randn(3, 1, 3, 3, device=DEVICE)
     bn = [torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)]
-    results = []
-    for backend in ("triton", "torch"):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, *bn)]
-        with vhist.use_backend(backend), torch.autocast(DEVICE, dtype=torch.float16):
-            h = vhist.ops.depthwise_conv2d(leaves[0].half(), leaves[1], padding=1)
-            y = vhist.ops.fused_depthwise_bn_act(h, leaves[1], leaves[2], leaves[3], torch.zeros(3, device=DEVICE),
-                                                 torch.ones(3, device=DEVICE), padding=1)
-        assert h.dtype == torch.float16 and y.dtype == torch.float16
-        grads = torch.autograd.grad(y.float().sum(), leaves)
-        assert [g.dtype for g in grads] == [torch.float32] * 4
-        results.append((y, grads))
-    assert_close(results[0][0].float(), results[1][0].float(), name="output", atol=1e-2, rtol=1e-2)
-    for g, g_ref in zip(results[0][1], results[1][1]):
-        assert_close(g, g_ref, name="grad", atol=5e-2, rtol=2e-2)
+
+    def chain(x, weight, gamma, beta):
+        h = vhist.ops.depthwise_conv2d(x.half(), weight, padding=1)
+        return h, vhist.ops.fused_depthwise_bn_act(h, weight, gamma, beta, torch.zeros(3, device=DEVICE),
+                                                   torch.ones(3, device=DEVICE), padding=1)
+
+    assert_autocast_matches_torch(chain, (x, weight, *bn), DEVICE)
 
 
 def test_depthwise_meta_device():

@@ -10,7 +10,7 @@ from vhist.nn import ConvBNAct
 from vhist.ops.conv import _conv_fwd_launch, conv_geometry, stats_config
 
 from conftest import DEVICE
-from utils import assert_close, assert_low_precision_close
+from utils import assert_autocast_matches_torch, assert_close, assert_low_precision_results
 
 CASES = [
     # (input shape, weight shape, stride, padding, dilation, groups)
@@ -183,19 +183,12 @@ def test_fused_conv_bn_relu_autocast():
     """Under autocast the conv runs in the autocast dtype (as F.conv2d does), BN
     parameters stay fp32, and the fp32 leaves get fp32 gradients."""
     x, w, bn, kwargs = make(CASES[0])
-    results = []
-    for backend in ("triton", "torch"):
-        leaves = [t.detach().clone().requires_grad_() for t in (x, w, bn[0], bn[1])]
-        with vhist.use_backend(backend), torch.autocast(DEVICE, dtype=torch.float16):
-            y = vhist.ops.fused_conv_bn_relu(*leaves, bn[2].clone(), bn[3].clone(), **kwargs)
-            y2 = vhist.ops.conv2d(y, torch.full((2, 4, 1, 1), 0.5, device=DEVICE))
-        assert y.dtype == torch.float16 and y2.dtype == torch.float16
-        grads = torch.autograd.grad(y2.float().sum(), leaves)
-        assert [g.dtype for g in grads] == [torch.float32] * 4
-        results.append((y, grads))
-    assert_close(results[0][0].float(), results[1][0].float(), name="output", atol=1e-2, rtol=1e-2)
-    for g, g_ref in zip(results[0][1], results[1][1]):
-        assert_close(g, g_ref, name="grad", atol=5e-2, rtol=2e-2)
+
+    def chain(x, w, gamma, beta):
+        y = vhist.ops.fused_conv_bn_relu(x, w, gamma, beta, bn[2].clone(), bn[3].clone(), **kwargs)
+        return y, vhist.ops.conv2d(y, torch.full((2, 4, 1, 1), 0.5, device=DEVICE))
+
+    assert_autocast_matches_torch(chain, (x, w, bn[0], bn[1]), DEVICE)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -314,9 +307,7 @@ def test_fused_conv_bn_relu_low_precision(case, dtype, training):
     x, w, bn, kwargs = make(case, channels_last=True)
     ref = run_both(x, w, bn, kwargs, training, backends=("torch",))[0]
     ours, theirs = run_both(x.to(dtype), w.to(dtype), bn, kwargs, training)
-    assert_low_precision_close(ours[0], theirs[0], ref[0], factor=2.0, name="output")
-    for i, (g, g_t, g_r) in enumerate(zip(ours[1], theirs[1], ref[1])):
-        assert_low_precision_close(g, g_t, g_r, factor=3.0, name=f"grad_{i}")
+    assert_low_precision_results(ours, theirs, ref)
 
 
 @pytest.mark.gpu

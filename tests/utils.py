@@ -8,6 +8,8 @@ import subprocess
 import pytest
 import torch
 
+import vhist
+
 
 def assert_close(actual, expected, *, atol, rtol, name="tensor"):
     """``torch.testing.assert_close`` that also reports the largest absolute and relative
@@ -37,6 +39,40 @@ def assert_low_precision_close(ours, theirs, reference, *, factor, name="tensor"
     ours_err, theirs_err = max_error(ours, reference), max_error(theirs, reference)
     assert ours_err <= factor * theirs_err + floor, (
         f"{name}: our max error {ours_err:.3e} > {factor} x PyTorch's {theirs_err:.3e}")
+
+
+def assert_low_precision_results(ours, theirs, reference, *, grad_names=None, factor=2, grad_factor=3):
+    """The three-way rule on whole runs, each ``(output, gradients)``: the output within
+    ``factor`` and every gradient within ``grad_factor`` times PyTorch's own error, the
+    gradients named ``grad_<name>`` after ``grad_names`` or else ``grad_<index>``."""
+    assert_low_precision_close(ours[0], theirs[0], reference[0], factor=factor, name="output")
+    names = range(len(ours[1])) if grad_names is None else grad_names
+    for name, g, g_theirs, g_ref in zip(names, ours[1], theirs[1], reference[1]):
+        assert_low_precision_close(g, g_theirs, g_ref, factor=grad_factor, name=f"grad_{name}")
+
+
+def assert_autocast_matches_torch(fn, inputs, device):
+    """An op chain under fp16 autocast, on the triton backend against the torch one.
+
+    ``fn(*leaves)`` gets fresh copies of ``inputs`` that require grad and returns the
+    chain's outputs. On both backends every output must be fp16 and every leaf's gradient
+    of the last output's sum fp32; triton's outputs must match torch's within 1e-2 and
+    its gradients within atol 5e-2, rtol 2e-2.
+    """
+    results = []
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        with vhist.use_backend(backend), torch.autocast(device, dtype=torch.float16):
+            outputs = fn(*leaves)
+        assert [y.dtype for y in outputs] == [torch.float16] * len(outputs)
+        grads = torch.autograd.grad(outputs[-1].float().sum(), leaves)
+        assert [g.dtype for g in grads] == [torch.float32] * len(leaves)
+        results.append((outputs, grads))
+    (outputs, grads), (outputs_ref, grads_ref) = results
+    for i, (y, y_ref) in enumerate(zip(outputs, outputs_ref)):
+        assert_close(y.float(), y_ref.float(), name=f"output_{i}", atol=1e-2, rtol=1e-2)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, name="grad", atol=5e-2, rtol=2e-2)
 
 
 def build_host_library(harness: str, out_dir) -> ctypes.CDLL:
