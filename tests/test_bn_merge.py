@@ -113,7 +113,7 @@ from vhist.ops.conv_common import resolve_padding
 from vhist.tools.launches import record_launches
 
 calls = set()
-orig = {name: getattr(VF, name) for name in ("fused_conv_bn_relu", "fused_depthwise_bn_act", "batch_norm")}
+orig = {name: getattr(VF, name) for name in ("fused_conv_bn_act", "fused_depthwise_bn_act", "batch_norm")}
 
 def capture(name):
     def fn(*args, **kwargs):

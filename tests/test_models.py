@@ -201,13 +201,13 @@ def test_resnet_adds_shortcut_in_fused_op(monkeypatch):
     import vhist.nn.modules.conv as conv_module
 
     calls = []
-    real = conv_module.VF.fused_conv_bn_relu
+    real = conv_module.VF.fused_conv_bn_act
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("residual") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(conv_module.VF, "fused_conv_bn_relu", spy)
+    monkeypatch.setattr(conv_module.VF, "fused_conv_bn_act", spy)
     model = vhist.create_model("resnet18", image_size=32, channel_divisor=16)
     with vhist.use_backend("torch"):
         model(torch.randn(2, 3, 32, 32))

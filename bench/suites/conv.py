@@ -90,10 +90,10 @@ def _make(batch, c_in, c_out, kernel, dtype, device):
 def _fused_fn(backend):
     def fn(x, w, gamma, beta, rm, rv, training, stride, padding):
         if backend is None:
-            return reference.fused_conv_bn_relu(x, w, gamma, beta, rm, rv, stride=stride, padding=padding,
+            return reference.fused_conv_bn_act(x, w, gamma, beta, rm, rv, stride=stride, padding=padding,
                                                 training=training)
         with vhist.use_backend(backend):
-            return vhist.ops.fused_conv_bn_relu(x, w, gamma, beta, rm, rv, stride=stride, padding=padding,
+            return vhist.ops.fused_conv_bn_act(x, w, gamma, beta, rm, rv, stride=stride, padding=padding,
                                                 training=training)
     return fn
 
@@ -144,7 +144,7 @@ def _check(kind, x, w, bn, bias, stride, padding, training):
         leaves = [t.detach().clone().requires_grad_() for t in ((x, w, bn[0], bn[1]) if kind == "bn" else (x, w, bias))]
         with vhist.use_backend(backend):
             if kind == "bn":
-                y = vhist.ops.fused_conv_bn_relu(*leaves, bn[2].clone(), bn[3].clone(), stride=stride,
+                y = vhist.ops.fused_conv_bn_act(*leaves, bn[2].clone(), bn[3].clone(), stride=stride,
                                                  padding=padding, training=training)
             else:
                 y = vhist.ops.conv2d(*leaves, stride, padding, activation="relu")
@@ -157,9 +157,9 @@ def cases(device, small=False, keep=None):
     """Benchmark cases; ``small`` gives tiny shapes for the interpreter's correctness pass;
     ``keep(layer, dtype)`` selects cases before any tensor is made."""
     if small:
-        groups = [("fused_conv_bn_relu", "bn", SMALL_LAYERS), ("conv2d", "bias", SMALL_LAYERS[:1])]
+        groups = [("fused_conv_bn_act", "bn", SMALL_LAYERS), ("conv2d", "bias", SMALL_LAYERS[:1])]
     else:
-        groups = [("fused_conv_bn_relu", "bn", RESNET50_LAYERS + INCEPTION_V3_LAYERS),
+        groups = [("fused_conv_bn_act", "bn", RESNET50_LAYERS + INCEPTION_V3_LAYERS),
                   ("conv2d", "bias", ALEXNET_VGG16_LAYERS)]
     batch = 2 if small else 128
     for op, kind, layers in groups:

@@ -440,7 +440,7 @@ def _conv2d_reference(input, weight, bias=None, stride=1, padding=0, dilation=1,
 
 
 CONV2D_IMPLS = {"triton": _conv2d_triton, "torch": _conv2d_reference}
-FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_conv_bn_relu}
+FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_conv_bn_act}
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -478,7 +478,7 @@ def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_v
                       padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
                       activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None):
     """``act(batch_norm(conv2d(input, weight)) + residual)`` as one op, running statistics
-    included (see :func:`vhist.reference.fused_conv_bn_relu`). Also available as
+    included (see :func:`vhist.reference.fused_conv_bn_act`). Also available as
     :func:`fused_conv_bn_relu`, the name of the design.
 
     Args:

@@ -20,12 +20,16 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     return activate(F.conv2d(input, weight, bias, stride, padding, dilation, groups), activation)
 
 
-def fused_conv_bn_relu(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
-                       padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
-                       activation="relu", residual=None):
+def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
+                      padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
+                      activation="relu", residual=None):
     """act(batch_norm(conv2d(input, weight)) + residual), the three steps of eager PyTorch."""
     y = F.conv2d(input, weight, None, stride, padding, dilation, groups)
     y = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
     return activate(y, activation)
+
+
+# The design's name of fused_conv_bn_act, as in vhist.ops.
+fused_conv_bn_relu = fused_conv_bn_act

@@ -91,6 +91,6 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activa
         out = VF.fused_depthwise_bn_act(*args, **kwargs)
     else:
         # The design's name (alias of fused_conv_bn_act), the one tests/test_models.py watches.
-        out = VF.fused_conv_bn_relu(*args, groups=conv.groups, **kwargs)
+        out = VF.fused_conv_bn_act(*args, groups=conv.groups, **kwargs)
     count_batch(bn)
     return out
