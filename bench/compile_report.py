@@ -49,7 +49,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_KERNELS = ("_conv2d_fwd_kernel", "_conv2d_bwd_dgrad_kernel", "_conv2d_bwd_wgrad_kernel")
 # Elementwise / streaming kernels whose channels_last rows should load 16 bytes per thread.
 STREAMING_KERNELS = ("_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel",
-                     "_lrn_fwd_kernel", "_lrn_bwd_kernel", "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel")
+                     "_lrn_fwd_kernel", "_lrn_bwd_kernel", "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel",
+                     "_depthwise_bwd_weight_reduce_kernel", "_depthwise_bwd_kernel")
 COLUMNS = ["kernel", "op", "layer", "dtype", "config", "programs", "programs_per_sm", "regs", "spill_bytes", "shared",
            "blocks_per_sm", "warps_per_sm", "mma", "access", "pipelined_loops", "fills_per_program", "flags"]
 LIMIT_SMEM_KB = report.SMEM_PER_BLOCK // 1024

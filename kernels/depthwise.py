@@ -278,6 +278,125 @@ def _depthwise_bwd_weight_finalize_kernel(
         tl.store(DB + co, acc.to(DB.dtype.element_ty), mask=j_mask & (tap == KH * KW))
 
 
+# Input and weight gradients in one pass over dy (the plain op's backward, and the fused
+# op's after dz): a program walks its chunk of *input* pixels in [BLOCK_P, BLOCK_C]
+# tiles (channels ci) and gathers, for every (multiplier m, tap) pair j at once, the dy
+# value that pair meets as one [BLOCK_J, BLOCK_P, BLOCK_C] load: co = ci*MULT + m at
+# oh = (ih + pad_h - kh*dil_h) / conv_stride_h where that division is exact and in range
+# (likewise ow), zero elsewhere. The same gathered values give both gradients:
+#   dx[i, ci]      = sum_j w[co_j, tap_j] * dy[o_j(i), co_j]      (the transposed conv)
+#   dw[co_j, tap_j] += x[i, ci] * dy[o_j(i), co_j]                (summed over the chunk)
+# since, for a fixed tap, o -> i = o*s - pad + tap*d is a bijection between the output
+# pixels whose input is inside the image and the input pixels whose output exists. So dy
+# is read once from DRAM (the taps re-read its halo through L1/L2), x once, dx written
+# once: the 3 passes of the README's minimum, where the two kernels above make 4. dy is
+# masked by the activation's gradient (ACTIVATION, from the forward output Y, gathered
+# the same way). The bias gradient, a sum of dy over the *output* pixels, cannot be read
+# off the input-pixel gather; with HAS_BIAS the program also sums its share of output
+# pixels (a second read of dy, through DYB). Partials go to Part[chunk, tap, co] as for
+# the weight-gradient reduce kernel above, and _depthwise_bwd_weight_finalize_kernel
+# sums them in chunk order: chunking fixed by the shape, so the bits are too.
+@triton.jit
+def _depthwise_bwd_kernel(
+    DY,    # (N, C_OUT, OH, OW) upstream gradient
+    Y,     # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    DYB,   # DY again: the bias pass's read (HAS_BIAS only)
+    X,     # (N, C_IN, H, W) forward input
+    Wt,    # (C_OUT, 1, KH, KW) weight, any strides (the launcher passes it as (KH*KW, C_OUT))
+    DX,    # (N, C_IN, H, W) input gradient
+    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_OUT) weight/bias partial sums, accumulation dtype
+    N, C_IN, H, W, C_OUT, OH, OW, MULT, CHUNK, OUT_CHUNK,
+    stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wh, stride_ww,
+    stride_dxn, stride_dxc, stride_dxh, stride_dxw,
+    conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, UNIT_MULT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
+    ci = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    chunk = tl.program_id(1)
+    c_mask = ci < C_IN
+    j = tl.arange(0, BLOCK_J)  # (m, tap) pairs, m major
+    j_ok = j < MULT * KH * KW
+    tap = j % (KH * KW)
+    kh = tap // KW
+    kw = tap - kh * KW
+    if UNIT_MULT:  # m = 0: a constant, so the compiler keeps the channel rows' alignment
+        m = tl.zeros_like(j)
+    else:
+        m = j // (KH * KW)
+    co = ci[None, :] * MULT + m[:, None]  # [BLOCK_J, BLOCK_C]
+    jc_mask = j_ok[:, None] & c_mask[None, :]
+    w = tl.load(Wt + co * stride_wo + (kh * stride_wh + kw * stride_ww)[:, None], mask=jc_mask, other=0.0).to(ACC)
+    dy_c = (co.to(tl.int64) * stride_dyc)[:, None, :]
+    total = N * H * W
+    p_start = chunk * CHUNK
+    p_end = tl.minimum(p_start + CHUNK, total)
+    acc = tl.zeros([BLOCK_J, BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < p_end
+        n, ih, iw = _pixel_coords(p, H * W, W)
+        th = ih[None, :] + pad_h - (kh * dil_h)[:, None]  # [BLOCK_J, BLOCK_P]
+        thc = tl.maximum(th, 0)
+        oh = thc // conv_stride_h
+        tw = iw[None, :] + pad_w - (kw * dil_w)[:, None]
+        twc = tl.maximum(tw, 0)
+        ow = twc // conv_stride_w
+        ok = (j_ok[:, None] & p_mask[None, :] & (th >= 0) & (oh * conv_stride_h == thc) & (oh < OH)
+              & (tw >= 0) & (ow * conv_stride_w == twc) & (ow < OW))
+        offs = ((n.to(tl.int64) * stride_dyn)[None, :] + oh.to(tl.int64) * stride_dyh
+                + ow.to(tl.int64) * stride_dyw)[:, :, None] + dy_c
+        mask = ok[:, :, None] & c_mask[None, None, :]
+        dz = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+        if ACTIVATION != 0:
+            y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
+            dz = tl.where(activation_grad_mask(y, ACTIVATION), dz, 0.0)
+        pc_mask = p_mask[:, None] & c_mask[None, :]
+        dx_offs = (n.to(tl.int64) * stride_dxn + ih.to(tl.int64) * stride_dxh
+                   + iw.to(tl.int64) * stride_dxw)[:, None] + ci.to(tl.int64)[None, :] * stride_dxc
+        tl.store(DX + dx_offs, tl.sum(dz * w[:, None, :], axis=0).to(DX.dtype.element_ty), mask=pc_mask)
+        x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh
+                  + iw.to(tl.int64) * stride_xw)[:, None] + ci.to(tl.int64)[None, :] * stride_xc
+        x = tl.load(X + x_offs, mask=pc_mask, other=0.0).to(ACC)
+        acc += dz * x[None, :, :]
+    part_base = Part + chunk.to(tl.int64) * TAPS * C_OUT
+    tl.store(part_base + tap[:, None] * C_OUT + co, tl.sum(acc, axis=1), mask=jc_mask)
+    if HAS_BIAS:
+        # db[co] over this chunk's share of the output pixels, one multiplier at a time.
+        q_start = chunk * OUT_CHUNK
+        q_end = tl.minimum(q_start + OUT_CHUNK, N * OH * OW)
+        for m in range(MULT):
+            cm = ci * MULT + m
+            acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+            for q0 in range(q_start, q_end, BLOCK_P):
+                q = q0 + tl.arange(0, BLOCK_P)
+                q_mask = q < q_end
+                n, oh, ow = _pixel_coords(q, OH * OW, OW)
+                offs = (n.to(tl.int64) * stride_dyn + oh.to(tl.int64) * stride_dyh
+                        + ow.to(tl.int64) * stride_dyw)[:, None] + cm.to(tl.int64)[None, :] * stride_dyc
+                qc_mask = q_mask[:, None] & c_mask[None, :]
+                dz = tl.load(DYB + offs, mask=qc_mask, other=0.0).to(ACC)
+                if ACTIVATION != 0:
+                    y = tl.load(Y + offs, mask=qc_mask, other=0.0).to(ACC)
+                    dz = tl.where(activation_grad_mask(y, ACTIVATION), dz, 0.0)
+                acc_b += dz
+            tl.store(part_base + (KH * KW) * C_OUT + cm, tl.sum(acc_b, axis=0), mask=c_mask)
+
+
+def input_weight_grad_tiling(kh: int, kw: int, multiplier: int, channels_last: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_J, BLOCK_P, BLOCK_C, num_warps) of :func:`_depthwise_bwd_kernel`: the
+    (multiplier, tap) axis padded to a power of two, and a [BLOCK_J, BLOCK_P, BLOCK_C]
+    accumulator of WGRAD_TILE elements, wide along the contiguous axis (channels for
+    NHWC, pixels for NCHW), as :func:`weight_grad_tiling`. Fixed by the shape alone."""
+    block_j = triton.next_power_of_2(multiplier * kh * kw)
+    block_c = min(32 if channels_last else 4, max(1, WGRAD_TILE // block_j))
+    return block_j, max(1, WGRAD_TILE // (block_j * block_c)), block_c, 4
+
+
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
 BWD_INPUT_KEY = ["N", "C_IN", "C_OUT", "H", "W", "OH", "OW", "KH", "KW", "conv_stride_h", "conv_stride_w",
                  "dil_h", "dil_w", "ACTIVATION"]
@@ -285,3 +404,5 @@ depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_
 # The weight gradient's tiling is fixed by the shape (weight_grad_tiling), not tuned.
 depthwise_bwd_weight_reduce = _depthwise_bwd_weight_reduce_kernel
 depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel
+# Its tiling is fixed by the shape too (input_weight_grad_tiling).
+depthwise_bwd = _depthwise_bwd_kernel

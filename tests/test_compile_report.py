@@ -53,7 +53,8 @@ def test_compile_report_covers_every_kernel_of_the_subset(report):
     for name in ("_conv2d_fwd_kernel", "_conv2d_bwd_dgrad_kernel", "_conv2d_bwd_wgrad_kernel",
                  "_conv2d_bwd_wgrad_reduce_kernel", "_bn_fwd_stats_kernel", "_bn_fwd_finalize_kernel",
                  "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_finalize_kernel", "_bn_bwd_dx_kernel",
-                 "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_lrn_fwd_kernel", "_lrn_bwd_kernel"):
+                 "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_depthwise_bwd_kernel", "_lrn_fwd_kernel",
+                 "_lrn_bwd_kernel"):
         assert name in kernels, name
     assert not [r for r in report["rows"] if "error" in r], _where([r for r in report["rows"] if "error" in r])
     assert report["meta"]["kind"] == "static, sm_90 compile"
@@ -94,7 +95,8 @@ def _aligned_channels_last(report, kernels):
 
 def test_compile_report_bn_and_depthwise_load_16_bytes_on_aligned_channels_last_rows(report):
     kernels = ("_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel",
-               "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_depthwise_bwd_weight_reduce_kernel")
+               "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_depthwise_bwd_weight_reduce_kernel",
+               "_depthwise_bwd_kernel")
     narrow = [r for r in _aligned_channels_last(report, kernels) if "ld.128" not in r["access"]]
     assert not narrow, _where(narrow)
 

@@ -126,3 +126,67 @@ def test_depthwise_weight_grad_sm90_vector_loads():
     for fig in figures:
         assert fig["ld_global_v4"] >= 8 and fig["ld_global_v4"] > 4 * fig["ld_global_scalar"], fig
         assert fig["local_bytes"] == 0, fig
+
+
+# ----------------------------------------------------------------------------- one-pass backward
+
+
+def _reference_all(x, weight, dy, geom, mask=None):
+    """(dx, dw, db) in fp64 through F.conv2d's autograd; ``mask`` gates dy (activation)."""
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    b64 = torch.zeros(weight.shape[0], dtype=torch.float64, device=x.device, requires_grad=True)
+    top, bottom, left, right = geom.padding
+    y = F.conv2d(F.pad(x64, (left, right, top, bottom)), w64, b64, geom.stride, 0, geom.dilation, x.shape[1])
+    g = dy.double() if mask is None else torch.where(mask, dy.double(), 0.0)
+    return torch.autograd.grad(y, (x64, w64, b64), g)
+
+
+def _run_all(x, weight, dy, geom, output=None, activation=0, has_bias=True):
+    return torch.ops.vhist.depthwise_conv2d_bwd(dy, output, x, weight, list(geom.stride), list(geom.padding),
+                                                list(geom.dilation), activation, has_bias)
+
+
+@pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_depthwise_input_and_weight_grad_one_pass(case, fmt):
+    """``vhist::depthwise_conv2d_bwd`` (dx, dw and db from one gather of dy) against fp64
+    autograd of F.conv2d, at the issue's shape list and both layouts; dx keeps x's layout."""
+    x, weight, dy, geom = _inputs(case, fmt)
+    dx, dw, db = _run_all(x, weight, dy, geom)
+    dx_ref, dw_ref, db_ref = _reference_all(x, weight, dy, geom)
+    assert dx.shape == x.shape and dx.stride() == x.stride()
+    assert_close(dx.double(), dx_ref, name="grad_input", atol=1e-5, rtol=1e-5)
+    assert_close(dw.double(), dw_ref, name="grad_weight", **TOL)
+    assert_close(db.double(), db_ref, name="grad_bias", **TOL)
+    # Without a bias: the same dx and dw (same summation order), no db.
+    dx2, dw2, db2 = _run_all(x, weight, dy, geom, has_bias=False)
+    assert torch.equal(dx2, dx) and torch.equal(dw2, dw) and db2.numel() == 0
+
+
+@pytest.mark.parametrize("activation", [1, 2], ids=["relu", "relu6"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[6]], ids=str)
+def test_depthwise_input_and_weight_grad_activation_mask(case, activation):
+    """dy gated by the activation's gradient, read from the forward output, in both the
+    gather (dx, dw) and the bias pass."""
+    x, weight, dy, geom = _inputs(case, "channels_last")
+    output = (torch.randn(dy.shape, device=DEVICE) * 4).contiguous(memory_format=torch.channels_last)
+    mask = (output > 0) & (output < 6) if activation == 2 else output > 0
+    got = _run_all(x, weight, dy, geom, output, activation)
+    refs = _reference_all(x, weight, dy, geom, mask)
+    for g, g_ref, name in zip(got, refs, ("grad_input", "grad_weight", "grad_bias")):
+        assert_close(g.double(), g_ref, name=name, **TOL)
+
+
+def test_depthwise_input_and_weight_grad_deterministic_and_used_by_autograd():
+    """Bitwise equal between runs; and the autograd Function takes this one-pass op when
+    both gradients are wanted (same bits as calling it directly)."""
+    x, weight, dy, geom = _inputs(CASES[-1], "channels_last")
+    first, second = _run_all(x, weight, dy, geom), _run_all(x, weight, dy, geom)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    bias = torch.zeros(weight.shape[0], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    with vhist.use_backend("triton"):
+        y = vhist.ops.depthwise_conv2d(*leaves, stride=geom.stride, padding=CASES[-1][7], dilation=geom.dilation)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert all(torch.equal(g, f) for g, f in zip(grads, first))

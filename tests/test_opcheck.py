@@ -102,6 +102,7 @@ def _depthwise_samples(device, prefix):
         f"{prefix}_fwd": (x, w, b, _cl(torch.randn(out_shape, device=device)), *geom, 2),
         f"{prefix}_bwd_input": (dy, y, w, list(x.shape), True, *geom, 2),
         f"{prefix}_bwd_weight": (dy, y, x, list(w.shape), *geom, 2, True),
+        f"{prefix}_bwd": (dy, y, x, w, *geom, 2, True),
     }
 
 
@@ -155,7 +156,7 @@ def samples() -> dict[str, tuple[str, tuple]]:
 KNOWN_OPS = {
     "batch_norm_fwd", "batch_norm_bwd", "conv2d_fwd", "conv2d_bwd", "fused_conv_bn_relu_fwd",
     "fused_conv_bn_relu_bwd", "depthwise_conv2d_fwd", "depthwise_conv2d_bwd_input", "depthwise_conv2d_bwd_weight",
-    "depthwise_conv2d_cuda_fwd", "depthwise_conv2d_cuda_bwd_input", "depthwise_conv2d_cuda_bwd_weight",
+    "depthwise_conv2d_bwd", "depthwise_conv2d_cuda_fwd", "depthwise_conv2d_cuda_bwd_input", "depthwise_conv2d_cuda_bwd_weight",
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
 }

@@ -104,25 +104,23 @@ def test_traffic_depthwise_conv2d_forward_at_minimum(traffic):
     _assert_at_minimum(_rows(traffic, "depthwise_conv2d", "forward"))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: the plain depthwise backward runs the input gradient and the "
-                   "weight gradient as two kernels, each reading dy: 4 passes (dy, dx; dy, x) against the README's "
-                   "3 (fwd+bwd 3x + 2y: dy read once); remove this mark when one kernel computes both")
 def test_traffic_depthwise_conv2d_backward_at_minimum(traffic):
     _assert_at_minimum(_rows(traffic, "depthwise_conv2d", "backward"))
 
 
 def test_traffic_depthwise_conv2d_backward_design(traffic):
-    """What the plain depthwise backward moves today, precisely: dy twice, x once, dx once."""
+    """The plain depthwise backward (input and weight gradients wanted, no bias): one
+    kernel reads dy and x once and writes dx (was two kernels, each reading dy: 4)."""
     for r in _rows(traffic, "depthwise_conv2d", "backward"):
-        assert r["passes"] == 4 and r["kernels"] == ["_depthwise_bwd_input_kernel: DY:r DX:w",
-                                                     "_depthwise_bwd_weight_reduce_kernel: DY:r X:r"], r
+        assert r["passes"] == 3 and r["kernels"] == ["_depthwise_bwd_kernel: DY:r X:r DX:w"], r
 
 
 def test_traffic_fused_depthwise_backward_passes(traffic):
-    """Issue 14 item 3: the fused depthwise + BN + act backward in 9 passes (25 with the
-    former taps-outside weight gradient): sums, dz, then the two depthwise gradients."""
+    """Issue 14 item 3: the fused depthwise + BN + act backward in 8 passes (25 with the
+    former taps-outside weight gradient, 9 with separate input- and weight-gradient
+    kernels): sums, dz, then both depthwise gradients from one read of dz."""
     rows = [r for r in _rows(traffic, "fused_depthwise_bn_act", "backward") if "residual" not in r["options"]]
     for r in rows:
-        assert r["passes"] == 9 and r["kernels"] == [
+        assert r["passes"] == 8 and r["kernels"] == [
             "_bn_bwd_reduce_kernel: DY:r X:r", "_bn_bwd_dx_kernel: DY:r X:r DX:w",
-            "_depthwise_bwd_input_kernel: DY:r DX:w", "_depthwise_bwd_weight_reduce_kernel: DY:r X:r"], r
+            "_depthwise_bwd_kernel: DY:r X:r DX:w"], r

@@ -245,12 +245,70 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
         *_strides(grad_output), *_strides(input), *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    _finalize_weight_grad(part, grad_weight, grad_bias, geom, has_bias, tl_acc)
+    return grad_weight, grad_bias
+
+
+def _finalize_weight_grad(part, grad_weight, grad_bias, geom: DepthwiseGeometry, has_bias, tl_acc):
+    """Stage 2 of the weight gradient: the (chunks, taps, C_out) partials summed in chunk
+    order into ``grad_weight`` (and ``grad_bias``)."""
+    from vhist.kernels import depthwise as kernels
+
+    chunks, taps, _ = part.shape
     block_j = 128
     kernels.depthwise_bwd_weight_finalize[(cdiv(taps * geom.c_out, block_j),)](
         part, grad_weight, grad_bias if has_bias else grad_weight, geom.c_out, chunks,
         grad_weight.stride(0), grad_weight.stride(2), grad_weight.stride(3),
         KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=16)
-    return grad_weight, grad_bias
+
+
+@custom_op("vhist::depthwise_conv2d_bwd", mutates_args=())
+def depthwise_conv2d_bwd(grad_output: torch.Tensor, output: Optional[torch.Tensor], input: torch.Tensor,
+                         weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
+                         activation: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input, weight (and bias) gradients from one read of dy (the gather of
+    ``vhist::depthwise_conv2d_bwd_input`` feeding both), the weight gradient reduced in
+    two deterministic stages.
+
+    Args:
+        output: the forward output, read for the activation's mask (``activation`` != 0).
+
+    Returns:
+        ``(grad_input, grad_weight, grad_bias)``: grad_input in the forward input's memory
+        format; grad_bias empty unless ``has_bias``.
+    """
+    return _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias)
+
+
+def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+    from vhist.kernels import depthwise as kernels
+
+    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
+    if activation:
+        grad_output = like_layout(grad_output, output)
+    acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
+    channels_last = _channels_last(input)
+    block_j, block_p, block_c, num_warps = kernels.input_weight_grad_tiling(geom.kh, geom.kw, geom.multiplier,
+                                                                            channels_last)
+    # Chunks of input pixels (the gather's), and as many chunks of output pixels for db.
+    chunk, chunks = weight_chunks(geom.n * geom.h * geom.w, geom.c_in, input.device)
+    out_chunk = cdiv(geom.n * geom.oh * geom.ow, chunks)
+    part = input.new_empty((chunks, geom.kh * geom.kw + int(has_bias), geom.c_out), dtype=acc)
+    grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
+    grad_weight = input.new_empty(weight.shape)
+    grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
+    # The weight as (KH*KW, C_out), channels contiguous: one program's [taps, channels]
+    # tile of it is a few 16-byte loads (KH*KW*C_out elements copied once per call).
+    taps_major = weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous()
+    kernels.depthwise_bwd[(cdiv(geom.c_in, block_c), chunks)](
+        grad_output, output if activation else grad_output, grad_output, input, taps_major, grad_input, part,
+        geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
+        *_strides(grad_output), *_strides(input), 1, geom.kw * geom.c_out, geom.c_out,
+        *_strides(grad_input), *geom.conv_args(),
+        KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
+        ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    _finalize_weight_grad(part, grad_weight, grad_bias, geom, has_bias, tl_acc)
+    return grad_input, grad_weight, grad_bias
 
 
 # One fake per pass, registered for the pass's triton and cuda ops (same contract).
@@ -275,14 +333,24 @@ depthwise_conv2d_bwd_input.register_fake(_bwd_input_fake)
 depthwise_conv2d_bwd_weight.register_fake(_bwd_weight_fake)
 
 
+@depthwise_conv2d_bwd.register_fake
+def _bwd_fake(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+    grad_weight, grad_bias = _bwd_weight_fake(grad_output, output, input, list(weight.shape), stride, padding,
+                                              dilation, activation, has_bias)
+    return (_bwd_input_fake(grad_output, output, weight, list(input.shape), _channels_last(input), stride, padding,
+                            dilation, activation), grad_weight, grad_bias)
+
+
 class DepthwiseConv2dFunction(torch.autograd.Function):
     """Autograd for ``act(depthwise_conv2d(input, weight, bias) + residual)`` on one
-    backend's three custom ops (``ops`` = (fwd, bwd_input, bwd_weight)). Saves the input,
-    the weight and, with an activation, the output (for its mask)."""
+    backend's custom ops (``ops`` = (fwd, bwd_input, bwd_weight, bwd), ``bwd`` computing
+    all three gradients from one read of dy, or None where the backend has no such
+    kernel). Saves the input, the weight and, with an activation, the output (for its
+    mask)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, stride, padding, dilation, activation, ops):
-        fwd, _, _ = ops
+        fwd = ops[0]
         output = fwd(input, weight, bias, residual, stride, padding, dilation, activation)
         ctx.save_for_backward(input, weight, output if activation else None)
         ctx.conf = (stride, padding, dilation, activation, ops)
@@ -293,15 +361,20 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, output = ctx.saved_tensors
-        stride, padding, dilation, activation, (_, bwd_input, bwd_weight) = ctx.conf
+        stride, padding, dilation, activation, (_, bwd_input, bwd_weight, bwd) = ctx.conf
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = grad_residual = None
-        if need_dx:
-            grad_input = bwd_input(grad_output, output, weight, list(input.shape), _channels_last(input),
-                                   stride, padding, dilation, activation)
+        if need_dx and (need_dw or need_db) and bwd is not None:
+            grad_input, grad_weight, grad_bias = bwd(grad_output, output, input, weight, stride, padding, dilation,
+                                                     activation, ctx.has_bias)
+        else:
+            if need_dx:
+                grad_input = bwd_input(grad_output, output, weight, list(input.shape), _channels_last(input),
+                                       stride, padding, dilation, activation)
+            if need_dw or need_db:
+                grad_weight, grad_bias = bwd_weight(grad_output, output, input, list(weight.shape), stride,
+                                                    padding, dilation, activation, ctx.has_bias)
         if need_dw or need_db:
-            grad_weight, grad_bias = bwd_weight(grad_output, output, input, list(weight.shape), stride, padding,
-                                                dilation, activation, ctx.has_bias)
             grad_weight = grad_weight if need_dw else None
             grad_bias = grad_bias.to(ctx.bias_dtype) if need_db and ctx.has_bias else None
         if need_dres:
@@ -309,7 +382,8 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 
 
-TRITON_OPS = (depthwise_conv2d_fwd, depthwise_conv2d_bwd_input, depthwise_conv2d_bwd_weight)
+TRITON_OPS = (depthwise_conv2d_fwd, depthwise_conv2d_bwd_input, depthwise_conv2d_bwd_weight,
+              depthwise_conv2d_bwd)
 
 
 # ----------------------------------------------------------------------------- cuda launchers
@@ -366,7 +440,8 @@ depthwise_conv2d_cuda_bwd_input.register_fake(_bwd_input_fake)
 depthwise_conv2d_cuda_bwd_weight.register_fake(_bwd_weight_fake)
 
 
-CUDA_OPS = (depthwise_conv2d_cuda_fwd, depthwise_conv2d_cuda_bwd_input, depthwise_conv2d_cuda_bwd_weight)
+# The CUDA backend runs its input and weight gradients as two kernels (no combined one).
+CUDA_OPS = (depthwise_conv2d_cuda_fwd, depthwise_conv2d_cuda_bwd_input, depthwise_conv2d_cuda_bwd_weight, None)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -447,11 +522,17 @@ def _grad_weight(dy_conv, input, weight, geom: DepthwiseGeometry):
     return grad_weight
 
 
+def _grad_input_and_weight(dy_conv, input, weight, geom: DepthwiseGeometry):
+    grad_input, grad_weight, _ = _bwd_impl(dy_conv, None, input, weight, *geom.op_args(), 0, False)
+    return grad_input, grad_weight
+
+
 FUSED_PASSES = ConvPasses(
     geometry=_geometry_from_lists,
     forward_with_stats=_forward_with_stats,
     grad_input=_grad_input,
     grad_weight=_grad_weight,
+    grad_input_and_weight=_grad_input_and_weight,
     empty_output=lambda like, shape: _empty_output(like, shape, _channels_last(like)),
     empty_grad_weight=lambda weight: weight.new_empty(weight.shape),
 )

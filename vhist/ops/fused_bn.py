@@ -47,6 +47,9 @@ class ConvPasses:
         empty_output: ``(input, shape)`` -> an uninitialized tensor in the memory format
             the conv writes its output and input gradient in (for the fakes).
         empty_grad_weight: ``(weight)`` -> an uninitialized weight gradient (fakes).
+        grad_input_and_weight: optional ``(dy_conv, input, weight, geom)`` -> ``(input
+            gradient, weight gradient)`` in one pass over dy_conv, run when both are
+            wanted (the depthwise conv has one; the dense conv's are two GEMMs).
     """
 
     geometry: Callable[..., ConvGeometryBase]
@@ -55,6 +58,7 @@ class ConvPasses:
     grad_weight: Callable
     empty_output: Callable
     empty_grad_weight: Callable
+    grad_input_and_weight: Optional[Callable] = None
 
 
 def _fused_fwd(passes: ConvPasses):
@@ -143,10 +147,13 @@ def _fused_bwd(passes: ConvPasses):
                 dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2],
                                               eps, residual=residual, activation=activation,
                                               want_dresidual=want_dres)
-            if want_dx:
-                dx = passes.grad_input(dy_conv, input, weight, geom)
-            if want_dw:
-                dw = passes.grad_weight(dy_conv, input, weight, geom)
+            if want_dx and want_dw and passes.grad_input_and_weight is not None:
+                dx, dw = passes.grad_input_and_weight(dy_conv, input, weight, geom)
+            else:
+                if want_dx:
+                    dx = passes.grad_input(dy_conv, input, weight, geom)
+                if want_dw:
+                    dw = passes.grad_weight(dy_conv, input, weight, geom)
         return dx, dw, dgamma, dbeta, dres
 
     def fake(grad_output, input, weight, conv_output, mean, rstd, bn_weight, bn_bias, residual, stride, padding,

@@ -73,6 +73,8 @@ ROLES: dict[str, dict[str, Role]] = {
     "_depthwise_bwd_input_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_depthwise_bwd_weight_reduce_kernel": {"DY": "r", "Out": ("r", _ACT), "X": "r", "Part": "w"},
     "_depthwise_bwd_weight_finalize_kernel": {"Part": "r", "DW": "w", "DB": ("w", _on("HAS_BIAS"))},
+    "_depthwise_bwd_kernel": {"DY": "r", "Y": ("r", _ACT), "DYB": ("r", _on("HAS_BIAS")), "X": "r", "Wt": "r",
+                              "DX": "w", "Part": "w"},
     # kernels/local_response_norm.py
     "_lrn_fwd_kernel": {"X": "r", "Y": "w"},
     "_lrn_bwd_kernel": {"X": "r", "DY": "r", "DX": "w"},
@@ -83,13 +85,14 @@ ROLES: dict[str, dict[str, Role]] = {
 # then reads it and writes y; its backward reads dy and x for the sums, then dy and x
 # again and writes dx. The fused conv + BN ops add the conv's read of its input and its
 # write of the conv output (forward), and after dz the conv's input gradient (reads dz,
-# writes dx) and weight gradient (reads dz and x). The plain depthwise conv: forward
-# x + y, backward dy + x read once and dx written (README: fwd+bwd 3x + 2y). LRN:
-# forward x + y, backward x + dy + dx.
+# writes dx) and weight gradient (reads dz and x); the depthwise conv computes both
+# gradients from one read of dz (dz, x, dx), one pass fewer. The plain depthwise conv:
+# forward x + y, backward dy + x read once and dx written (README: fwd+bwd 3x + 2y).
+# LRN: forward x + y, backward x + dy + dx.
 MINIMUM_PASSES = {
     ("batch_norm", "forward"): 3, ("batch_norm", "backward"): 5,
     ("fused_conv_bn_act", "forward"): 4, ("fused_conv_bn_act", "backward"): 9,
-    ("fused_depthwise_bn_act", "forward"): 4, ("fused_depthwise_bn_act", "backward"): 9,
+    ("fused_depthwise_bn_act", "forward"): 4, ("fused_depthwise_bn_act", "backward"): 8,
     ("depthwise_conv2d", "forward"): 2, ("depthwise_conv2d", "backward"): 3,
     ("local_response_norm", "forward"): 2, ("local_response_norm", "backward"): 3,
 }
@@ -223,15 +226,12 @@ def _drive(op: str, shape, conv: Optional[dict], channels_last: bool, dtype, act
     geom = passes.geometry(shape, weight.shape, [stride] * 2, [pad] * 4, [1, 1], groups)
     stride_l, padding_l, dilation_l = geom.op_args()
     if op == "depthwise_conv2d":
-        y = ops.depthwise_conv2d_fwd(x, weight, None, None, stride_l, padding_l, dilation_l, 0)
-
-        def backward():
-            dy = torch.empty_like(y)
-            ops.depthwise_conv2d_bwd_input(dy, None, weight, list(shape), channels_last, stride_l, padding_l,
-                                           dilation_l, 0)
-            ops.depthwise_conv2d_bwd_weight(dy, None, x, list(weight.shape), stride_l, padding_l, dilation_l, 0,
-                                            False)
-        return [x, y], backward
+        # Through the op's autograd Function, so the backward is the launches it chooses.
+        x.requires_grad_()
+        weight.requires_grad_()
+        y = dw_ops.DepthwiseConv2dFunction.apply(x, weight, None, None, stride_l, padding_l, dilation_l, 0,
+                                                 dw_ops.TRITON_OPS)
+        return [x, y], lambda: y.backward(torch.empty_like(y))
     fwd = ops.fused_depthwise_bn_act_fwd if depthwise else ops.fused_conv_bn_relu_fwd
     bwd = ops.fused_depthwise_bn_act_bwd if depthwise else ops.fused_conv_bn_relu_bwd
     w, b, rm, rv = _bn_params(c_out)
