@@ -50,7 +50,7 @@ def _pixel_coords(p, HW, W):
 @triton.jit
 def _depthwise_fwd_kernel(
     X,          # (N, C_IN, H, W) input, any strides (NHWC is the fast one)
-    Wt,         # (C_OUT, 1, KH, KW) weight
+    Wt,         # (C_OUT, 1, KH, KW) weight, any strides (the launcher passes it as (KH*KW, C_OUT))
     Bias,       # (C_OUT,) bias (unused unless HAS_BIAS)
     Res,        # (N, C_OUT, OH, OW) residual, strides of Y (unused unless HAS_RESIDUAL)
     Y,          # (N, C_OUT, OH, OW) output
@@ -125,7 +125,7 @@ def _depthwise_fwd_kernel(
 def _depthwise_bwd_input_kernel(
     DY,   # (N, C_OUT, OH, OW) upstream gradient
     Y,    # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
-    Wt,   # (C_OUT, 1, KH, KW) weight
+    Wt,   # (C_OUT, 1, KH, KW) weight, any strides (the launcher passes it as (KH*KW, C_OUT))
     DX,   # (N, C_IN, H, W) input gradient
     N, C_IN, H, W, C_OUT, OH, OW, MULT,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,

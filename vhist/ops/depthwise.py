@@ -103,6 +103,15 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
+def taps_major(weight: torch.Tensor, geom: DepthwiseGeometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The depthwise weight (C_out, 1, KH, KW) copied once per call to (KH*KW, C_out),
+    channels contiguous, with the (channel, kh, kw) strides the kernels take: a tap's
+    weights for a tile of channels are then one 16-byte load per thread, not KH*KW-strided
+    scalar loads."""
+    return (weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous(),
+            (1, geom.kw * geom.c_out, geom.c_out))
+
+
 def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, int]:
     """Split of the N*OH*OW reduction of the weight gradient: (chunk length, chunks).
     Depends only on the shape and the device, so the summation order is fixed."""
@@ -123,11 +132,12 @@ def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activati
     tiles_per_program, programs = heuristics.depthwise_fwd_tiling(geom.positions, stats is not None)
     part = stats if stats is not None else (output, output, output)
     grid = lambda meta: (programs, cdiv(geom.c_out, meta["BLOCK_C"]))  # noqa: E731
+    weight, weight_strides = taps_major(weight, geom)
     kernels.depthwise_fwd[grid](
         input, weight, bias if bias is not None else weight, residual if residual is not None else output,
         output, *part,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, tiles_per_program,
-        *_strides(input), weight.stride(0), weight.stride(2), weight.stride(3), *_strides(output),
+        *_strides(input), *weight_strides, *_strides(output),
         *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation, STATS=stats is not None, ACC=_tl_acc(input.dtype), BLOCK_P=FWD_BLOCK_P)
@@ -196,10 +206,11 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
     grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
                          cdiv(geom.c_in, meta["BLOCK_C"]))
+    weight, weight_strides = taps_major(weight, geom)
     kernels.depthwise_bwd_input[grid](
         grad_output, output if activation else grad_output, weight, grad_input,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier,
-        *_strides(grad_output), weight.stride(0), weight.stride(2), weight.stride(3), *_strides(grad_input),
+        *_strides(grad_output), *weight_strides, *_strides(grad_input),
         *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, ACTIVATION=activation, ACC=_tl_acc(weight.dtype))
     return grad_input
@@ -297,13 +308,11 @@ def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, act
     grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
     grad_weight = input.new_empty(weight.shape)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    # The weight as (KH*KW, C_out), channels contiguous: one program's [taps, channels]
-    # tile of it is a few 16-byte loads (KH*KW*C_out elements copied once per call).
-    taps_major = weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous()
+    weight_taps, weight_strides = taps_major(weight, geom)  # one [taps, channels] tile load per program
     kernels.depthwise_bwd[(cdiv(geom.c_in, block_c), chunks)](
-        grad_output, output if activation else grad_output, grad_output, input, taps_major, grad_input, part,
+        grad_output, output if activation else grad_output, grad_output, input, weight_taps, grad_input, part,
         geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
-        *_strides(grad_output), *_strides(input), 1, geom.kw * geom.c_out, geom.c_out,
+        *_strides(grad_output), *_strides(input), *weight_strides,
         *_strides(grad_input), *geom.conv_args(),
         KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
         ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
