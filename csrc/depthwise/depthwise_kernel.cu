@@ -22,6 +22,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 // Unrolling hint for code that is also built for the host (where the pragma is unknown).
 #ifdef __CUDA_ARCH__
 #define VHIST_UNROLL _Pragma("unroll")
@@ -102,18 +104,45 @@ __host__ __device__ __forceinline__ void pixel_coords(int64_t p, int64_t H, int6
   h = row - static_cast<uint32_t>(n) * static_cast<uint32_t>(H);
 }
 
+// This thread's work in a tile kernel over `channels` channels of N x H x W pixels:
+// point(c, n, h, w) for its channel c (none past the last) and each of its pixels, the
+// grid-stride loop included.
+template <typename F>
+__device__ __forceinline__ void for_each_tile_point(int64_t channels, int64_t N, int64_t H, int64_t W, F&& point) {
+  const int64_t c = int64_t(blockIdx.x) * kTileC + threadIdx.x;
+  if (c >= channels) return;
+  const int64_t pixels = N * H * W;
+  for (int64_t p = int64_t(blockIdx.y) * kTileP + threadIdx.y; p < pixels; p += int64_t(gridDim.y) * kTileP) {
+    int64_t n, h, w;
+    pixel_coords(p, H, W, n, h, w);
+    point(c, n, h, w);
+  }
+}
+
 template <typename T, typename A, int KH_, int KW_>
 __global__ void __launch_bounds__(kTileC* kTileP) depthwise_fwd_kernel(
     const T* __restrict__ x, const T* __restrict__ wt, const T* __restrict__ bias, T* __restrict__ y, Shape s,
     Strides4 xs, Strides4 ws, Strides4 ys, ConvArgs a) {
-  const int64_t co = int64_t(blockIdx.x) * kTileC + threadIdx.x;
-  if (co >= s.C_out) return;
-  const int64_t pixels = s.N * s.OH * s.OW;
-  for (int64_t p = int64_t(blockIdx.y) * kTileP + threadIdx.y; p < pixels; p += int64_t(gridDim.y) * kTileP) {
-    int64_t n, oh, ow;
-    pixel_coords(p, s.OH, s.OW, n, oh, ow);
+  for_each_tile_point(s.C_out, s.N, s.OH, s.OW, [&](int64_t co, int64_t n, int64_t oh, int64_t ow) {
     const A acc = depthwise_fwd_point<T, A, KH_, KW_>(x, wt, bias, s, xs, ws, a, n, oh, ow, co);
     store(y + n * ys.n + co * ys.c + oh * ys.h + ow * ys.w, acc);
+  });
+}
+
+// Along one axis of the input gradient (the transposed conv): tap(k, o) for each tap k of
+// K_ (k_count where K_ is 0) and the output position o that reads input position i
+// through it, i.e. where (i + pad - k * dil) / stride is a whole number o in [0, out).
+template <int K_, typename F>
+__host__ __device__ __forceinline__ void for_each_transposed_tap(int k_count, int64_t i, int pad, int stride, int dil,
+                                                                 int64_t out, F&& tap) {
+  const int K = K_ > 0 ? K_ : k_count;
+VHIST_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const int64_t t = i + pad - int64_t(k) * dil;
+    if (t < 0 || t % stride != 0) continue;
+    const int64_t o = t / stride;
+    if (o >= out) continue;
+    tap(k, o);
   }
 }
 
@@ -124,29 +153,17 @@ __host__ __device__ __forceinline__ A depthwise_bwd_input_point(const T* __restr
                                                                const Shape& s, const Strides4& dys,
                                                                const Strides4& ws, const ConvArgs& a, int64_t n,
                                                                int64_t ih, int64_t iw, int64_t ci) {
-  const int KH = KH_ > 0 ? KH_ : a.KH;
-  const int KW = KW_ > 0 ? KW_ : a.KW;
   A acc = 0;
   for (int64_t m = 0; m < s.M; ++m) {
     const int64_t co = ci * s.M + m;
     const T* dyb = dy + n * dys.n + co * dys.c;
     const T* wb = wt + co * ws.n;
-VHIST_UNROLL
-    for (int kh = 0; kh < KH; ++kh) {
-      const int64_t th = ih + a.ph - int64_t(kh) * a.dh;
-      if (th < 0 || th % a.sh != 0) continue;
-      const int64_t oh = th / a.sh;
-      if (oh >= s.OH) continue;
-VHIST_UNROLL
-      for (int kw = 0; kw < KW; ++kw) {
-        const int64_t tw = iw + a.pw - int64_t(kw) * a.dw;
-        if (tw < 0 || tw % a.sw != 0) continue;
-        const int64_t ow = tw / a.sw;
-        if (ow >= s.OW) continue;
+    for_each_transposed_tap<KH_>(a.KH, ih, a.ph, a.sh, a.dh, s.OH, [&](int kh, int64_t oh) {
+      for_each_transposed_tap<KW_>(a.KW, iw, a.pw, a.sw, a.dw, s.OW, [&](int kw, int64_t ow) {
         acc += static_cast<A>(load_f(dyb + oh * dys.h + ow * dys.w)) *
                static_cast<A>(load_f(wb + kh * ws.h + kw * ws.w));
-      }
-    }
+      });
+    });
   }
   return acc;
 }
@@ -156,15 +173,10 @@ template <typename T, typename A, int KH_, int KW_>
 __global__ void __launch_bounds__(kTileC* kTileP) depthwise_bwd_input_kernel(
     const T* __restrict__ dy, const T* __restrict__ wt, T* __restrict__ dx, Shape s, Strides4 dys, Strides4 ws,
     Strides4 dxs, ConvArgs a) {
-  const int64_t ci = int64_t(blockIdx.x) * kTileC + threadIdx.x;
-  if (ci >= s.C_in) return;
-  const int64_t pixels = s.N * s.H * s.W;
-  for (int64_t p = int64_t(blockIdx.y) * kTileP + threadIdx.y; p < pixels; p += int64_t(gridDim.y) * kTileP) {
-    int64_t n, ih, iw;
-    pixel_coords(p, s.H, s.W, n, ih, iw);
+  for_each_tile_point(s.C_in, s.N, s.H, s.W, [&](int64_t ci, int64_t n, int64_t ih, int64_t iw) {
     const A acc = depthwise_bwd_input_point<T, A, KH_, KW_>(dy, wt, s, dys, ws, a, n, ih, iw, ci);
     store(dx + n * dxs.n + ci * dxs.c + ih * dxs.h + iw * dxs.w, acc);
-  }
+  });
 }
 
 // Weight gradient, stage 1: pixels outside, taps inside. Block = (kWgradChannels
@@ -282,6 +294,13 @@ dim3 tile_grid(int64_t channels, int64_t pixels) {
               static_cast<unsigned>(pixel_blocks < 65535 ? pixel_blocks : 65535));
 }
 
+// Launches a tile kernel (the forward or the input gradient: for_each_tile_point's
+// layout) over `channels` channels of `pixels` pixels.
+template <typename Kernel, typename... Args>
+void launch_tiles(Kernel kernel, int64_t channels, int64_t pixels, cudaStream_t stream, Args... args) {
+  kernel<<<tile_grid(channels, pixels), dim3(kTileC, kTileP), 0, stream>>>(args...);
+}
+
 int grid_for(int64_t total) {
   int64_t blocks = (total + kThreads - 1) / kThreads;
   const int64_t cap = int64_t(1) << 20;  // grid-stride loops cover the rest
@@ -304,14 +323,22 @@ int grid_for(int64_t total) {
     __VA_ARGS__;                                   \
   }
 
-// dtype codes: 0 float32, 1 float16, 2 bfloat16 (fp64 runs on the triton backend: it is
-// only needed for gradchecks, and every extra dtype multiplies the instantiations).
+// Runs launch(T(), A(), KH_, KW_) for one kernel instance: the element type T and the
+// accumulation type A of the dtype code, and the kernel size constants of
+// VHIST_DW_KERNEL_SIZE for a's KH, KW (as std::integral_constant). Returns the launch's
+// cudaError_t code. dtype codes: 0 float32, 1 float16, 2 bfloat16 (fp64 runs on the
+// triton backend: it is only needed for gradchecks, and every extra dtype multiplies the
+// instantiations).
 template <typename F>
-int with_dtype(int dtype, F&& f) {
+int with_instance(int dtype, const ConvArgs& a, F&& launch) {
+  auto sized = [&](auto t, auto acc) {
+    VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
+                         launch(t, acc, std::integral_constant<int, KH_>(), std::integral_constant<int, KW_>()));
+  };
   switch (dtype) {
-    case 0: f(float(), float()); break;
-    case 1: f(__half(), float()); break;
-    case 2: f(__nv_bfloat16(), float()); break;
+    case 0: sized(float(), float()); break;
+    case 1: sized(__half(), float()); break;
+    case 2: sized(__nv_bfloat16(), float()); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
   return static_cast<int>(cudaGetLastError());
@@ -338,13 +365,11 @@ extern "C" int vhist_depthwise_fwd_launch(int dtype, const void* x, const void* 
                                           const int64_t* y_strides, const int* conv, cudaStream_t stream) {
   const Shape s = make_shape(sizes);
   const ConvArgs a = make_conv(conv);
-  const dim3 grid = tile_grid(s.C_out, s.N * s.OH * s.OW);
-  return with_dtype(dtype, [&](auto t, auto acc) {
+  return with_instance(dtype, a, [&](auto t, auto acc, auto kh, auto kw) {
     using T = decltype(t);
-    using A = decltype(acc);
-    VHIST_DW_KERNEL_SIZE(a.KH, a.KW, depthwise_fwd_kernel<T, A, KH_, KW_><<<grid, dim3(kTileC, kTileP), 0, stream>>>(
-          static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(y), s,
-          make_strides(x_strides), make_strides(w_strides), make_strides(y_strides), a));
+    launch_tiles(depthwise_fwd_kernel<T, decltype(acc), kh, kw>, s.C_out, s.N * s.OH * s.OW, stream,
+                 static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(bias), static_cast<T*>(y), s,
+                 make_strides(x_strides), make_strides(w_strides), make_strides(y_strides), a);
   });
 }
 
@@ -354,14 +379,11 @@ extern "C" int vhist_depthwise_bwd_input_launch(int dtype, const void* dy, const
                                                 cudaStream_t stream) {
   const Shape s = make_shape(sizes);
   const ConvArgs a = make_conv(conv);
-  const dim3 grid = tile_grid(s.C_in, s.N * s.H * s.W);
-  return with_dtype(dtype, [&](auto t, auto acc) {
+  return with_instance(dtype, a, [&](auto t, auto acc, auto kh, auto kw) {
     using T = decltype(t);
-    using A = decltype(acc);
-    VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
-                         depthwise_bwd_input_kernel<T, A, KH_, KW_><<<grid, dim3(kTileC, kTileP), 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(w), static_cast<T*>(dx), s, make_strides(dy_strides),
-          make_strides(w_strides), make_strides(dx_strides), a));
+    launch_tiles(depthwise_bwd_input_kernel<T, decltype(acc), kh, kw>, s.C_in, s.N * s.H * s.W, stream,
+                 static_cast<const T*>(dy), static_cast<const T*>(w), static_cast<T*>(dx), s, make_strides(dy_strides),
+                 make_strides(w_strides), make_strides(dx_strides), a);
   });
 }
 
@@ -379,12 +401,12 @@ extern "C" int vhist_depthwise_bwd_weight_launch(int dtype, const void* dy, cons
   const dim3 grid(static_cast<unsigned>((s.C_out + kWgradChannels - 1) / kWgradChannels),
                   static_cast<unsigned>(chunks));
   const int64_t outputs = (int64_t(a.KH) * a.KW + (has_bias ? 1 : 0)) * s.C_out;
-  return with_dtype(dtype, [&](auto t, auto acc) {
+  return with_instance(dtype, a, [&](auto t, auto acc, auto kh, auto kw) {
     using T = decltype(t);
     using A = decltype(acc);
-    VHIST_DW_KERNEL_SIZE(a.KH, a.KW, depthwise_bwd_weight_reduce_kernel<T, A, KH_, KW_><<<grid, block, 0, stream>>>(
-          static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<A*>(part), s, make_strides(dy_strides),
-          make_strides(x_strides), a, chunk_len, has_bias));
+    depthwise_bwd_weight_reduce_kernel<T, A, kh, kw><<<grid, block, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<A*>(part), s, make_strides(dy_strides),
+        make_strides(x_strides), a, chunk_len, has_bias);
     depthwise_bwd_weight_finalize_kernel<T, A><<<grid_for(outputs), kThreads, 0, stream>>>(
         static_cast<const A*>(part), static_cast<T*>(dw), static_cast<T*>(db), s.C_out, chunks, a.KH, a.KW, has_bias,
         make_strides(dw_strides));

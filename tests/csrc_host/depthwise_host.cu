@@ -7,42 +7,46 @@
 
 #include <vector>
 
+// The forward and input-gradient tile kernels' threads (kInputGrad selects the kernel):
+// out[n, c, h, w] = the kernel's point function at (n, h, w, c) for every pixel of the
+// output grid (the input grid for the input gradient) and every channel c. src is x or
+// dy; the input gradient has no bias.
+template <bool kInputGrad>
+int host_tiles(const float* src, const float* wt, const float* bias, float* out, const int64_t* sizes,
+               const int64_t* src_strides, const int64_t* w_strides, const int64_t* out_strides, const int* conv) {
+  const Shape s = make_shape(sizes);
+  const ConvArgs a = make_conv(conv);
+  const Strides4 ss = make_strides(src_strides), ws = make_strides(w_strides), os = make_strides(out_strides);
+  const int64_t H = kInputGrad ? s.H : s.OH, W = kInputGrad ? s.W : s.OW, C = kInputGrad ? s.C_in : s.C_out;
+  for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w)
+        for (int64_t c = 0; c < C; ++c) {
+          float v;
+          if constexpr (kInputGrad) {
+            VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
+                                 v = (depthwise_bwd_input_point<float, float, KH_, KW_>(src, wt, s, ss, ws, a, n, h, w,
+                                                                                        c)));
+          } else {
+            VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
+                                 v = (depthwise_fwd_point<float, float, KH_, KW_>(src, wt, bias, s, ss, ws, a, n, h, w,
+                                                                                  c)));
+          }
+          out[n * os.n + c * os.c + h * os.h + w * os.w] = v;
+        }
+  return 0;
+}
+
 extern "C" int vhist_depthwise_fwd_host(const float* x, const float* w, const float* bias, float* y,
                                         const int64_t* sizes, const int64_t* x_strides, const int64_t* w_strides,
                                         const int64_t* y_strides, const int* conv) {
-  const Shape s = make_shape(sizes);
-  const ConvArgs a = make_conv(conv);
-  const Strides4 xs = make_strides(x_strides), ws = make_strides(w_strides), ys = make_strides(y_strides);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t oh = 0; oh < s.OH; ++oh)
-      for (int64_t ow = 0; ow < s.OW; ++ow)
-        for (int64_t co = 0; co < s.C_out; ++co) {
-          float v;
-          VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
-                               v = (depthwise_fwd_point<float, float, KH_, KW_>(x, w, bias, s, xs, ws, a, n, oh, ow,
-                                                                                co)));
-          y[n * ys.n + co * ys.c + oh * ys.h + ow * ys.w] = v;
-        }
-  return 0;
+  return host_tiles<false>(x, w, bias, y, sizes, x_strides, w_strides, y_strides, conv);
 }
 
 extern "C" int vhist_depthwise_bwd_input_host(const float* dy, const float* w, float* dx, const int64_t* sizes,
                                               const int64_t* dy_strides, const int64_t* w_strides,
                                               const int64_t* dx_strides, const int* conv) {
-  const Shape s = make_shape(sizes);
-  const ConvArgs a = make_conv(conv);
-  const Strides4 dys = make_strides(dy_strides), ws = make_strides(w_strides), dxs = make_strides(dx_strides);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t ih = 0; ih < s.H; ++ih)
-      for (int64_t iw = 0; iw < s.W; ++iw)
-        for (int64_t ci = 0; ci < s.C_in; ++ci) {
-          float v;
-          VHIST_DW_KERNEL_SIZE(a.KH, a.KW,
-                               v = (depthwise_bwd_input_point<float, float, KH_, KW_>(dy, w, s, dys, ws, a, n, ih,
-                                                                                      iw, ci)));
-          dx[n * dxs.n + ci * dxs.c + ih * dxs.h + iw * dxs.w] = v;
-        }
-  return 0;
+  return host_tiles<true>(dy, w, nullptr, dx, sizes, dy_strides, w_strides, dx_strides, conv);
 }
 
 // The weight gradient as the reduce kernel's blocks compute it: each (channel, lane)
