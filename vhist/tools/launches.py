@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import functools
 import inspect
 import pkgutil
 import sys
@@ -170,10 +171,17 @@ def _config_of(config) -> LaunchConfig:
                         getattr(config, "num_ctas", 1) or 1, getattr(config, "maxnreg", None))
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(kernel_fn) -> tuple:
+    """The parameters of a ``@triton.jit`` function's Python function (read once per
+    kernel: ``inspect.signature`` builds a Parameter object per argument, about 150 µs a
+    conv kernel, which would dominate the recorder's own time)."""
+    return tuple(inspect.signature(kernel_fn).parameters.values())
+
+
 def _split(fn, args, kwargs):
     """(non-constexpr ArgRecords, constexpr values, launch options) of a call of ``fn``."""
-    sig = inspect.signature(fn.fn)
-    params = list(sig.parameters.values())
+    params = _parameters(fn.fn)
     names = [p.name for p in params]
     options = {k: v for k, v in kwargs.items() if k not in names}
     bound = dict(zip(names, args))
