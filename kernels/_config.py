@@ -7,7 +7,7 @@ Autotuning on a GPU has three costs this module keeps down:
   (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
   block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
   them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
-  dropped; at most ``SHORTLIST`` remain, in the order of the config list (a preference
+  dropped, and so are the depthwise forward tiles that spill on fp32 inputs; at most ``SHORTLIST`` remain, in the order of the config list (a preference
   order).
 * **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
   constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
@@ -38,6 +38,24 @@ SHORTLIST = 4
 # (no spill there, no headroom either) with one 8-warp block per SM; the 128x256x64 s4
 # also takes 192 KB of shared memory. (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
 EXCLUDED = {(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 256, 64, 8, 4)}
+
+
+# Depthwise forward tiles with more than this many output elements per thread spill on
+# 4- and 8-byte inputs (static, sm_90 compile, fp32, MobileNetV2's 144-channel 56x56
+# layer: BLOCK_C=64 at 4 warps and BLOCK_C=128 at 8 warps, 32 elements per thread, reach
+# 255 registers with 23-44 local stores; 16 per thread stay at 106-250 with none). 2-byte
+# inputs halve the x registers and do not spill at 32.
+DEPTHWISE_FWD_MAX_ELEMENTS_WIDE = 16
+
+
+def _fits_registers(kernel_name: str, config, args: dict) -> bool:
+    """False for the configs known to spill at this launch's dtype (see above)."""
+    if kernel_name != "_depthwise_fwd_kernel":
+        return True
+    x, block_p = args.get("X"), args.get("BLOCK_P")
+    if x is None or block_p is None or x.element_size() < 4:
+        return True
+    return block_p * config.kwargs["BLOCK_C"] <= DEPTHWISE_FWD_MAX_ELEMENTS_WIDE * 32 * config.num_warps
 
 
 def _gemm_dims(kernel_name: str, args: dict):
@@ -71,7 +89,8 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
         return (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps,
                 c.num_stages)
 
-    kept = [c for c in configs if spec(c) not in EXCLUDED] or list(configs)
+    kept = [c for c in configs if spec(c) not in EXCLUDED and _fits_registers(kernel_name, c, args)] \
+        or list(configs)
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims

@@ -40,6 +40,23 @@ def test_shortlist_drops_oversized_idle_and_unlaunchable_configs():
     assert config.shortlist("_bn_fwd_apply_kernel", configs[:3], {}) == configs[:3]
 
 
+def test_shortlist_drops_depthwise_forward_tiles_that_spill_on_fp32():
+    """32 output elements per thread spill on fp32 inputs (static, sm_90 compile): the
+    shortlist keeps them for bf16 only; the config list's order is kept."""
+    from vhist.kernels.depthwise import FWD_CONFIGS
+
+    def picked(dtype):
+        args = {"X": torch.empty(0, dtype=dtype), "BLOCK_P": 64}
+        return [(c.kwargs["BLOCK_C"], c.num_warps) for c in config.shortlist("_depthwise_fwd_kernel", FWD_CONFIGS,
+                                                                              args)]
+
+    per_thread = {(c.kwargs["BLOCK_C"], c.num_warps): 64 * c.kwargs["BLOCK_C"] // (32 * c.num_warps)
+                  for c in FWD_CONFIGS}
+    assert picked(torch.float32) == [k for k in per_thread if per_thread[k] <= 16][:config.SHORTLIST]
+    assert (64, 4) not in picked(torch.float32) and (128, 8) not in picked(torch.float64)
+    assert picked(torch.bfloat16) == list(per_thread)[:config.SHORTLIST]
+
+
 def test_shortlist_counts_programs_off_the_launch_grid():
     configs = _gemm_configs()
     args = {**_fwd_args(128, 7, 7, 64), "CG_IN": 64, "CG_OUT": 64,
