@@ -49,6 +49,28 @@ class Case:
     check: Callable[[], float] | None = None  # correctness pass: returns max error
     tolerance: float = 0.0
     extra: dict = field(default_factory=dict)
+    # The triton provider's traffic by design: vhist.tools.traffic.op_traffic's arguments
+    # (op, shape, and conv / channels_last / dtype / activation as that op takes them) and
+    # "modes", the traffic modes ("forward", "backward") one call of the case runs.
+    traffic: dict | None = None
+
+
+def design_bytes(case: Case) -> int | None:
+    """Bytes the triton provider of ``case`` moves by design: every read and write its
+    registered ops' launches make, from the kernels' declared pointer roles
+    (:mod:`vhist.tools.traffic`, launches recorded, nothing run), partials and weights
+    included, summed over the case's traffic modes; None for a case without a spec."""
+    if case.traffic is None:
+        return None
+    from vhist.tools.traffic import op_traffic
+
+    spec = dict(case.traffic)
+    op, shape, modes = spec.pop("op"), spec.pop("shape"), spec.pop("modes")
+    total = 0
+    for mode in modes:
+        t = op_traffic(op, mode, shape, **spec)
+        total += t.activation_bytes + t.other_bytes
+    return total
 
 
 def case_grid(layers: Iterable[tuple], small: bool, keep: Optional[Callable[[str, torch.dtype], bool]],
@@ -106,6 +128,7 @@ def time_ms(fn: Callable[[], object]) -> tuple[float, float, float]:
 def measure(case: Case, peaks: dict | None) -> list[dict]:
     """Times every provider of ``case``; one row per provider."""
     rows, times = [], {}
+    design = design_bytes(case)
     for provider, fn in case.providers.items():
         try:
             median, p20, p80 = time_ms(fn)
@@ -115,9 +138,12 @@ def measure(case: Case, peaks: dict | None) -> list[dict]:
         times[provider] = median
         row = _row(case, provider, ms=median, ms_p20=p20, ms_p80=p80)
         if case.bytes:
-            row["gbps"] = case.bytes / median / 1e6
+            row["gbps"] = case.bytes / median / 1e6  # against the minimal bytes of any implementation
             if peaks:
                 row["pct_peak_bw"] = 100 * row["gbps"] / peaks["hbm_gbps"]
+        if design is not None and provider == "triton":
+            row["design_bytes"] = design
+            row["gbps_design"] = design / median / 1e6  # against what vhist's kernels move by design
         if case.flops:
             row["tflops"] = case.flops / median / 1e9
             if peaks:

@@ -43,7 +43,7 @@ QUICK = {
     "local_response_norm": {"alexnet.lrn1", "tiny"},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps",
+COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps", "gbps_design",
            "pct_peak_bw", "tflops", "pct_peak_flops", "speedup_vs_torch", "speedup_vs_torch_compile", "error"]
 
 

@@ -1,6 +1,10 @@
-"""bench/kernels.py: its CPU correctness pass covers every public op of vhist.ops."""
+"""bench/kernels.py: its CPU correctness pass covers every public op of vhist.ops, and
+its memory-bound cases carry the triton provider's design bytes."""
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 import vhist.ops
 
@@ -24,3 +28,45 @@ def test_bench_correctness_pass_lists_every_op():
     assert public_ops - covered == set(), f"ops without a correctness row: {sorted(public_ops - covered)}"
     assert covered <= public_ops, sorted(covered - public_ops)
     assert "fused_depthwise_bn_act" in covered
+
+
+# Recording launches needs compiled (not interpreted) Triton: a subprocess without
+# TRITON_INTERPRET builds the tiny cases on the CPU and records their launches.
+DESIGN_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from common import design_bytes
+from suites import batch_norm, depthwise, local_response_norm
+rows = []
+for suite in (batch_norm, depthwise, local_response_norm):
+    for case in suite.cases("cpu", small=True):
+        if case.bytes:
+            rows.append(dict(op=case.op, layer=case.layer, mode=case.mode, bytes=case.bytes,
+                             design=design_bytes(case)))
+print(json.dumps(rows))
+"""
+
+
+def test_design_bytes_of_the_memory_bound_cases(tmp_path):
+    """Every memory-bound suite mode that a traffic mode describes reports the triton
+    provider's design bytes: at least the minimal bytes of the ``gbps`` column (vhist's
+    kernels move every tensor at least once), and the plain depthwise fwd+bwd, at its
+    minimal passes, within the weights and partials of it."""
+    script = tmp_path / "design.py"
+    script.write_text(DESIGN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), BENCH], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = set()
+    for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+        described = row["mode"] not in ("eval fwd", "bwd-input", "bwd-weight")
+        assert (row["design"] is not None) == described, row
+        if row["design"] is None:
+            continue
+        seen.add((row["op"], row["mode"]))
+        assert row["design"] >= row["bytes"], row
+        if row["op"] == "depthwise_conv2d" and row["mode"] == "fwd+bwd":
+            # 3x + 2y by design and at the minimum; the rest is weights and partials (small).
+            assert row["design"] < 1.5 * row["bytes"], row
+    assert {("batch_norm", "train fwd+bwd"), ("local_response_norm", "fwd+bwd"), ("depthwise_conv2d", "fwd+bwd"),
+            ("fused_depthwise_bn_act", "train fwd+bwd")} <= seen

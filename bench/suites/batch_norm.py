@@ -18,6 +18,8 @@ RESNET50_BN_LAYERS = [
 # Bytes per activation element that the two-pass algorithm must move (statistics read,
 # normalize read + write; backward: reduction reads x and dy, dx reads both and writes).
 PASSES = {"train fwd": 3, "train fwd+bwd": 8, "eval fwd": 2}
+# The traffic modes (vhist.tools.traffic) of each mode that has them (eval has none).
+TRAFFIC_MODES = {"train fwd": ("forward",), "train fwd+bwd": ("forward", "backward")}
 
 
 def _make(batch, channels, size, dtype, layout, device):
@@ -62,7 +64,9 @@ def cases(device, small=False, keep=None):
             mode=mode, providers=_providers(x, params, stats, training, backward),
             bytes=PASSES[mode] * x.numel() * x.element_size(),
             check=lambda x=x, p=params, s=stats, t=training: _check(x, p, s, t),
-            tolerance=1e-4)
+            tolerance=1e-4,
+            traffic=dict(op="batch_norm", shape=tuple(x.shape), modes=TRAFFIC_MODES[mode],
+                         channels_last=layout == "channels_last", dtype=dtype) if mode in TRAFFIC_MODES else None)
     if small:
         # Correctness only: one process cannot show what synchronizing costs.
         x, params, stats = _make(batch, 6, 5, torch.float32, "channels_last", device)

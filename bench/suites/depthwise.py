@@ -7,12 +7,14 @@ vhist's custom ops directly; ``torch`` is eager cuDNN (channels_last, cudnn.benc
 on: F.conv2d(groups=C) and aten.convolution_backward with the same output mask);
 ``torch_compile`` is torch.compile of the same functions.
 
-Bytes are the minimal traffic of each mode, every tensor moved once: fwd reads x and
+Bytes are the minimal traffic of each mode (the ``gbps`` column), every tensor moved once: fwd reads x and
 writes y; bwd-input reads dy and writes dx; bwd-weight reads dy and x; fwd+bwd moves
 x, y (forward), dy, x again and dx (backward). The weights (C*9 elements) are counted
 too but are negligible. fused_depthwise_bn_act (depthwise -> BN -> ReLU6) runs "train
 fwd+bwd" and "eval fwd"; its minimal traffic is x + y in eval and 3x + 3y in training
-(forward: x, y; backward: dy, x, the saved conv output, dx; weights not counted).
+(forward: x, y; backward: dy, x, the saved conv output, dx; weights not counted). The
+triton rows of "fwd", "fwd+bwd" and "train fwd+bwd" also report ``gbps_design``: the bytes
+vhist's kernels move by design (bench/common.design_bytes), partials included.
 """
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,9 @@ LAYERS = MOBILENET_V1 + MOBILENET_V2
 MODES = ("fwd", "bwd-input", "bwd-weight", "fwd+bwd")
 # fused_depthwise_bn_act (MobileNet's dw -> BN -> ReLU6) in training and eval.
 FUSED_MODES = ("train fwd+bwd", "eval fwd")
+# The traffic modes (vhist.tools.traffic) of the modes that have them: the single-gradient
+# modes and eval run launches no traffic mode describes.
+TRAFFIC_MODES = {"fwd": ("forward",), "fwd+bwd": ("forward", "backward")}
 
 
 def _conv_args(channels, size, stride):
@@ -132,7 +137,10 @@ def cases(device, small=False, keep=None):
                 providers.pop("cuda")
             yield Case(op="depthwise_conv2d", layer=name, shape=tuple(x.shape), dtype=dtype,
                        layout="channels_last", mode=mode, providers=providers, bytes=_bytes(mode, x, dy, w),
-                       check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride})
+                       check=lambda p=providers: _check(p), tolerance=1e-4, extra={"stride": stride},
+                       traffic=dict(op="depthwise_conv2d", shape=tuple(x.shape), modes=TRAFFIC_MODES[mode],
+                                    conv=dict(c_out=channels, kernel=3, stride=stride, padding=1), dtype=dtype)
+                       if mode in TRAFFIC_MODES else None)
         for mode in FUSED_MODES:
             gen = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, generator=gen)
@@ -149,7 +157,10 @@ def cases(device, small=False, keep=None):
                        layout="channels_last", mode=mode, providers=providers,
                        bytes=3 * x_bytes + 3 * y_bytes if training else x_bytes + y_bytes,
                        check=lambda a=(x, w, bn, stride, training): _fused_check(*a), tolerance=1e-3,
-                       extra={"stride": stride})
+                       extra={"stride": stride},
+                       traffic=dict(op="fused_depthwise_bn_act", shape=tuple(x.shape), modes=("forward", "backward"),
+                                    conv=dict(c_out=channels, kernel=3, stride=stride, padding=1), dtype=dtype,
+                                    activation=2) if training else None)
 
 
 def _fused_fn(backend):

@@ -23,6 +23,7 @@ LAYERS = [
 ]
 SIZE, ALPHA, BETA, K = 5, 5e-4, 0.75, 2.0
 PASSES = {"fwd": 2, "fwd+bwd": 5}
+TRAFFIC_MODES = {"fwd": ("forward",), "fwd+bwd": ("forward", "backward")}  # vhist.tools.traffic's
 
 
 def _make(batch, channels, spatial, dtype, layout, device):
@@ -69,7 +70,9 @@ def cases(device, small=False, keep=None):
             mode=mode, providers=_providers(x, mode == "fwd+bwd", with_cuda),
             bytes=PASSES[mode] * x.numel() * x.element_size(),
             check=lambda x=x, b=(mode == "fwd+bwd"): _check(x, b), tolerance=1e-4,
-            extra={"size": SIZE})
+            extra={"size": SIZE},
+            traffic=dict(op="local_response_norm", shape=tuple(x.shape), modes=TRAFFIC_MODES[mode],
+                         channels_last=layout == "channels_last", dtype=dtype))
 
 
 def _check(x, backward):
