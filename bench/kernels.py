@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import device_peaks, measure, metadata, print_table, report, write_results  # noqa: E402
 from suites import batch_norm  # noqa: E402
+from suites import bn_prologue  # noqa: E402
 from suites import conv  # noqa: E402
 from suites import depthwise  # noqa: E402
 from suites import local_response_norm  # noqa: E402
@@ -34,6 +35,7 @@ SUITES = {
     "conv": conv.cases,
     "depthwise": depthwise.cases,
     "local_response_norm": local_response_norm.cases,
+    "bn_prologue": bn_prologue.cases,
 }
 # --quick: a few real layers per suite (and the first tiny layer of the correctness pass).
 QUICK = {
@@ -41,6 +43,7 @@ QUICK = {
     "conv": {"layer1.conv2", "layer3.conv3", "Mixed_6b.1x7", "vgg16.conv3_2", "tiny.3x3"},
     "depthwise": {"v2.features4", "v1.dw7-11", "tiny-s1"},
     "local_response_norm": {"alexnet.lrn1", "tiny"},
+    "bn_prologue": {"resnet50.layer1.conv1+conv2", "resnet50.layer3.0.conv1+conv2", "tiny.1x1+3x3"},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps", "gbps_design",

@@ -56,13 +56,30 @@ def _mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _prologue(x, Scale, Shift, channel, valid, channel_ok, PRE_ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+    # The producing layer's BatchNorm and activation applied to a loaded input tile, so
+    # that its normalized output is never written (the mainloop fusion of CUTLASS's
+    # examples 25/26): act(x * scale + shift) per input channel, with scale = gamma*rstd
+    # and shift = beta - mean*scale; positions outside the image (padding) stay 0, as they
+    # are 0 in the activation the unfused conv would read. channel / channel_ok broadcast
+    # along the tile's channel axis (either axis of the tile).
+    scale = tl.load(Scale + channel, mask=channel_ok, other=0.0)
+    shift = tl.load(Shift + channel, mask=channel_ok, other=0.0)
+    y = activate(x.to(ACC) * scale + shift, PRE_ACTIVATION)
+    return tl.where(valid, y, 0.0).to(x.dtype)
+
+
 # Forward, implicit GEMM (Chetlur et al., "cuDNN", 2014, section 3.1):
 #   Y[m, co] = sum_{kh, kw, ci} X[n, oh*s - p + kh*d, ow*s - p + kw*d, ci] * W[co, ci, kh, kw]
 # with m = (n, oh, ow) and K walked as one flat loop over (tap, channel block), so that
 # the software pipeline runs across taps (one fill and drain per program, not one per
-# tap); the padding masks are computed per step from the tap, the padded taps loading zero. Epilogue on the fp32 accumulator: bias, then (STATS) the tile's
-# BatchNorm partials (count, mean, M2) per channel in the layout bn_fwd_finalize merges
-# with Chan's formula, then residual and activation, then one store.
+# tap); the padding masks are computed per step from the tap, the padded taps loading
+# zero. With PROLOGUE the input is the raw output of a conv whose BatchNorm + activation
+# (scale, shift, PRE_ACTIVATION) is applied here to each loaded tile (_prologue).
+# Epilogue on the fp32 accumulator: bias, then (STATS) the tile's BatchNorm partials
+# (count, mean, M2) per channel in the layout bn_fwd_finalize merges with Chan's formula,
+# then residual and activation, then one store.
 @triton.jit
 def _conv2d_fwd_kernel(
     X,          # (N, C_in, H, W) input, any strides (channels_last in practice)
@@ -73,12 +90,15 @@ def _conv2d_fwd_kernel(
     PartMean,   # (num_m_tiles, C_out) per-tile channel mean of the accumulator (STATS)
     PartM2,     # (num_m_tiles, C_out) per-tile sum of squared deviations (STATS)
     PartCount,  # (num_m_tiles,) valid rows per tile (STATS)
+    PreScale,   # (C_in,) prologue scale, accumulation dtype (PROLOGUE)
+    PreShift,   # (C_in,) prologue shift, accumulation dtype (PROLOGUE)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     stride_yn, stride_yc, stride_yh, stride_yw,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
+    PROLOGUE: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -114,6 +134,9 @@ def _conv2d_fwd_kernel(
         c_ok = c < CG_IN
         a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * stride_xc,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        if PROLOGUE:
+            a = _prologue(a, PreScale, PreShift, (g * CG_IN + c)[None, :], row_ok[:, None] & c_ok[None, :],
+                          c_ok[None, :], PRE_ACTIVATION, ACC)
         b = tl.load(w_base[None, :] + (kh * stride_wh + kw * stride_ww) + c[:, None] * stride_wi,
                     mask=c_ok[:, None] & co_mask[None, :], other=0.0)
         acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
@@ -241,7 +264,9 @@ def _conv2d_bwd_dgrad_kernel(
 # Split-K without atomics: split k of SPLIT reduces positions [k*P, (k+1)*P) and writes
 # its own fp32 partial PartDW[k, co, kh, kw, ci]; _conv2d_bwd_wgrad_reduce_kernel sums
 # the splits in order, so the result is bitwise reproducible. The programs of tap (0, 0)
-# and the first channel block also reduce dbias = sum dY (HAS_DBIAS).
+# and the first channel block also reduce dbias = sum dY (HAS_DBIAS). With PROLOGUE, X is
+# the producing layer's raw conv output and its BN + activation is recomputed on each
+# loaded tile, as the forward applied it.
 @triton.jit
 def _conv2d_bwd_wgrad_kernel(
     DY,      # (N, C_out, OH, OW) upstream gradient
@@ -249,11 +274,14 @@ def _conv2d_bwd_wgrad_kernel(
     X,       # (N, C_in, H, W) forward input
     PartDW,  # (SPLIT, C_out, KH, KW, CG_IN) partial weight gradients, contiguous
     PartDB,  # (SPLIT, C_out) partial bias gradients (unused unless HAS_DBIAS)
+    PreScale,  # (C_in,) prologue scale of X, accumulation dtype (PROLOGUE)
+    PreShift,  # (C_in,) prologue shift of X, accumulation dtype (PROLOGUE)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_xn, stride_xc, stride_xh, stride_xw,
     POS_PER_SPLIT, GROUPS,
-    HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr, FMA: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr, PROLOGUE: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
+    FMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -296,6 +324,9 @@ def _conv2d_bwd_wgrad_kernel(
         x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
             + ci_g.to(tl.int64)[None, :] * stride_xc
         b = tl.load(X + x_offs, mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
+        if PROLOGUE:  # the forward's input recomputed from the raw X, as the forward's prologue did
+            b = _prologue(b, PreScale, PreShift, ci_g[None, :], x_ok[:, None] & ci_mask[None, :],
+                          ci_mask[None, :], PRE_ACTIVATION, ACC)
         acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
     c_out = CG_OUT * GROUPS
@@ -331,7 +362,7 @@ def _tuned(kernel, key):
 
 # stride_xn / stride_dxn (C_in*H*W in either dense layout) with H, W and CG_IN fix the
 # group count, which the forward and dgrad kernels take from their grid.
-FWD_TUNE_KEY = FWD_KEY + ["HAS_BIAS", "STATS", "HAS_RESIDUAL", "stride_xn"]
+FWD_TUNE_KEY = FWD_KEY + ["HAS_BIAS", "STATS", "HAS_RESIDUAL", "PROLOGUE", "stride_xn"]
 DGRAD_TUNE_KEY = FWD_KEY + ["stride_dxn"]
 conv2d_fwd = _tuned(_conv2d_fwd_kernel, FWD_TUNE_KEY)
 # The BatchNorm-statistics forward (STATS) is launched untuned, with one config a
@@ -342,5 +373,5 @@ conv2d_fwd_stats = _conv2d_fwd_kernel
 conv2d_bwd_dgrad = _tuned(_conv2d_bwd_dgrad_kernel, DGRAD_TUNE_KEY)
 conv2d_fwd_stem = autotune(STEM_FWD_CONFIGS, FWD_TUNE_KEY)(_conv2d_fwd_kernel)
 conv2d_bwd_dgrad_stem = autotune(STEM_DGRAD_CONFIGS, DGRAD_TUNE_KEY)(_conv2d_bwd_dgrad_kernel)
-conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS", "GROUPS"])
+conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS", "GROUPS", "PROLOGUE"])
 conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel

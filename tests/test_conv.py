@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import vhist
 from vhist.nn import Conv2d
-from vhist.ops.conv import _wgrad_launch, conv_geometry, is_stem, pad_channels
+from vhist.ops.conv import wgrad_launch, conv_geometry, is_stem, pad_channels
 
 from conftest import DEVICE
 from utils import assert_close, assert_low_precision_close, assert_low_precision_results
@@ -143,8 +143,8 @@ def test_conv2d_wgrad_split_k():
     g = conv_geometry("conv2d", x.shape, w.shape, **kwargs)
     dy = torch.randn(g.out_shape, device=DEVICE).to(memory_format=torch.channels_last)
     xc = x.to(memory_format=torch.channels_last)
-    dw, db = _wgrad_launch(dy, None, xc, w.shape, w.dtype, g, 0, True, True, split=3)
-    dw2, db2 = _wgrad_launch(dy, None, xc, w.shape, w.dtype, g, 0, True, True, split=3)
+    dw, db = wgrad_launch(dy, None, xc, w.shape, w.dtype, g, 0, True, True, split=3)
+    dw2, db2 = wgrad_launch(dy, None, xc, w.shape, w.dtype, g, 0, True, True, split=3)
     assert torch.equal(dw, dw2) and torch.equal(db, db2)
     dw_ref = torch.nn.grad.conv2d_weight(x, w.shape, dy, stride=1, padding=1)
     assert_close(dw, dw_ref, name="grad_weight", **BWD_TOL)

@@ -7,7 +7,7 @@ import torch
 
 import vhist
 from vhist.nn import ConvBNAct
-from vhist.ops.conv import _conv_fwd_launch, conv_geometry, stats_config
+from vhist.ops.conv import conv_fwd_launch, conv_geometry, stats_config
 
 from conftest import DEVICE
 from utils import assert_autocast_matches_torch, assert_close, assert_low_precision_results
@@ -133,7 +133,7 @@ def test_fused_conv_bn_relu_stats_tiles(triton_backend):
     """The conv epilogue writes one (count, mean, M2) partial per row tile."""
     x, w, _, kwargs = make(CASES[-1])
     g = conv_geometry("t", x.shape, w.shape, **kwargs)
-    out, (part_mean, part_m2, part_count, tiles) = _conv_fwd_launch(
+    out, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(
         x.to(memory_format=torch.channels_last), w, None, None, g, 0, stats=True)
     assert tiles > 1
     assert part_count[:tiles].sum().item() == g.n * g.oh * g.ow
@@ -163,7 +163,7 @@ def test_fused_conv_bn_relu_stats_independent_of_tuning(triton_backend, monkeypa
     for g1, g2 in zip(first[1], second[1]):
         assert torch.equal(g1, g2)
     assert torch.equal(first[2], second[2]) and torch.equal(first[3], second[3])
-    _, (_, _, part_count, tiles) = _conv_fwd_launch(x.to(memory_format=torch.channels_last), w, None, None, g, 0,
+    _, (_, _, part_count, tiles) = conv_fwd_launch(x.to(memory_format=torch.channels_last), w, None, None, g, 0,
                                                     stats=True)
     block_m = stats_config(g, x).kwargs["BLOCK_M"]
     assert tiles == part_count.numel() == -(-g.n * g.oh * g.ow // block_m)

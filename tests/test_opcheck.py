@@ -78,6 +78,29 @@ def _fused_conv_samples(device):
     }
 
 
+def _bn_prologue_samples(device):
+    # A producer (4 -> 6 channels, 3x3) whose BN + ReLU the consumer (6 -> 5,
+    # 3x3 stride 2, with a conv bias) applies in its prologue.
+    x = _cl(torch.randn(2, 4, 5, 5, device=device))
+    w1, w2 = _cl(torch.randn(6, 4, 3, 3, device=device)), _cl(torch.randn(5, 6, 3, 3, device=device))
+    bias = torch.randn(5, device=device)
+    g1, b1 = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    z1, m1, r1 = torch.ops.vhist.conv_bn_stats_fwd(x, w1, None, None, None, None, None, 0, None, None, [1, 1],
+                                                    [1, 1, 1, 1], [1, 1], 1, 0.1, 1e-5)
+    pre = (m1, r1, g1, b1, 1)
+    geom = ([2, 2], [1, 1, 1, 1], [1, 1], 1)
+    z2, m2, r2 = torch.ops.vhist.conv_bn_stats_fwd(z1, w2, bias, *pre, None, None, *geom, 0.1, 1e-5)
+    g2, b2 = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
+    stats = (torch.zeros(5, device=device), torch.ones(5, device=device))
+    return {
+        "conv_bn_stats_fwd": (z1, w2, bias, *pre, *stats, *geom, 0.1, 1e-5),
+        "conv_bn_stats_bwd": (_cl(torch.randn_like(z2)), z1, w2, *pre, *geom, 1e-5, [True] * 5),
+        "bn_act_fwd": (z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, 2),
+        "bn_act_bwd": (_cl(torch.randn_like(z2)), z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, 2,
+                       [True] * 4),
+    }
+
+
 def _depthwise_args(device):
     # (N, C, H, W) = (2, 3, 5, 5), multiplier 2, 3x3, stride 1, 'same' padding.
     x = _cl(torch.randn(2, 3, 5, 5, device=device))
@@ -145,7 +168,7 @@ def _cuda_device():
 def samples() -> dict[str, tuple[str, tuple]]:
     """op name -> (device, args) for every op this file knows."""
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
-            **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE),
+            **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
             **_lrn_samples(DEVICE, "local_response_norm")}
     cuda = _cuda_device()
     cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
@@ -156,9 +179,11 @@ def samples() -> dict[str, tuple[str, tuple]]:
 KNOWN_OPS = {
     "batch_norm_fwd", "batch_norm_bwd", "conv2d_fwd", "conv2d_bwd", "fused_conv_bn_relu_fwd",
     "fused_conv_bn_relu_bwd", "depthwise_conv2d_fwd", "depthwise_conv2d_bwd_input", "depthwise_conv2d_bwd_weight",
-    "depthwise_conv2d_bwd", "depthwise_conv2d_cuda_fwd", "depthwise_conv2d_cuda_bwd_input", "depthwise_conv2d_cuda_bwd_weight",
+    "depthwise_conv2d_bwd", "depthwise_conv2d_cuda_fwd", "depthwise_conv2d_cuda_bwd_input",
+    "depthwise_conv2d_cuda_bwd_weight",
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
+    "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
 }
 
 

@@ -58,8 +58,10 @@ def model_stats(name: str, image_size: int | None = None) -> dict:
         # The math attention backend runs as matmuls, which the counter sees on CPU.
         with vhist.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
             model(torch.empty(1, 3, size, size))
+    bn_layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": counter.get_total_flops() / 2 / 1e9}
+            "gmacs": counter.get_total_flops() / 2 / 1e9, "bn_layers": bn_layers,
+            "prologue_pairs": vhist.models.prologue_pairs(model)}
 
 
 def default_image_size(model) -> int:
@@ -83,9 +85,15 @@ def _models(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'model':<24}{'size':>6}{'params':>15}{'GMACs':>9}")
+    header = f"{'model':<24}{'size':>6}{'params':>15}{'GMACs':>9}"
+    print(header + (f"{'BN layers':>11}{'BN in prologue':>16}" if args.verbose else ""))
     for r in rows:
-        print(f"{r['model']:<24}{r['image_size']:>6}{r['params']:>15,}{r['gmacs']:>9.2f}")
+        line = f"{r['model']:<24}{r['image_size']:>6}{r['params']:>15,}{r['gmacs']:>9.2f}"
+        print(line + (f"{r['bn_layers']:>11}{r['prologue_pairs']:>16}" if args.verbose else ""))
+    if args.verbose:
+        print("\nBN in prologue: the conv + BN pairs whose BatchNorm and activation run in the next conv's "
+              "prologue when training on the triton backend (vhist.ops.conv_bn_deferred); the other BN layers run "
+              "fused with their conv (conv + BN + act), or as their own op.")
     return 0
 
 
@@ -110,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("pattern", nargs="?", default=None, help="shell-style filter, e.g. 'resnet*'")
     models.add_argument("--image-size", type=int, default=None, help="input size instead of each model's default")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.add_argument("--verbose", action="store_true",
+                        help="also the BatchNorm layers and how many run in the next conv's prologue")
     models.set_defaults(run=_models)
     from vhist.train.cli import add_eval_parser, add_train_parser
 

@@ -49,23 +49,51 @@ class ConvNormAct(nn.Sequential):
         return vnn.conv_bn_act(self[0], self[1], x, self.activation, residual)
 
 
+def _is_conv_bn_relu(layers: list, i: int) -> bool:
+    return (i + 2 < len(layers) and isinstance(layers[i], vnn.Conv2d) and type(layers[i + 1]) is vnn.BatchNorm2d
+            and isinstance(layers[i + 2], nn.ReLU) and layers[i].padding_mode == "zeros"
+            and not vnn.is_depthwise(layers[i]))
+
+
+def deferred_pairs(features: nn.Sequential) -> int:
+    """How many ``Conv2d, BatchNorm2d, ReLU`` of a ``features`` Sequential
+    :func:`run_features` runs with their BN + ReLU in the next conv's prologue (those
+    followed by a ``Conv2d``), when training on the triton backend."""
+    layers = list(features)
+    return sum(_is_conv_bn_relu(layers, i) and i + 3 < len(layers) and isinstance(layers[i + 3], vnn.Conv2d)
+               for i in range(len(layers)))
+
+
+def prologue_pairs(model: nn.Module) -> int:
+    """How many (conv, BN) pairs of ``model`` hand their BN + activation to the next
+    conv's prologue when training on the triton backend (each block or stack that does
+    so says how many through a ``prologue_pairs()`` method)."""
+    return sum(m.prologue_pairs() for m in model.modules() if callable(getattr(m, "prologue_pairs", None)))
+
+
 def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Runs a torchvision-style ``features`` Sequential, fusing each biased ``Conv2d``
-    that is directly followed by ``ReLU`` into one conv op with a ReLU epilogue (the
-    layout stays torchvision's, so state_dicts load unchanged)."""
+    """Runs a torchvision-style ``features`` Sequential with its layout (so state_dicts
+    load unchanged) on fused ops: each ``Conv2d, BatchNorm2d, ReLU`` runs as a deferred
+    conv + BN (:func:`vhist.nn.conv_bn_act` with ``defer``): in training on the triton
+    backend its BN + ReLU then run in the next conv's prologue, or in one apply pass where
+    another layer (a pooling) comes next. Each biased ``Conv2d`` directly followed by
+    ``ReLU`` runs as one conv op with a ReLU epilogue."""
     layers = list(features)
     i = 0
     while i < len(layers):
         layer = layers[i]
         nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if isinstance(layer, vnn.Conv2d) and isinstance(nxt, nn.ReLU) and layer.padding_mode == "zeros":
-            x = VF.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups,
-                          activation="relu")
+        if _is_conv_bn_relu(layers, i):
+            x = vnn.conv_bn_act(layer, nxt, x, "relu", defer=True)
+            i += 3
+        elif isinstance(layer, vnn.Conv2d) and isinstance(nxt, nn.ReLU) and layer.padding_mode == "zeros":
+            x = VF.conv2d(VF.as_tensor(x), layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                          layer.groups, activation="relu")
             i += 2
         else:
-            x = layer(x)
+            x = layer(VF.as_tensor(x))
             i += 1
-    return x
+    return VF.as_tensor(x)
 
 
 def init_conv_bn(module: nn.Module) -> None:

@@ -45,8 +45,11 @@ def residual_join(conv: vnn.Conv2d, bn: vnn.BatchNorm2d, x: torch.Tensor, identi
 class _Block(nn.Module):
     """A residual block of (conv, BN) pairs ``conv1``/``bn1``, ``conv2``/``bn2``, ... in
     torchvision's order, then ``downsample`` (the shortcut's 1×1 conv + BN, or ``None``
-    for the identity) and ``drop_path``. Every pair but the last runs as a fused
-    conv + BN + ReLU; the last joins the shortcut in :func:`residual_join`.
+    for the identity) and ``drop_path``. Every pair but the last feeds only the next
+    conv: in training (triton backend) it writes its raw conv output and statistics, and
+    its BN + ReLU run in the next conv's prologue (:func:`vhist.ops.conv_bn_deferred`);
+    otherwise it runs as a fused conv + BN + ReLU. The last joins the shortcut in
+    :func:`residual_join`.
 
     Args:
         convs: ``(in_channels, out_channels, kernel_size, stride)`` of each pair, in order.
@@ -64,12 +67,17 @@ class _Block(nn.Module):
         self.downsample = downsample
         self.drop_path = DropPath(drop_path)
 
+    def prologue_pairs(self) -> int:
+        """The pairs whose BN + ReLU run in the next conv's prologue (all but the last)."""
+        return self.num_pairs - 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else vnn.conv_bn_act(
             self.downsample[0], self.downsample[1], x, None)
         pairs = [(getattr(self, f"conv{i}"), getattr(self, f"bn{i}")) for i in range(1, self.num_pairs + 1)]
         for conv, bn in pairs[:-1]:
-            x = vnn.conv_bn_act(conv, bn, x, "relu")
+            # Feeds only the next conv: its BN + ReLU run in that conv's prologue (training).
+            x = vnn.conv_bn_act(conv, bn, x, "relu", defer=True)
         return residual_join(*pairs[-1], x, identity, self.drop_path)
 
 

@@ -6,7 +6,10 @@ Module names follow torchvision's ``torchvision.models.vgg`` (``features.<i>``,
 ``avgpool``, ``classifier.<i>``), so its state_dicts load with ``strict=True``. Each
 biased conv directly followed by ReLU runs as one conv op with a ReLU epilogue; in the
 ``_bn`` variants the conv keeps its bias (as torchvision's does) and is followed by the
-vhist BatchNorm2d. ``vgg11_lrn`` (A-LRN) puts a LocalResponseNorm with AlexNet's
+vhist BatchNorm2d: conv + BN statistics run as one op, and in training on the triton
+backend the BN + ReLU of a conv followed by another conv run in that conv's prologue
+(:func:`vhist.ops.conv_bn_deferred`), the others in one apply pass before the pooling.
+``vgg11_lrn`` (A-LRN) puts a LocalResponseNorm with AlexNet's
 parameters (k=2, n=5, alpha=1e-4, beta=0.75, as the paper's section 2.2 specifies) after the first
 conv's ReLU; it has no torchvision counterpart.
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, init_conv_bn, run_features, scaled
+from vhist.models._common import check_image_size, deferred_pairs, init_conv_bn, run_features, scaled
 from vhist.models._registry import register_model
 
 CFGS = {
@@ -89,6 +92,10 @@ class VGG(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def prologue_pairs(self) -> int:
+        """The (conv, BN) pairs whose BN + ReLU run in the next conv's prologue."""
+        return deferred_pairs(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(run_features(self.features, x))

@@ -1,6 +1,7 @@
 """Functional API that mirrors ``torch.nn.functional``; every function runs on the
 active vhist backend."""
 from vhist.ops.batch_norm import batch_norm
+from vhist.ops.bn_prologue import as_tensor, conv_bn_deferred
 from vhist.ops.conv import conv2d, fused_conv_bn_act, fused_conv_bn_relu
 from vhist.ops.depthwise import depthwise_conv2d, fused_depthwise_bn_act
 from vhist.ops.local_response_norm import local_response_norm
@@ -9,4 +10,4 @@ from vhist.ops.sync_batch_norm import sync_batch_norm
 # fused_conv_bn_relu: the design's name of fused_conv_bn_act, kept as an alias.
 __all__ = ["batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_act", "fused_conv_bn_relu", "fused_depthwise_bn_act",
            "local_response_norm"]
-__all__ += ["sync_batch_norm"]
+__all__ += ["sync_batch_norm", "conv_bn_deferred", "as_tensor"]

@@ -2,7 +2,8 @@
 
 Importing this package registers the ``vhist::*`` custom ops with ``torch.library``.
 """
-from vhist.ops.batch_norm import BatchNormFunction, batch_norm
+from vhist.ops.batch_norm import BatchNormFunction, BNActFunction, batch_norm
+from vhist.ops.bn_prologue import ConvBNStatsFunction, DeferredBNAct, as_tensor, conv_bn_deferred
 from vhist.ops.conv import conv2d, fused_conv_bn_act, fused_conv_bn_relu
 from vhist.ops.depthwise import DepthwiseConv2dFunction, depthwise_conv2d, fused_depthwise_bn_act
 from vhist.ops.fused_bn import FusedConvBNFunction
@@ -14,6 +15,8 @@ __all__ = ["BatchNormFunction", "batch_norm", "conv2d", "depthwise_conv2d", "fus
            "fused_depthwise_bn_act", "local_response_norm"]
 __all__ += ["SyncBatchNormFunction", "sync_batch_norm"]
 __all__ += ["DepthwiseConv2dFunction", "FusedConvBNFunction", "FusedDepthwiseBNActFunction"]
+# BN + activation in the next conv's prologue (vhist.ops.bn_prologue).
+__all__ += ["conv_bn_deferred", "DeferredBNAct", "ConvBNStatsFunction", "BNActFunction"]
 
 # The fused depthwise op's autograd is the fused conv + BN scaffold's (one class for both).
 FusedDepthwiseBNActFunction = FusedConvBNFunction

@@ -274,7 +274,100 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     return grad_input, grad_residual
 
 
+def bn_act_backward(grad_output, x, mean, rstd, weight, bias, eps: float, *,
+                    residual: Optional[torch.Tensor] = None, activation: int = 0, want_dx: bool = True,
+                    want_dweight: bool = False, want_dbias: bool = False, want_dresidual: bool = False):
+    """The training backward of ``act(BN(x) + residual)`` with ``x``'s batch statistics
+    (``mean``, ``rstd``): the gradient at ``x`` (through the statistics too), of the affine
+    parameters and of the residual. With the residual's gradient wanted, the sums pass
+    also writes dz (that gradient) and the dx pass reads it instead of dy, x's mask and the
+    residual: one write and one read instead of two reads and a write.
+
+    Returns:
+        ``(grad_x, grad_weight, grad_bias, grad_residual)``, each empty (a tensor of its
+        own) when not asked for.
+    """
+    grad_output = like_layout(grad_output, x)  # once for both passes (each would convert its own)
+    dz = torch.empty_like(x) if residual is not None and want_dresidual else None
+    sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_grad_sums(
+        grad_output, x, mean, rstd, weight, bias, eps, residual=residual, activation=activation,
+        want_dweight=want_dweight, want_dbias=want_dbias, dz_out=dz)
+    grad_x = x.new_empty((0,))
+    if want_dx:
+        if dz is not None:
+            grad_x, _ = bn_grad_input(dz, x, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps)
+        else:
+            grad_x, _ = bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps,
+                                      residual=residual, activation=activation)
+    return grad_x, grad_weight, grad_bias, dz if dz is not None else x.new_empty((0,))
+
+
 # ----------------------------------------------------------------------------- launchers
+
+
+@custom_op("vhist::bn_act_fwd", mutates_args=())
+def bn_act_fwd(input: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
+               activation: int) -> torch.Tensor:
+    """``act(weight * (input - mean) * rstd + bias + residual)`` with given batch
+    statistics: the apply pass of a BatchNorm whose statistics a conv's epilogue computed
+    (``vhist::conv_bn_stats_fwd``), when its output is needed as a tensor."""
+    return bn_apply(input, mean, rstd, weight, bias, eps, residual=residual, activation=activation)
+
+
+@bn_act_fwd.register_fake
+def _(input, mean, rstd, weight, bias, residual, eps, activation):
+    return torch.empty_like(input)
+
+
+@custom_op("vhist::bn_act_bwd", mutates_args=())
+def bn_act_bwd(grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               eps: float, activation: int,
+               output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`bn_act_fwd` in training (:func:`bn_act_backward`).
+
+    Args:
+        output_mask: which of (grad_input, grad_weight, grad_bias, grad_residual) to compute.
+
+    Returns:
+        ``(grad_input, grad_weight, grad_bias, grad_residual)``, an entry not asked for empty.
+    """
+    want_dx, want_dw, want_db, want_dres = output_mask
+    return bn_act_backward(grad_output, input, mean, rstd, weight, bias, eps, residual=residual,
+                           activation=activation, want_dx=want_dx, want_dweight=want_dw, want_dbias=want_db,
+                           want_dresidual=want_dres)
+
+
+@bn_act_bwd.register_fake
+def _(grad_output, input, mean, rstd, weight, bias, residual, eps, activation, output_mask):
+    c, empty = input.shape[1], input.new_empty
+    return (torch.empty_like(input) if output_mask[0] else empty((0,)),
+            empty((c,), dtype=weight.dtype) if output_mask[1] and weight is not None else empty((0,)),
+            empty((c,), dtype=bias.dtype) if output_mask[2] and bias is not None else empty((0,)),
+            torch.empty_like(input) if output_mask[3] and residual is not None else empty((0,)))
+
+
+class BNActFunction(torch.autograd.Function):
+    """Autograd for :func:`bn_act_fwd`: ``mean`` and ``rstd`` are the batch statistics of
+    ``input`` (non-differentiable outputs of the op that computed them); the backward is
+    the full training one, through the statistics."""
+
+    @staticmethod
+    def forward(ctx, input, mean, rstd, weight, bias, residual, eps, activation):
+        out = bn_act_fwd(input, mean, rstd, weight, bias, residual, eps, activation)
+        ctx.save_for_backward(input, mean, rstd, weight, bias, residual)
+        ctx.args = (eps, activation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, mean, rstd, weight, bias, residual = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[3], need[4], need[5]]
+        dx, dw, db, dres = bn_act_bwd(grad_output, input, mean, rstd, weight, bias, residual, *ctx.args, mask)
+        return (dx if mask[0] else None, None, None, dw if mask[1] and weight is not None else None,
+                db if mask[2] and bias is not None else None, dres if mask[3] else None, None, None)
 
 
 @custom_op("vhist::batch_norm_fwd", mutates_args=("running_mean", "running_var"))

@@ -87,7 +87,7 @@ def conv_geometry(op, input_shape, weight_shape, stride, padding, dilation, grou
     return geom
 
 
-def _check_conv_inputs(op, input, weight, bias, residual, stride, padding, dilation, groups, activation):
+def check_conv_inputs(op, input, weight, bias, residual, stride, padding, dilation, groups, activation):
     check_same_device(op, input=input, weight=weight, bias=bias)
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         check_float_dtype(op, name, t)
@@ -175,9 +175,12 @@ def _geom_args(g: ConvGeometry) -> tuple:
             g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
 
 
-def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: int, stats: bool):
+def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: int, stats: bool,
+                    prologue: Optional[tuple] = None):
     """Runs the forward GEMM. Returns (output, partials): partials are (mean, M2, count,
-    num_tiles) of the BN statistics when ``stats``, else None."""
+    num_tiles) of the BN statistics when ``stats``, else None. ``prologue``, when given,
+    is ``(scale, shift, activation_code)``: the input is a raw conv output whose BatchNorm
+    and activation the kernel applies to each loaded tile (:func:`prologue_of`)."""
     from vhist.kernels import conv as kernels
 
     weight = to_channels_last(weight)
@@ -188,6 +191,8 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
     acc = acc_dtype(input.dtype)
     grid = _fwd_grid(g)
     stem = is_stem(g, input.dtype)
+    if stem and prologue is not None:
+        raise NotImplementedError(f"{OP}: no BatchNorm prologue on the stem path (at most 4 input channels)")
     config = stats_config(g, input) if stats else None
     if stem:
         input = pad_channels(input, kernels.STEM_CHANNELS)
@@ -205,18 +210,19 @@ def _conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation:
         launch, launch_grid = {}, grid
         part_mean = part_m2 = part_count = out
 
+    pre_scale, pre_shift, pre_activation = prologue if prologue is not None else (out, out, 0)
     kernel[launch_grid](
         input, weight, bias if bias is not None else out, residual if residual is not None else out, out,
-        part_mean, part_m2, part_count, *_geom_args(g),
+        part_mean, part_m2, part_count, pre_scale, pre_shift, *_geom_args(g),
         *input.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, STATS=stats,
-        **_precision(input.dtype), **launch)
+        PROLOGUE=prologue is not None, PRE_ACTIVATION=pre_activation, **_precision(input.dtype), **launch)
     if not stats:
         return out, None
     return out, (part_mean, part_m2, part_count, tiles)
 
 
-def _dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
+def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
     from vhist.kernels import conv as kernels
 
     weight = to_channels_last(weight)
@@ -245,9 +251,11 @@ def wgrad_split(g: ConvGeometry, device: torch.device) -> int:
     return heuristics.wgrad_split(g.positions, weight_tiles * g.groups, device)
 
 
-def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometry, activation: int,
-                  want_dw: bool, want_db: bool, split: Optional[int] = None):
-    """Weight (and bias) gradient: split-K partials, then an ordered reduction."""
+def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometry, activation: int,
+                 want_dw: bool, want_db: bool, split: Optional[int] = None, prologue: Optional[tuple] = None):
+    """Weight (and bias) gradient: split-K partials, then an ordered reduction. With
+    ``prologue`` (as :func:`conv_fwd_launch`'s) the input tiles are recomputed from the
+    raw ``input`` as the forward saw them."""
     from vhist.kernels import conv as kernels
 
     split = split or wgrad_split(g, grad.device)
@@ -262,10 +270,12 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
         return (cdiv(cg_out, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw,
                 split * g.groups)
 
+    pre_scale, pre_shift, pre_activation = prologue if prologue is not None else (part_dw, part_dw, 0)
     _pick_gemm(kernels.conv2d_bwd_wgrad, grad.dtype)[grid](
-        grad, output if output is not None else grad, input, part_dw, part_db, *_geom_args(g),
+        grad, output if output is not None else grad, input, part_dw, part_db, pre_scale, pre_shift, *_geom_args(g),
         *grad.stride(), *input.stride(), per_split, g.groups,
-        HAS_DBIAS=want_db, ACTIVATION=activation, **_precision(grad.dtype))
+        HAS_DBIAS=want_db, ACTIVATION=activation, PROLOGUE=prologue is not None, PRE_ACTIVATION=pre_activation,
+        **_precision(grad.dtype))
     dw = db = None
     block = kernels.WGRAD_REDUCE_BLOCK
     if want_dw:
@@ -279,8 +289,21 @@ def _wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeomet
     return dw, db
 
 
+def prologue_of(mean, rstd, weight, bias, activation: int, dtype: torch.dtype) -> tuple:
+    """``(scale, shift, activation)`` of a BatchNorm + activation applied in a conv's
+    prologue: ``act(x * scale + shift)`` with ``scale = weight * rstd`` and ``shift = bias -
+    mean * scale`` (weight 1 and bias 0 when absent), per channel in the accumulation
+    dtype of ``dtype``."""
+    acc = acc_dtype(dtype)
+    scale = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
+    shift = -mean.to(acc) * scale
+    if bias is not None:
+        shift = shift + bias.to(acc)
+    return scale.contiguous(), shift.contiguous(), activation
+
+
 @shape_cached
-def _geometry_from(input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
+def geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """The geometry of a registered op's (already validated) list arguments."""
     return ConvGeometry(*input_shape, weight_shape[0], weight_shape[2], weight_shape[3], tuple(stride),
                         tuple(padding), tuple(dilation), groups)
@@ -297,14 +320,14 @@ def conv2d_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Returns:
         The output, channels_last.
     """
-    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
-    out, _ = _conv_fwd_launch(input, weight, bias, residual, g, activation, stats=False)
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
+    out, _ = conv_fwd_launch(input, weight, bias, residual, g, activation, stats=False)
     return out
 
 
 @conv2d_fwd.register_fake
 def _(input, weight, bias, residual, stride, padding, dilation, groups, activation):
-    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     return _empty_cl(g.out_shape, input)
 
 
@@ -331,7 +354,7 @@ def conv2d_bwd(
         ``(grad_input, grad_weight, grad_bias, grad_residual)``, an entry not asked for
         empty. grad_bias is in the accumulation dtype.
     """
-    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     grad_output = to_channels_last(grad_output)
     if output is not None:
         output = like_layout(output, grad_output)
@@ -341,10 +364,10 @@ def conv2d_bwd(
         # A distinct tensor per output: custom ops may not return aliases.
         return input.new_empty((0,))
 
-    dx = _dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else empty()
+    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else empty()
     dw = db = None
     if want_dw or want_db:
-        dw, db = _wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation,
+        dw, db = wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation,
                                want_dw, want_db)
     dw = dw if dw is not None else empty()
     db = db if db is not None else empty()
@@ -358,7 +381,7 @@ def conv2d_bwd(
 
 @conv2d_bwd.register_fake
 def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
-    g = _geometry_from(input.shape, weight.shape, stride, padding, dilation, groups)
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     empty = input.new_empty
     return (_empty_cl(input.shape, input) if output_mask[0] else empty((0,)),
             _empty_cl(weight.shape, weight) if output_mask[1] else empty((0,)),
@@ -392,15 +415,15 @@ class Conv2dFunction(torch.autograd.Function):
 
 
 def _forward_with_stats(input, weight, g: ConvGeometry):
-    conv_out, (part_mean, part_m2, part_count, tiles) = _conv_fwd_launch(input, weight, None, None, g, 0, stats=True)
+    conv_out, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(input, weight, None, None, g, 0, stats=True)
     return conv_out, (part_mean[:tiles], part_m2[:tiles], part_count[:tiles])
 
 
 FUSED_PASSES = ConvPasses(
-    geometry=_geometry_from,
+    geometry=geometry_from_lists,
     forward_with_stats=_forward_with_stats,
-    grad_input=lambda dy, input, weight, g: _dgrad_launch(dy, None, weight, g, 0, input),
-    grad_weight=lambda dy, input, weight, g: _wgrad_launch(dy, None, input, weight.shape, weight.dtype, g, 0,
+    grad_input=lambda dy, input, weight, g: dgrad_launch(dy, None, weight, g, 0, input),
+    grad_weight=lambda dy, input, weight, g: wgrad_launch(dy, None, input, weight.shape, weight.dtype, g, 0,
                                                            True, False)[0],
     empty_output=lambda like, shape: _empty_cl(shape, like),
     empty_grad_weight=lambda weight: _empty_cl(weight.shape, weight),
@@ -468,7 +491,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         input = input.unsqueeze(0)
         residual = residual.unsqueeze(0) if residual is not None else None
     input, weight, bias, residual = autocast_inputs(input, weight, bias, residual)
-    _check_conv_inputs(OP, input, weight, bias, residual, stride, padding, dilation, groups, activation)
+    check_conv_inputs(OP, input, weight, bias, residual, stride, padding, dilation, groups, activation)
     impl = dispatch(OP, CONV2D_IMPLS, input.device)
     out = impl(input, weight, bias, stride, padding, dilation, groups, activation=activation, residual=residual)
     return out.squeeze(0) if unbatched else out
@@ -482,7 +505,10 @@ def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_v
     :func:`fused_conv_bn_relu`, the name of the design.
 
     Args:
-        input: (N, C_in, H, W), NCHW or channels_last.
+        input: (N, C_in, H, W), NCHW or channels_last; or the
+            :class:`~vhist.ops.bn_prologue.DeferredBNAct` of a producing conv + BN + act,
+            whose BN and activation this conv then applies in its prologue (training,
+            triton backend; elsewhere it is applied first).
         weight: (C_out, C_in / groups, KH, KW) conv weight (the conv has no bias).
         bn_weight, bn_bias: optional (C_out,) BatchNorm affine parameters.
         running_mean, running_var: (C_out,) buffers, updated in place when training; or
@@ -496,8 +522,21 @@ def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_v
     Returns:
         (N, C_out, OH, OW); channels_last on the triton backend.
     """
+    from vhist.ops import bn_prologue  # the deferred BN + act of a producing conv (it imports this module)
+
+    if isinstance(input, bn_prologue.DeferredBNAct):
+        device = input.conv_output.device
+        if training and dispatch(FUSED_OP, FUSED_IMPLS, device) is _fused_triton:
+            # Its BN + act in this conv's prologue; this layer's own BN applied after.
+            out = bn_prologue.conv_bn_deferred(input, weight, bn_weight, bn_bias, running_mean, running_var,
+                                               stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                               training=True, momentum=momentum, eps=eps, activation=activation)
+            (residual,) = autocast_inputs(residual) if residual is not None else (None,)
+            check_residual(FUSED_OP, residual, out.conv_output, out.shape)
+            return out.materialize(residual)
+        input = input.materialize()
     input, weight, residual = autocast_inputs(input, weight, residual)
-    g = _check_conv_inputs(FUSED_OP, input, weight, None, None, stride, padding, dilation, groups, activation)
+    g = check_conv_inputs(FUSED_OP, input, weight, None, None, stride, padding, dilation, groups, activation)
     check_fused_args(FUSED_OP, g, input, bn_weight, bn_bias, running_mean, running_var, training, residual)
     impl = dispatch(FUSED_OP, FUSED_IMPLS, input.device)
     return impl(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,

@@ -27,8 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
-from vhist.ops.batch_norm import bn_apply, bn_finalize, bn_grad_input, bn_grad_sums
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, like_layout
+from vhist.ops.batch_norm import bn_act_backward, bn_apply, bn_finalize
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, fold_bn
 from vhist.ops.op_call import custom_op
 
@@ -127,26 +127,12 @@ def _fused_bwd(passes: ConvPasses):
             The five gradients, an entry not asked for empty.
         """
         geom = passes.geometry(input.shape, weight.shape, stride, padding, dilation, groups)
-        # One layout conversion for both BN backward passes (each would convert its own).
-        grad_output = like_layout(grad_output, conv_output)
         want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
-        # With the residual's gradient wanted, the sums pass also writes dz (= that
-        # gradient), and the dx pass reads dz instead of dy, x's mask and the residual:
-        # one write and one read instead of two reads and a write.
-        dz = torch.empty_like(conv_output) if residual is not None and want_dres else None
-        _, _, dgamma, dbeta = sums = bn_grad_sums(
-            grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual,
-            activation=activation, want_dweight=want_dgamma, want_dbias=want_dbeta, dz_out=dz)
-        dx, dw, dres = input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
-        if dz is not None:
-            dres = dz
+        dy_conv, dgamma, dbeta, dres = bn_act_backward(
+            grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
+            want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta, want_dresidual=want_dres)
+        dx, dw = input.new_empty((0,)), input.new_empty((0,))
         if want_dx or want_dw:
-            if dz is not None:
-                dy_conv, _ = bn_grad_input(dz, conv_output, mean, rstd, bn_weight, None, *sums[:2], eps)
-            else:
-                dy_conv, dres = bn_grad_input(grad_output, conv_output, mean, rstd, bn_weight, bn_bias, *sums[:2],
-                                              eps, residual=residual, activation=activation,
-                                              want_dresidual=want_dres)
             if want_dx and want_dw and passes.grad_input_and_weight is not None:
                 dx, dw = passes.grad_input_and_weight(dy_conv, input, weight, geom)
             else:

@@ -61,10 +61,12 @@ ROLES: dict[str, dict[str, Role]] = {
     # kernels/conv.py
     "_conv2d_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")), "Res": ("r", _on("HAS_RESIDUAL")),
                            "Y": "w", "PartMean": ("w", _on("STATS")), "PartM2": ("w", _on("STATS")),
-                           "PartCount": ("w", _on("STATS"))},
+                           "PartCount": ("w", _on("STATS")), "PreScale": ("r", _on("PROLOGUE")),
+                           "PreShift": ("r", _on("PROLOGUE"))},
     "_conv2d_bwd_dgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_conv2d_bwd_wgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "X": "r", "PartDW": "w",
-                                 "PartDB": ("w", _on("HAS_DBIAS"))},
+                                 "PartDB": ("w", _on("HAS_DBIAS")), "PreScale": ("r", _on("PROLOGUE")),
+                                 "PreShift": ("r", _on("PROLOGUE"))},
     "_conv2d_bwd_wgrad_reduce_kernel": {"Part": "r", "Out": "w"},
     # kernels/depthwise.py
     "_depthwise_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")),

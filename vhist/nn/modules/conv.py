@@ -68,29 +68,44 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0
 
 
-def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input: torch.Tensor, activation: Optional[str] = "relu",
-                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input, activation: Optional[str] = "relu",
+                residual: Optional[torch.Tensor] = None, *, defer: bool = False):
     """``act(bn(conv(input)) + residual)`` through the fused op, for a (Conv2d, BatchNorm2d)
     pair kept as separate submodules (so that models keep torchvision's/timm's
     state_dict names). Follows the BatchNorm module's semantics: batch statistics when
     training or not tracking, the cumulative average for ``momentum=None``, and
     ``num_batches_tracked`` counted after a successful call. A :class:`SyncBatchNorm`
-    runs unfused, as its own module, so that it can synchronize its statistics."""
+    runs unfused, as its own module, so that it can synchronize its statistics.
+
+    ``input`` may be the :class:`~vhist.ops.DeferredBNAct` of the pair before (its BN
+    and activation then run in this conv's prologue). With ``defer`` (for a pair whose
+    output feeds only convs; a depthwise conv or a SyncBatchNorm ignores it), the result
+    is this pair's
+    :class:`~vhist.ops.DeferredBNAct` when training on the triton backend, else the
+    tensor; a deferred pair's conv may have a bias (torchvision's VGG-BN), the others not.
+    """
     from vhist.nn.modules.sync_batchnorm import SyncBatchNorm, unfused_conv_bn_act
 
     if isinstance(bn, SyncBatchNorm):
         # The fused op cannot exchange statistics between processes mid-kernel.
-        return unfused_conv_bn_act(conv, bn, input, activation, residual)
-    if conv.bias is not None or conv.padding_mode != "zeros":
-        raise ValueError("conv_bn_act: the conv must have bias=False and padding_mode='zeros'")
+        return unfused_conv_bn_act(conv, bn, VF.as_tensor(input), activation, residual)
+    if conv.padding_mode != "zeros" or (conv.bias is not None and not defer):
+        raise ValueError("conv_bn_act: the conv must have padding_mode='zeros' and, unless deferred, bias=False")
+    if defer and residual is not None:
+        raise ValueError("conv_bn_act: a deferred pair takes no residual (its consumer is a conv)")
     running_mean, running_var, training, momentum = bn_forward_args(bn)
     kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, training=training,
-                  momentum=momentum, eps=bn.eps, activation=activation, residual=residual)
-    args = (input, conv.weight, bn.weight, bn.bias, running_mean, running_var)
+                  momentum=momentum, eps=bn.eps, activation=activation)
     if is_depthwise(conv):
-        out = VF.fused_depthwise_bn_act(*args, **kwargs)
+        if conv.bias is not None:
+            raise ValueError("conv_bn_act: a depthwise conv before BatchNorm must have bias=False")
+        args = (VF.as_tensor(input), conv.weight, bn.weight, bn.bias, running_mean, running_var)
+        out = VF.fused_depthwise_bn_act(*args, residual=residual, **kwargs)
+    elif defer:
+        out = VF.conv_bn_deferred(input, conv.weight, bn.weight, bn.bias, running_mean, running_var,
+                                  bias=conv.bias, groups=conv.groups, **kwargs)
     else:
-        # The design's name (alias of fused_conv_bn_act), the one tests/test_models.py watches.
-        out = VF.fused_conv_bn_act(*args, groups=conv.groups, **kwargs)
+        args = (input, conv.weight, bn.weight, bn.bias, running_mean, running_var)
+        out = VF.fused_conv_bn_act(*args, groups=conv.groups, residual=residual, **kwargs)
     count_batch(bn)
     return out

@@ -1,0 +1,300 @@
+"""BatchNorm + activation applied in the next conv's prologue (training).
+
+A conv → BN → activation whose output only feeds other convs need not write its
+normalized output at all. The producer writes the raw conv output ``z`` and its batch
+statistics (the conv epilogue's partials, merged by ``bn_finalize``, which also updates
+the running statistics); the consumer conv loads ``z`` and applies
+``act(gamma * (z - mean) * rstd + beta)`` to each input tile in registers
+(``_prologue`` in :mod:`vhist.kernels.conv`), its weight gradient recomputes the same
+transform from ``z``, and the producer's BN + activation backward runs inside the
+consumer's backward, from the same saved ``z``. This is the mainloop fusion of CUTLASS's
+examples 25 and 26, for training: per such layer it saves the apply pass's read of ``z``
+and write of ``y`` forward, and keeps one activation-sized tensor instead of two alive
+for the backward.
+
+The hand-off between producer and consumer is a :class:`DeferredBNAct`.
+
+Registered custom ops (fakes included, so ``torch.compile`` traces them):
+
+* ``vhist::conv_bn_stats_fwd``: ``conv2d(P(input), weight) + bias`` and its batch
+  statistics, where ``P`` is the optional prologue (the producing layer's BN + act);
+* ``vhist::conv_bn_stats_bwd``: its backward from the gradient at the conv output: the
+  weight (and bias) gradient, and the gradient at ``input`` through the prologue (dgrad,
+  then the prologue's BN + activation backward) with the prologue's affine gradients;
+* ``vhist::bn_act_fwd`` / ``_bwd`` (:mod:`vhist.ops.batch_norm`): the apply pass with
+  given statistics, for a consumer that needs a tensor (a residual join, a pooling).
+
+Both sides run under :class:`ConvBNStatsFunction` and
+:class:`~vhist.ops.batch_norm.BNActFunction`; the statistics are non-differentiable
+outputs, since the full training backward (through the statistics) is computed by whoever
+applies them. Dense convs only (the depthwise and stem paths have no prologue), triton
+backend only; elsewhere :func:`conv_bn_deferred` returns the applied tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from vhist import reference
+from vhist.ops._dispatch import autocast_inputs, dispatch
+from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, activation_code, check_bn_args, to_channels_last
+from vhist.ops.conv import (ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
+                            dgrad_launch, geometry_from_lists, is_stem, prologue_of, wgrad_launch)
+from vhist.ops.conv_common import fold_bn
+from vhist.ops.op_call import custom_op
+
+OP = "conv_bn_deferred"
+
+
+@dataclass(frozen=True)
+class DeferredBNAct:
+    """``act(batch_norm(conv_output))`` in training, not applied yet: what a conv
+    consumes in its prologue. Made by :func:`conv_bn_deferred`.
+
+    Attributes:
+        conv_output: the raw conv output (N, C, H, W), channels_last, in autograd.
+        mean, rstd: its batch statistics (C,), accumulation dtype, non-differentiable.
+        weight, bias: the BatchNorm affine parameters (C,) or None.
+        activation: "relu", "relu6" or None.
+        eps: BatchNorm's epsilon.
+    """
+
+    conv_output: torch.Tensor
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    activation: Optional[str]
+    eps: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.conv_output.shape
+
+    def materialize(self, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The applied tensor ``act(BN(conv_output) + residual)`` (one apply pass)."""
+        return BNActFunction.apply(self.conv_output, self.mean, self.rstd, self.weight, self.bias, residual,
+                                   self.eps, ACTIVATION_CODES[self.activation])
+
+    def prologue_args(self) -> tuple:
+        """The ``pre_*`` arguments of ``vhist::conv_bn_stats_fwd`` / ``_bwd``."""
+        return self.mean, self.rstd, self.weight, self.bias, ACTIVATION_CODES[self.activation]
+
+
+def as_tensor(x: Union[torch.Tensor, DeferredBNAct]) -> torch.Tensor:
+    """``x`` as a tensor: a :class:`DeferredBNAct` applied, a tensor unchanged."""
+    return x.materialize() if isinstance(x, DeferredBNAct) else x
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+def _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation):
+    if pre_mean is None:
+        return None
+    return prologue_of(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, input.dtype)
+
+
+@custom_op("vhist::conv_bn_stats_fwd", mutates_args=("running_mean", "running_var"))
+def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
+                      pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
+                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, momentum: float,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``z = conv2d(P(input), weight) + bias`` and the batch statistics of ``z`` (running
+    statistics updated in place), with ``P(x) = act(pre_weight * (x - pre_mean) * pre_rstd
+    + pre_bias)`` applied in the conv's prologue when ``pre_mean`` is given (identity
+    otherwise).
+
+    Returns:
+        ``(z, mean, rstd)``: z channels_last, the statistics in the accumulation dtype.
+    """
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
+    prologue = _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    z, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(input, weight, bias, None, g, 0, stats=True,
+                                                                 prologue=prologue)
+    mean, rstd = bn_finalize(part_mean[:tiles], part_m2[:tiles], part_count[:tiles], running_mean, running_var,
+                             momentum, eps)
+    return z, mean, rstd
+
+
+@conv_bn_stats_fwd.register_fake
+def _(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, running_mean, running_var,
+      stride, padding, dilation, groups, momentum, eps):
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
+    acc = acc_dtype(input.dtype)
+    z = torch.empty(g.out_shape, device=input.device, dtype=input.dtype, memory_format=torch.channels_last)
+    return z, input.new_empty((g.c_out,), dtype=acc), input.new_empty((g.c_out,), dtype=acc)
+
+
+@custom_op("vhist::conv_bn_stats_bwd", mutates_args=())
+def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
+                      pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
+                      pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
+                      stride: list[int], padding: list[int], dilation: list[int], groups: int, pre_eps: float,
+                      output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    """Backward of :func:`conv_bn_stats_fwd` from ``grad_z``, the full gradient at ``z``.
+
+    The weight gradient recomputes ``P(input)`` tile by tile; the gradient at the conv's
+    input (dgrad) goes, with a prologue, through its BatchNorm + activation backward
+    (training, through ``pre_mean`` / ``pre_rstd``), which gives the gradient at the
+    producer's raw output and the prologue's affine gradients.
+
+    Args:
+        output_mask: which of (grad_input, grad_weight, grad_bias, grad_pre_weight,
+            grad_pre_bias) to compute.
+
+    Returns:
+        The five gradients, an entry not asked for empty; grad_bias in the accumulation
+        dtype.
+    """
+    g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
+    grad_z = to_channels_last(grad_z)
+    want_dx, want_dw, want_db, want_dpw, want_dpb = output_mask
+    prologue = _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    dx, dw, db, dpw, dpb = (input.new_empty((0,)) for _ in range(5))
+    if want_dw or want_db:
+        dw, db = wgrad_launch(grad_z, None, input, weight.shape, weight.dtype, g, 0, want_dw, want_db,
+                              prologue=prologue)
+        dw = dw if dw is not None else input.new_empty((0,))
+        db = db if db is not None else input.new_empty((0,))
+    through_prologue = prologue is not None and (want_dx or want_dpw or want_dpb)
+    if want_dx or through_prologue:
+        grad_act = dgrad_launch(grad_z, None, weight, g, 0, input)
+        if prologue is None:
+            dx = grad_act
+        else:
+            dx, dpw, dpb, _ = bn_act_backward(grad_act, input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_eps,
+                                              activation=pre_activation, want_dx=want_dx, want_dweight=want_dpw,
+                                              want_dbias=want_dpb)
+    return dx, dw, db, dpw, dpb
+
+
+@conv_bn_stats_bwd.register_fake
+def _(grad_z, input, weight, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, stride, padding, dilation,
+      groups, pre_eps, output_mask):
+    c_in, c_out, empty = input.shape[1], weight.shape[0], input.new_empty
+
+    def like(t):
+        return torch.empty(t.shape, device=t.device, dtype=t.dtype, memory_format=torch.channels_last)
+
+    return (like(input) if output_mask[0] else empty((0,)),
+            like(weight) if output_mask[1] else empty((0,)),
+            empty((c_out,), dtype=acc_dtype(input.dtype)) if output_mask[2] else empty((0,)),
+            empty((c_in,), dtype=pre_weight.dtype) if output_mask[3] and pre_weight is not None else empty((0,)),
+            empty((c_in,), dtype=pre_bias.dtype) if output_mask[4] and pre_bias is not None else empty((0,)))
+
+
+class ConvBNStatsFunction(torch.autograd.Function):
+    """Autograd for :func:`conv_bn_stats_fwd`: differentiable in ``input``, ``weight``,
+    ``bias`` and the prologue's ``pre_weight`` / ``pre_bias``; ``mean`` and ``rstd`` are
+    marked non-differentiable (the consumer's backward goes through them)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_eps,
+                running_mean, running_var, stride, padding, dilation, groups, momentum, eps):
+        z, mean, rstd = conv_bn_stats_fwd(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias,
+                                          pre_activation, running_mean, running_var, stride, padding, dilation,
+                                          groups, momentum, eps)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(input, weight, pre_mean, pre_rstd, pre_weight, pre_bias)
+        ctx.args = (pre_activation, stride, padding, dilation, groups, pre_eps)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return z, mean, rstd
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_rstd):
+        input, weight, pre_mean, pre_rstd, pre_weight, pre_bias = ctx.saved_tensors
+        pre_activation, stride, padding, dilation, groups, pre_eps = ctx.args
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[5], need[6]]
+        dx, dw, db, dpw, dpb = conv_bn_stats_bwd(grad_z, input, weight, pre_mean, pre_rstd, pre_weight, pre_bias,
+                                                 pre_activation, stride, padding, dilation, groups, pre_eps, mask)
+        return (dx if mask[0] else None, dw if mask[1] else None, db.to(ctx.bias_dtype) if mask[2] else None,
+                None, None, dpw if mask[3] and pre_weight is not None else None,
+                dpb if mask[4] and pre_bias is not None else None) + (None,) * 10
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: ConvGeometry, *,
+                     training, momentum, eps, activation):
+    if not training:
+        # Eval: BN (and the conv's bias) folded into the conv, one launch with the activation.
+        folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        if bias is not None:  # gamma * (b - mean) / sqrt(var + eps): fold_bn's -mean * s, plus b * s
+            folded_bias = folded_bias + bias.to(folded_bias.dtype) * _bn_scale(bn_weight, running_var, eps)
+        return Conv2dFunction.apply(as_tensor(input), folded_weight, folded_bias, None, *g.op_args(), g.groups,
+                                    ACTIVATION_CODES[activation])
+    pre = input.prologue_args() if isinstance(input, DeferredBNAct) else (None,) * 4 + (0,)
+    pre_eps = input.eps if isinstance(input, DeferredBNAct) else 0.0
+    raw = input.conv_output if isinstance(input, DeferredBNAct) else to_channels_last(input)
+    z, mean, rstd = ConvBNStatsFunction.apply(raw, weight, bias, *pre, pre_eps, running_mean, running_var,
+                                              *g.op_args(), g.groups, momentum, eps)
+    return DeferredBNAct(z, mean, rstd, bn_weight, bn_bias, activation, eps)
+
+
+def _bn_scale(bn_weight, running_var, eps):
+    scale = torch.rsqrt(running_var.to(acc_dtype(running_var.dtype)) + eps)
+    return scale if bn_weight is None else scale * bn_weight.to(scale.dtype)
+
+
+def _deferred_reference(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, *, training,
+                        momentum, eps, activation):
+    y = torch.nn.functional.conv2d(as_tensor(input), weight, bias, g.stride, g.padding[::2], g.dilation, g.groups)
+    y = torch.nn.functional.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return reference.activate(y, activation)
+
+
+IMPLS = {"triton": _deferred_triton, "torch": _deferred_reference}
+
+
+def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Tensor,
+                     bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                     running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
+                     bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1,
+                     training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                     activation: Optional[str] = "relu") -> Union[torch.Tensor, DeferredBNAct]:
+    """``act(batch_norm(conv2d(input, weight, bias)))`` for a consumer that is a conv:
+    in training on the triton backend, a :class:`DeferredBNAct` (the conv output and its
+    statistics, running statistics updated) that :func:`vhist.ops.fused_conv_bn_act`
+    and this function take as ``input`` and apply in their conv's prologue; in eval, or
+    on another backend, the applied tensor. ``input`` may itself be a
+    :class:`DeferredBNAct`.
+
+    Args:
+        weight, bias: the conv's (C_out, C_in / groups, KH, KW) weight and optional bias
+            (a bias before BatchNorm only moves the batch mean, as in torchvision's VGG-BN).
+        bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+        activation, stride, padding, dilation, groups: as :func:`vhist.ops.fused_conv_bn_act`.
+
+    A stem conv (at most 4 input channels, :func:`vhist.ops.conv.is_stem`) consuming a
+    deferred input applies it first (the stem path has no prologue).
+
+    Raises:
+        ValueError / TypeError: as :func:`vhist.ops.fused_conv_bn_act` for bad arguments.
+    """
+    x = input.conv_output if isinstance(input, DeferredBNAct) else input
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    if isinstance(input, DeferredBNAct):
+        input = DeferredBNAct(x, input.mean, input.rstd, input.weight, input.bias, input.activation, input.eps)
+    else:
+        input = x
+    g = check_conv_inputs(OP, x, weight, bias, None, stride, padding, dilation, groups, activation)
+    activation_code(OP, activation)
+    check_bn_args(OP, g.c_out, x, bn_weight, bn_bias, running_mean, running_var, training, g.positions,
+                  names=("bn_weight", "bn_bias"), matches="the conv's {c} output channels",
+                  shape_name="a conv output of shape", shape=g.out_shape)
+    if isinstance(input, DeferredBNAct) and is_stem(g, x.dtype):
+        # The stem path (at most 4 input channels, channels zero-padded) has no prologue:
+        # the producer's BN + act is applied first, in one pass.
+        input = input.materialize()
+    impl = dispatch(OP, IMPLS, x.device)
+    return impl(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, training=training,
+                momentum=momentum, eps=eps, activation=activation)
