@@ -197,22 +197,29 @@ def test_small_stems_are_the_documented_ones():
 
 
 def test_resnet_adds_shortcut_in_fused_op(monkeypatch):
-    """Every ResNet block joins its shortcut through the fused op's residual input."""
+    """Every ResNet block joins its shortcut through the fused op's residual input, and
+    defers its first pair's BN + ReLU to the second conv (vhist.ops.conv_bn_deferred)."""
     import vhist.nn.modules.conv as conv_module
 
-    calls = []
-    real = conv_module.VF.fused_conv_bn_act
+    calls, deferred = [], []
+    real, real_deferred = conv_module.VF.fused_conv_bn_act, conv_module.VF.conv_bn_deferred
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("residual") is not None)
         return real(*args, **kwargs)
 
+    def spy_deferred(*args, **kwargs):
+        deferred.append(kwargs.get("bias") is None)
+        return real_deferred(*args, **kwargs)
+
     monkeypatch.setattr(conv_module.VF, "fused_conv_bn_act", spy)
+    monkeypatch.setattr(conv_module.VF, "conv_bn_deferred", spy_deferred)
     model = vhist.create_model("resnet18", image_size=32, channel_divisor=16)
     with vhist.use_backend("torch"):
         model(torch.randn(2, 3, 32, 32))
     assert sum(calls) == 8  # 2 + 2 + 2 + 2 BasicBlocks
-    assert len(calls) == 1 + 16 + 3  # stem, two convs per block, three downsamples
+    assert len(calls) == 1 + 8 + 3  # stem, each block's second conv, three downsamples
+    assert deferred == [True] * 8  # each block's first conv (no conv bias)
 
 
 # Keys that torchvision's / timm's state_dicts contain (checked without them installed).
