@@ -291,6 +291,7 @@ def write_summary_md(data: dict, out_dir: str) -> str:
              f"triton {meta['triton']}, torch {meta['torch']}, git {meta['git_sha'][:10]}, {meta['date']}; "
              f"{meta['launches']} launches recorded, {len(data['rows'])} variant rows"
              + ("" if meta.get("complete") else " (run stopped before every variant was compiled)") + ".", "",
+             f"Made with `python bench/compile_report.py {' '.join(meta.get('argv', []))}`.", "",
              "Ranges over every compiled variant (config x launch) of each kernel; no figure here was measured "
              "on a GPU.", "",
              "| kernel | dtype | variants | configs | regs | spill B | shared KB | blocks/SM | mma | access | "

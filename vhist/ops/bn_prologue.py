@@ -40,7 +40,7 @@ import torch
 from vhist import reference
 from vhist.ops._dispatch import autocast_inputs, dispatch
 from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, activation_code, check_bn_args, to_channels_last
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, to_channels_last
 from vhist.ops.conv import (ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
                             dgrad_launch, geometry_from_lists, is_stem, prologue_of, wgrad_launch)
 from vhist.ops.conv_common import fold_bn
@@ -230,8 +230,8 @@ def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, runn
         folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
         if bias is not None:  # gamma * (b - mean) / sqrt(var + eps): fold_bn's -mean * s, plus b * s
             folded_bias = folded_bias + bias.to(folded_bias.dtype) * _bn_scale(bn_weight, running_var, eps)
-        return Conv2dFunction.apply(as_tensor(input), folded_weight, folded_bias, None, *g.op_args(), g.groups,
-                                    ACTIVATION_CODES[activation])
+        return Conv2dFunction.apply(to_channels_last(as_tensor(input)), folded_weight, folded_bias, None,
+                                    *g.op_args(), g.groups, ACTIVATION_CODES[activation])
     pre = input.prologue_args() if isinstance(input, DeferredBNAct) else (None,) * 4 + (0,)
     pre_eps = input.eps if isinstance(input, DeferredBNAct) else 0.0
     raw = input.conv_output if isinstance(input, DeferredBNAct) else to_channels_last(input)
@@ -247,7 +247,9 @@ def _bn_scale(bn_weight, running_var, eps):
 
 def _deferred_reference(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, *, training,
                         momentum, eps, activation):
-    y = torch.nn.functional.conv2d(as_tensor(input), weight, bias, g.stride, g.padding[::2], g.dilation, g.groups)
+    top, bottom, left, right = g.padding  # resolved, possibly asymmetric ('same' with an even kernel)
+    x = torch.nn.functional.pad(as_tensor(input), (left, right, top, bottom))
+    y = torch.nn.functional.conv2d(x, weight, bias, g.stride, 0, g.dilation, g.groups)
     y = torch.nn.functional.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return reference.activate(y, activation)
 
@@ -287,7 +289,6 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
     else:
         input = x
     g = check_conv_inputs(OP, x, weight, bias, None, stride, padding, dilation, groups, activation)
-    activation_code(OP, activation)
     check_bn_args(OP, g.c_out, x, bn_weight, bn_bias, running_mean, running_var, training, g.positions,
                   names=("bn_weight", "bn_bias"), matches="the conv's {c} output channels",
                   shape_name="a conv output of shape", shape=g.out_shape)

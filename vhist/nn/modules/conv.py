@@ -80,9 +80,9 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.BatchNorm2d, input, activation: Optional
     ``input`` may be the :class:`~vhist.ops.DeferredBNAct` of the pair before (its BN
     and activation then run in this conv's prologue). With ``defer`` (for a pair whose
     output feeds only convs; a depthwise conv or a SyncBatchNorm ignores it), the result
-    is this pair's
-    :class:`~vhist.ops.DeferredBNAct` when training on the triton backend, else the
-    tensor; a deferred pair's conv may have a bias (torchvision's VGG-BN), the others not.
+    is this pair's :class:`~vhist.ops.DeferredBNAct` when training on the triton
+    backend, else the tensor; a deferred pair's conv may have a bias (torchvision's
+    VGG-BN), the others not.
     """
     from vhist.nn.modules.sync_batchnorm import SyncBatchNorm, unfused_conv_bn_act
 
