@@ -57,15 +57,21 @@ def _mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _prologue(x, Scale, Shift, channel, valid, channel_ok, PRE_ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+def _prologue(x, Mean, Rstd, Weight, Bias, channel, valid, channel_ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              PRE_ACTIVATION: tl.constexpr, ACC: tl.constexpr):
     # The producing layer's BatchNorm and activation applied to a loaded input tile, so
     # that its normalized output is never written (the mainloop fusion of CUTLASS's
-    # examples 25/26): act(x * scale + shift) per input channel, with scale = gamma*rstd
-    # and shift = beta - mean*scale; positions outside the image (padding) stay 0, as they
-    # are 0 in the activation the unfused conv would read. channel / channel_ok broadcast
-    # along the tile's channel axis (either axis of the tile).
-    scale = tl.load(Scale + channel, mask=channel_ok, other=0.0)
-    shift = tl.load(Shift + channel, mask=channel_ok, other=0.0)
+    # examples 25/26): act(x * scale + shift) per input channel, scale = gamma * rstd and
+    # shift = beta - mean * scale from the producer's statistics (gamma 1, beta 0 when
+    # absent); positions outside the image (padding) stay 0, as they are 0 in the
+    # activation the unfused conv would read. channel / channel_ok broadcast along the
+    # tile's channel axis (either axis of the tile).
+    scale = tl.load(Rstd + channel, mask=channel_ok, other=0.0).to(ACC)
+    if HAS_W:
+        scale = scale * tl.load(Weight + channel, mask=channel_ok, other=0.0).to(ACC)
+    shift = -tl.load(Mean + channel, mask=channel_ok, other=0.0).to(ACC) * scale
+    if HAS_B:
+        shift += tl.load(Bias + channel, mask=channel_ok, other=0.0).to(ACC)
     y = activate(x.to(ACC) * scale + shift, PRE_ACTIVATION)
     return tl.where(valid, y, 0.0).to(x.dtype)
 
@@ -76,7 +82,8 @@ def _prologue(x, Scale, Shift, channel, valid, channel_ok, PRE_ACTIVATION: tl.co
 # the software pipeline runs across taps (one fill and drain per program, not one per
 # tap); the padding masks are computed per step from the tap, the padded taps loading
 # zero. With PROLOGUE the input is the raw output of a conv whose BatchNorm + activation
-# (scale, shift, PRE_ACTIVATION) is applied here to each loaded tile (_prologue).
+# (its statistics and affine parameters, PRE_ACTIVATION) is applied here to each loaded
+# tile (_prologue).
 # Epilogue on the fp32 accumulator: bias, then (STATS) the tile's BatchNorm partials
 # (count, mean, M2) per channel in the layout bn_fwd_finalize merges with Chan's formula,
 # then residual and activation, then one store.
@@ -90,15 +97,17 @@ def _conv2d_fwd_kernel(
     PartMean,   # (num_m_tiles, C_out) per-tile channel mean of the accumulator (STATS)
     PartM2,     # (num_m_tiles, C_out) per-tile sum of squared deviations (STATS)
     PartCount,  # (num_m_tiles,) valid rows per tile (STATS)
-    PreScale,   # (C_in,) prologue scale, accumulation dtype (PROLOGUE)
-    PreShift,   # (C_in,) prologue shift, accumulation dtype (PROLOGUE)
+    PreMean,    # (C_in,) prologue: the producer's batch mean, accumulation dtype (PROLOGUE)
+    PreRstd,    # (C_in,) prologue: its 1/sqrt(var + eps)
+    PreW,       # (C_in,) prologue: its BN weight (PRE_HAS_W)
+    PreB,       # (C_in,) prologue: its BN bias (PRE_HAS_B)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wi, stride_wh, stride_ww,
     stride_yn, stride_yc, stride_yh, stride_yw,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
-    PROLOGUE: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
+    PROLOGUE: tl.constexpr, PRE_HAS_W: tl.constexpr, PRE_HAS_B: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -135,8 +144,8 @@ def _conv2d_fwd_kernel(
         a = tl.load(x_row[:, None] + c[None, :].to(tl.int64) * stride_xc,
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if PROLOGUE:
-            a = _prologue(a, PreScale, PreShift, (g * CG_IN + c)[None, :], row_ok[:, None] & c_ok[None, :],
-                          c_ok[None, :], PRE_ACTIVATION, ACC)
+            a = _prologue(a, PreMean, PreRstd, PreW, PreB, (g * CG_IN + c)[None, :], row_ok[:, None] & c_ok[None, :],
+                          c_ok[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
         b = tl.load(w_base[None, :] + (kh * stride_wh + kw * stride_ww) + c[:, None] * stride_wi,
                     mask=c_ok[:, None] & co_mask[None, :], other=0.0)
         acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
@@ -274,13 +283,16 @@ def _conv2d_bwd_wgrad_kernel(
     X,       # (N, C_in, H, W) forward input
     PartDW,  # (SPLIT, C_out, KH, KW, CG_IN) partial weight gradients, contiguous
     PartDB,  # (SPLIT, C_out) partial bias gradients (unused unless HAS_DBIAS)
-    PreScale,  # (C_in,) prologue scale of X, accumulation dtype (PROLOGUE)
-    PreShift,  # (C_in,) prologue shift of X, accumulation dtype (PROLOGUE)
+    PreMean,   # (C_in,) prologue of X: the producer's batch mean, accumulation dtype (PROLOGUE)
+    PreRstd,   # (C_in,) prologue: its 1/sqrt(var + eps)
+    PreW,      # (C_in,) prologue: its BN weight (PRE_HAS_W)
+    PreB,      # (C_in,) prologue: its BN bias (PRE_HAS_B)
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw, stride_xn, stride_xc, stride_xh, stride_xw,
     POS_PER_SPLIT, GROUPS,
-    HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr, PROLOGUE: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    PROLOGUE: tl.constexpr, PRE_HAS_W: tl.constexpr, PRE_HAS_B: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
     FMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -325,8 +337,8 @@ def _conv2d_bwd_wgrad_kernel(
             + ci_g.to(tl.int64)[None, :] * stride_xc
         b = tl.load(X + x_offs, mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
         if PROLOGUE:  # the forward's input recomputed from the raw X, as the forward's prologue did
-            b = _prologue(b, PreScale, PreShift, ci_g[None, :], x_ok[:, None] & ci_mask[None, :],
-                          ci_mask[None, :], PRE_ACTIVATION, ACC)
+            b = _prologue(b, PreMean, PreRstd, PreW, PreB, ci_g[None, :], x_ok[:, None] & ci_mask[None, :],
+                          ci_mask[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
         acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
 
     c_out = CG_OUT * GROUPS

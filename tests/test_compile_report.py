@@ -4,7 +4,8 @@ without a GPU: the properties every launchable variant must have (static, sm_90 
 Runs in subprocesses without TRITON_INTERPRET (the report compiles; nothing launches).
 A small subset keeps it to a couple of minutes on a cold cache: one 3x3 conv layer with
 BatchNorm (forward, dgrad, wgrad, BN kernels, eval), one depthwise layer, one LRN layer,
-bf16, the first two autotune candidates of each launch.
+one conv pair with BN + ReLU in the second conv's prologue (bench suite bn_prologue), bf16,
+the first two autotune candidates of each launch.
 """
 import json
 import os
@@ -14,8 +15,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = ["--models", "none", "--ops", "conv,batch_norm,depthwise,local_response_norm",
-          "--layers", "layer2.conv2,v2.features4,alexnet.lrn2", "--dtypes", "bf16", "--max-configs", "2", "--quiet"]
+SUBSET = ["--models", "none", "--ops", "conv,batch_norm,depthwise,local_response_norm,bn_prologue",
+          "--layers", "layer2.conv2,v2.features4,alexnet.lrn2,resnet50.layer1.conv1+conv2", "--dtypes", "bf16",
+          "--max-configs", "2", "--quiet"]
 SMEM_LIMIT = 227 * 1024
 GEMM = ("_conv2d_fwd_kernel", "_conv2d_bwd_dgrad_kernel", "_conv2d_bwd_wgrad_kernel")
 
@@ -46,6 +48,17 @@ def _rows(report, kernels=None):
 
 def _where(rows):
     return [f"{r['kernel']} [{r['config']}] {r['op']} {r['layer']}" for r in rows]
+
+
+def test_compile_report_prologue_variants_keep_the_pipeline(report):
+    """The forward and wgrad with the BN + ReLU prologue (issue 15 item 4): compiled,
+    wgmma, one pipelined loop, one fill per program (the spill and wgmma rules above
+    cover them too)."""
+    rows = [r for r in _rows(report, ("_conv2d_fwd_kernel", "_conv2d_bwd_wgrad_kernel"))
+            if r["op"].startswith("conv_bn_stats")]
+    assert {r["kernel"] for r in rows} == {"_conv2d_fwd_kernel", "_conv2d_bwd_wgrad_kernel"}
+    for r in rows:
+        assert r["mma"] == "wgmma" and r["pipelined_loops"] == 1 and r["fills_per_program"] == 1, r
 
 
 def test_compile_report_covers_every_kernel_of_the_subset(report):

@@ -42,7 +42,7 @@ from vhist.ops._dispatch import autocast_inputs, dispatch
 from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
 from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, to_channels_last
 from vhist.ops.conv import (ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
-                            dgrad_launch, geometry_from_lists, is_stem, prologue_of, wgrad_launch)
+                            dgrad_launch, geometry_from_lists, is_stem, wgrad_launch)
 from vhist.ops.conv_common import fold_bn
 from vhist.ops.op_call import custom_op
 
@@ -93,9 +93,10 @@ def as_tensor(x: Union[torch.Tensor, DeferredBNAct]) -> torch.Tensor:
 
 
 def _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation):
+    """The launchers' ``prologue`` argument (see :func:`vhist.ops.conv.conv_fwd_launch`)."""
     if pre_mean is None:
         return None
-    return prologue_of(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, input.dtype)
+    return pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation
 
 
 @custom_op("vhist::conv_bn_stats_fwd", mutates_args=("running_mean", "running_var"))

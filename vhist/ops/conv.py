@@ -179,8 +179,9 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
                     prologue: Optional[tuple] = None):
     """Runs the forward GEMM. Returns (output, partials): partials are (mean, M2, count,
     num_tiles) of the BN statistics when ``stats``, else None. ``prologue``, when given,
-    is ``(scale, shift, activation_code)``: the input is a raw conv output whose BatchNorm
-    and activation the kernel applies to each loaded tile (:func:`prologue_of`)."""
+    is ``(mean, rstd, weight, bias, activation_code)``: the input is a raw conv output
+    whose BatchNorm (its batch statistics, affine parameters or None) and activation the
+    kernel applies to each loaded tile."""
     from vhist.kernels import conv as kernels
 
     weight = to_channels_last(weight)
@@ -210,13 +211,13 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
         launch, launch_grid = {}, grid
         part_mean = part_m2 = part_count = out
 
-    pre_scale, pre_shift, pre_activation = prologue if prologue is not None else (out, out, 0)
+    pre_args, pre_constexprs = _prologue_args(prologue, out)
     kernel[launch_grid](
         input, weight, bias if bias is not None else out, residual if residual is not None else out, out,
-        part_mean, part_m2, part_count, pre_scale, pre_shift, *_geom_args(g),
+        part_mean, part_m2, part_count, *pre_args, *_geom_args(g),
         *input.stride(), *weight.stride(), *out.stride(),
         HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, STATS=stats,
-        PROLOGUE=prologue is not None, PRE_ACTIVATION=pre_activation, **_precision(input.dtype), **launch)
+        **pre_constexprs, **_precision(input.dtype), **launch)
     if not stats:
         return out, None
     return out, (part_mean, part_m2, part_count, tiles)
@@ -270,12 +271,11 @@ def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometr
         return (cdiv(cg_out, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw,
                 split * g.groups)
 
-    pre_scale, pre_shift, pre_activation = prologue if prologue is not None else (part_dw, part_dw, 0)
+    pre_args, pre_constexprs = _prologue_args(prologue, part_dw)
     _pick_gemm(kernels.conv2d_bwd_wgrad, grad.dtype)[grid](
-        grad, output if output is not None else grad, input, part_dw, part_db, pre_scale, pre_shift, *_geom_args(g),
+        grad, output if output is not None else grad, input, part_dw, part_db, *pre_args, *_geom_args(g),
         *grad.stride(), *input.stride(), per_split, g.groups,
-        HAS_DBIAS=want_db, ACTIVATION=activation, PROLOGUE=prologue is not None, PRE_ACTIVATION=pre_activation,
-        **_precision(grad.dtype))
+        HAS_DBIAS=want_db, ACTIVATION=activation, **pre_constexprs, **_precision(grad.dtype))
     dw = db = None
     block = kernels.WGRAD_REDUCE_BLOCK
     if want_dw:
@@ -289,17 +289,15 @@ def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometr
     return dw, db
 
 
-def prologue_of(mean, rstd, weight, bias, activation: int, dtype: torch.dtype) -> tuple:
-    """``(scale, shift, activation)`` of a BatchNorm + activation applied in a conv's
-    prologue: ``act(x * scale + shift)`` with ``scale = weight * rstd`` and ``shift = bias -
-    mean * scale`` (weight 1 and bias 0 when absent), per channel in the accumulation
-    dtype of ``dtype``."""
-    acc = acc_dtype(dtype)
-    scale = rstd.to(acc) if weight is None else rstd.to(acc) * weight.to(acc)
-    shift = -mean.to(acc) * scale
-    if bias is not None:
-        shift = shift + bias.to(acc)
-    return scale.contiguous(), shift.contiguous(), activation
+def _prologue_args(prologue: Optional[tuple], placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """The (PreMean, PreRstd, PreW, PreB) pointers and the prologue constexprs of a GEMM
+    launch, for ``prologue`` = ``(mean, rstd, weight, bias, activation_code)`` or None."""
+    if prologue is None:
+        return (placeholder,) * 4, dict(PROLOGUE=False, PRE_HAS_W=False, PRE_HAS_B=False, PRE_ACTIVATION=0)
+    mean, rstd, weight, bias, activation = prologue
+    return ((mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean),
+            dict(PROLOGUE=True, PRE_HAS_W=weight is not None, PRE_HAS_B=bias is not None,
+                 PRE_ACTIVATION=activation))
 
 
 @shape_cached

@@ -61,12 +61,14 @@ ROLES: dict[str, dict[str, Role]] = {
     # kernels/conv.py
     "_conv2d_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")), "Res": ("r", _on("HAS_RESIDUAL")),
                            "Y": "w", "PartMean": ("w", _on("STATS")), "PartM2": ("w", _on("STATS")),
-                           "PartCount": ("w", _on("STATS")), "PreScale": ("r", _on("PROLOGUE")),
-                           "PreShift": ("r", _on("PROLOGUE"))},
+                           "PartCount": ("w", _on("STATS")), "PreMean": ("r", _on("PROLOGUE")),
+                           "PreRstd": ("r", _on("PROLOGUE")), "PreW": ("r", _on("PRE_HAS_W")),
+                           "PreB": ("r", _on("PRE_HAS_B"))},
     "_conv2d_bwd_dgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_conv2d_bwd_wgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "X": "r", "PartDW": "w",
-                                 "PartDB": ("w", _on("HAS_DBIAS")), "PreScale": ("r", _on("PROLOGUE")),
-                                 "PreShift": ("r", _on("PROLOGUE"))},
+                                 "PartDB": ("w", _on("HAS_DBIAS")), "PreMean": ("r", _on("PROLOGUE")),
+                                 "PreRstd": ("r", _on("PROLOGUE")), "PreW": ("r", _on("PRE_HAS_W")),
+                                 "PreB": ("r", _on("PRE_HAS_B"))},
     "_conv2d_bwd_wgrad_reduce_kernel": {"Part": "r", "Out": "w"},
     # kernels/depthwise.py
     "_depthwise_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")),
