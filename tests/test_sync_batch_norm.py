@@ -1,6 +1,7 @@
 """Cross-process BatchNorm: 2 CPU processes over gloo must reproduce single-process batch
 norm over the same global batch (forward, running statistics, input and parameter
 gradients), through the op, the module conversion with DDP, and `vhist train --sync-bn`."""
+import gc
 import json
 import os
 
@@ -81,6 +82,11 @@ def _worker(rank, port, out_dir, data_spec, train_port):
     opt.step()
     results["ddp_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # The DDP reducer holds the process group: free it while both ranks are alive (a
+    # reducer collected later joins gloo threads that wait on a peer that has exited).
+    del ddp, model, opt, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
     # 3. the training engine under a torchrun-like environment, with --sync-bn
     os.environ["MASTER_PORT"] = str(train_port)
