@@ -242,9 +242,14 @@ def weight_grad_tiling(kh: int, kw: int, channels_last: bool) -> tuple[int, int,
     [next_pow2(KH*KW), BLOCK_P, BLOCK_C] accumulator of WGRAD_TILE elements, wide along
     the contiguous axis (channels for NHWC, pixels for NCHW). Fixed by the shape alone
     (never autotuned), so that the in-chunk summation order is too."""
-    taps = triton.next_power_of_2(kh * kw)
+    return (*_tap_tile(triton.next_power_of_2(kh * kw), channels_last), 4)
+
+
+def _tap_tile(taps: int, channels_last: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of a [taps, BLOCK_P, BLOCK_C] accumulator of WGRAD_TILE elements
+    (``taps`` a power of two), wide along the contiguous axis."""
     block_c = min(32 if channels_last else 4, max(1, WGRAD_TILE // taps))
-    return max(1, WGRAD_TILE // (taps * block_c)), block_c, 4
+    return max(1, WGRAD_TILE // (taps * block_c)), block_c
 
 
 # Weight gradient, stage 2: sums the partials of every (tap, channel) over the chunks in
@@ -393,8 +398,7 @@ def input_weight_grad_tiling(kh: int, kw: int, multiplier: int, channels_last: b
     accumulator of WGRAD_TILE elements, wide along the contiguous axis (channels for
     NHWC, pixels for NCHW), as :func:`weight_grad_tiling`. Fixed by the shape alone."""
     block_j = triton.next_power_of_2(multiplier * kh * kw)
-    block_c = min(32 if channels_last else 4, max(1, WGRAD_TILE // block_j))
-    return block_j, max(1, WGRAD_TILE // (block_j * block_c)), block_c, 4
+    return (block_j, *_tap_tile(block_j, channels_last), 4)
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)

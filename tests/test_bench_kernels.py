@@ -1,12 +1,11 @@
 """bench/kernels.py: its CPU correctness pass covers every public op of vhist.ops, and
 its memory-bound cases carry the triton provider's design bytes."""
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 
 import vhist.ops
+
+from utils import run_recording_script
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
@@ -47,18 +46,13 @@ print(json.dumps(rows))
 """
 
 
-def test_design_bytes_of_the_memory_bound_cases(tmp_path):
+def test_design_bytes_of_the_memory_bound_cases():
     """Every memory-bound suite mode that a traffic mode describes reports the triton
     provider's design bytes: at least the minimal bytes of the ``gbps`` column (vhist's
     kernels move every tensor at least once), and the plain depthwise fwd+bwd, at its
     minimal passes, within the weights and partials of it."""
-    script = tmp_path / "design.py"
-    script.write_text(DESIGN_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script), BENCH], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     seen = set()
-    for row in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for row in run_recording_script(DESIGN_SCRIPT, BENCH):
         described = row["mode"] not in ("eval fwd", "bwd-input", "bwd-weight")
         assert (row["design"] is not None) == described, row
         if row["design"] is None:

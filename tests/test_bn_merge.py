@@ -2,11 +2,6 @@
 of fan-in ``heuristics.BN_MERGE_GROUP`` over thousands of partials against float64, its
 bitwise determinism, and (from the recorded launches of the real layers, nothing run)
 its parallelism at every ResNet-50, MobileNetV2 and Inception-v3 BN at batch 128."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,9 +9,7 @@ from vhist.ops import heuristics
 from vhist.ops.batch_norm import bn_finalize, bn_merge_sums
 
 from conftest import DEVICE
-from utils import assert_close
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils import assert_close, run_recording_script
 
 MERGE_CASES = [
     (1, 1),      # a single partial: no merge level
@@ -176,14 +169,8 @@ print(json.dumps(dict(calls=len(calls), launches=out)))
 
 
 @pytest.fixture(scope="module")
-def merge_launches(tmp_path_factory):
-    script = tmp_path_factory.mktemp("bn_merge") / "record_bn_merge.py"
-    script.write_text(RECORD_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def merge_launches():
+    return run_recording_script(RECORD_SCRIPT)
 
 
 def test_bn_merge_parallel_at_model_layers(merge_launches):

@@ -112,6 +112,15 @@ def test_deferred_chain_with_residual_and_nchw_input():
                  _run(chain, "torch", residual=True, channels_last=False))
 
 
+def test_deferred_chain_is_deterministic():
+    """Bitwise equal between runs: output, gradients and running statistics (partials
+    and their merge order are fixed by the shape)."""
+    first, second = _run(CHAINS[3], "triton", residual=True), _run(CHAINS[3], "triton", residual=True)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]) if a is not None)
+    assert all(torch.equal(a, b) for a, b in zip(first[2], second[2]))
+
+
 def test_deferred_chain_in_eval_is_the_folded_conv():
     """Eval: no deferral, each producer is the folded conv with its activation (the conv
     bias folded too), against eval-mode BatchNorm."""

@@ -2,13 +2,10 @@
 from the launches its registered ops really make (recorded, nothing run; CPU tensors at
 batch-128 layer sizes, never touched), against the README's per-op minimum."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils import run_recording_script
 
 # (op, input shape, conv, options), real layers at batch 128.
 CASES = [
@@ -68,14 +65,8 @@ print(json.dumps(dict(traffic=out, missing=missing)))
 
 
 @pytest.fixture(scope="module")
-def traffic(tmp_path_factory):
-    script = tmp_path_factory.mktemp("traffic") / "traffic.py"
-    script.write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(script), json.dumps(CASES)], capture_output=True, text=True, env=env,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def traffic():
+    return run_recording_script(SCRIPT, json.dumps(CASES))
 
 
 def _rows(traffic, op, mode):

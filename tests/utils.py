@@ -1,9 +1,12 @@
-"""Comparison helpers that say where and by how much a result is off, and the nvcc
-host build of the CUDA kernels' per-thread code."""
+"""Comparison helpers that say where and by how much a result is off, the nvcc
+host build of the CUDA kernels' per-thread code, and the runner of scripts that record
+launches."""
 import ctypes
+import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -93,3 +96,17 @@ def build_host_library(harness: str, out_dir) -> ctypes.CDLL:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return ctypes.CDLL(out)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_recording_script(script: str, *args: str, timeout: int = 600):
+    """Runs ``script`` (Python source) in a process without TRITON_INTERPRET (recording
+    launches needs compiled, not interpreted, Triton; nothing is launched) from the
+    repository root, and returns the JSON its last stdout line prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -32,6 +32,7 @@ backend only; elsewhere :func:`conv_bn_deferred` returns the applied tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -92,7 +93,7 @@ def as_tensor(x: Union[torch.Tensor, DeferredBNAct]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- registered ops
 
 
-def _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation):
+def _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation):
     """The launchers' ``prologue`` argument (see :func:`vhist.ops.conv.conv_fwd_launch`)."""
     if pre_mean is None:
         return None
@@ -115,7 +116,7 @@ def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
         ``(z, mean, rstd)``: z channels_last, the statistics in the accumulation dtype.
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
-    prologue = _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
     z, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(input, weight, bias, None, g, 0, stats=True,
                                                                  prologue=prologue)
     mean, rstd = bn_finalize(part_mean[:tiles], part_m2[:tiles], part_count[:tiles], running_mean, running_var,
@@ -157,13 +158,11 @@ def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.T
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     grad_z = to_channels_last(grad_z)
     want_dx, want_dw, want_db, want_dpw, want_dpb = output_mask
-    prologue = _prologue(input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
-    dx, dw, db, dpw, dpb = (input.new_empty((0,)) for _ in range(5))
+    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    dx = dw = db = dpw = dpb = None
     if want_dw or want_db:
         dw, db = wgrad_launch(grad_z, None, input, weight.shape, weight.dtype, g, 0, want_dw, want_db,
                               prologue=prologue)
-        dw = dw if dw is not None else input.new_empty((0,))
-        db = db if db is not None else input.new_empty((0,))
     through_prologue = prologue is not None and (want_dx or want_dpw or want_dpb)
     if want_dx or through_prologue:
         grad_act = dgrad_launch(grad_z, None, weight, g, 0, input)
@@ -173,7 +172,8 @@ def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.T
             dx, dpw, dpb, _ = bn_act_backward(grad_act, input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_eps,
                                               activation=pre_activation, want_dx=want_dx, want_dweight=want_dpw,
                                               want_dbias=want_dpb)
-    return dx, dw, db, dpw, dpb
+    # An entry not computed is an empty tensor of its own (custom ops may not alias outputs).
+    return tuple(t if t is not None else input.new_empty((0,)) for t in (dx, dw, db, dpw, dpb))
 
 
 @conv_bn_stats_bwd.register_fake
@@ -228,9 +228,8 @@ def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, runn
                      training, momentum, eps, activation):
     if not training:
         # Eval: BN (and the conv's bias) folded into the conv, one launch with the activation.
-        folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        if bias is not None:  # gamma * (b - mean) / sqrt(var + eps): fold_bn's -mean * s, plus b * s
-            folded_bias = folded_bias + bias.to(folded_bias.dtype) * _bn_scale(bn_weight, running_var, eps)
+        folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps,
+                                             conv_bias=bias)
         return Conv2dFunction.apply(to_channels_last(as_tensor(input)), folded_weight, folded_bias, None,
                                     *g.op_args(), g.groups, ACTIVATION_CODES[activation])
     pre = input.prologue_args() if isinstance(input, DeferredBNAct) else (None,) * 4 + (0,)
@@ -239,11 +238,6 @@ def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, runn
     z, mean, rstd = ConvBNStatsFunction.apply(raw, weight, bias, *pre, pre_eps, running_mean, running_var,
                                               *g.op_args(), g.groups, momentum, eps)
     return DeferredBNAct(z, mean, rstd, bn_weight, bn_bias, activation, eps)
-
-
-def _bn_scale(bn_weight, running_var, eps):
-    scale = torch.rsqrt(running_var.to(acc_dtype(running_var.dtype)) + eps)
-    return scale if bn_weight is None else scale * bn_weight.to(scale.dtype)
 
 
 def _deferred_reference(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, *, training,
@@ -283,17 +277,14 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
     Raises:
         ValueError / TypeError: as :func:`vhist.ops.fused_conv_bn_act` for bad arguments.
     """
-    x = input.conv_output if isinstance(input, DeferredBNAct) else input
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    if isinstance(input, DeferredBNAct):
-        input = DeferredBNAct(x, input.mean, input.rstd, input.weight, input.bias, input.activation, input.eps)
-    else:
-        input = x
+    deferred = isinstance(input, DeferredBNAct)
+    x, weight, bias = autocast_inputs(input.conv_output if deferred else input, weight, bias)
+    input = dataclasses.replace(input, conv_output=x) if deferred else x
     g = check_conv_inputs(OP, x, weight, bias, None, stride, padding, dilation, groups, activation)
     check_bn_args(OP, g.c_out, x, bn_weight, bn_bias, running_mean, running_var, training, g.positions,
                   names=("bn_weight", "bn_bias"), matches="the conv's {c} output channels",
                   shape_name="a conv output of shape", shape=g.out_shape)
-    if isinstance(input, DeferredBNAct) and is_stem(g, x.dtype):
+    if deferred and is_stem(g, x.dtype):
         # The stem path (at most 4 input channels, channels zero-padded) has no prologue:
         # the producer's BN + act is applied first, in one pass.
         input = input.materialize()

@@ -112,16 +112,19 @@ def check_residual(op: str, residual: Optional[torch.Tensor], input: torch.Tenso
         raise TypeError(f"{op}: residual ({residual.dtype}) must have the input's dtype ({input.dtype})")
 
 
-def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    """Eval BatchNorm folded into the conv: ``(weight * s, beta - mean * s)`` with
-    ``s = gamma / sqrt(var + eps)``, computed in the accumulation dtype as new tensors
-    (the stored parameters are untouched; autograd flows through the fold)."""
+def fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps, conv_bias=None):
+    """Eval BatchNorm folded into the conv: ``(weight * s, beta + (conv_bias - mean) * s)``
+    with ``s = gamma / sqrt(var + eps)`` (a conv bias 0 when absent), computed in the
+    accumulation dtype as new tensors (the stored parameters are untouched; autograd flows
+    through the fold)."""
     acc = acc_dtype(weight.dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(acc)
     folded_weight = (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype)
     folded_bias = -running_mean.to(acc) * scale
+    if conv_bias is not None:
+        folded_bias = folded_bias + conv_bias.to(acc) * scale
     if bn_bias is not None:
         folded_bias = folded_bias + bn_bias.to(acc)
     return folded_weight, folded_bias
