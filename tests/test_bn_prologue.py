@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import vhist
 from vhist.ops import DeferredBNAct, conv_bn_deferred
 
 from conftest import DEVICE
-from utils import assert_close
+from utils import assert_close, assert_low_precision_results
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 GRAD_TOL = dict(atol=5e-4, rtol=5e-4)
@@ -235,3 +234,32 @@ def test_deferred_bad_input():
         with pytest.raises(ValueError):
             vhist.ops.fused_conv_bn_act(d, torch.randn(4, 6, 3, 3), None, None, None, None,
                                         residual=torch.randn(2, 4, 9, 9))
+
+
+def _run_dtype(chain, backend, dtype):
+    """The chain with its activations and conv weights in ``dtype`` (BN parameters fp32,
+    as under autocast); (output, gradients of the input and conv weights) in fp32."""
+    x, params = _params(chain)
+    leaves = [x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()]
+    weights = [p[0].to(DEVICE, dtype).requires_grad_() for p in params]
+    out = leaves[0]
+    with vhist.use_backend(backend):
+        for i, ((c_out, k, stride, pad, groups, act, _), w, p) in enumerate(zip(chain[3], weights, params)):
+            kw = dict(stride=stride, padding=pad, groups=groups, activation=act)
+            gamma, beta = p[2].to(DEVICE), p[3].to(DEVICE)
+            fn = conv_bn_deferred if i < len(chain[3]) - 1 else vhist.ops.fused_conv_bn_act
+            out = fn(out, w, gamma, beta, None, None, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grads = torch.autograd.grad(out, leaves + weights, grad_out)
+    return out.float(), [g.float() for g in grads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("chain", CHAINS[:1] + CHAINS[3:], ids=["3x3-3x3s2", "bottleneck"])
+def test_deferred_chain_low_precision(chain, dtype):
+    """The three-way rule on the GPU (compiled kernels, tensor cores): the deferred chain
+    in bf16/fp16 is within 2x (output) and 3x (gradients) of PyTorch's own error in the
+    same dtype, against PyTorch in fp32."""
+    assert_low_precision_results(_run_dtype(chain, "triton", dtype), _run_dtype(chain, "torch", dtype),
+                                 _run_dtype(chain, "torch", torch.float32))
