@@ -24,6 +24,7 @@ import json
 import math
 import os
 
+import torch
 import triton
 from triton.runtime.jit import KernelInterface
 
@@ -74,8 +75,6 @@ def _gemm_dims(kernel_name: str, args: dict):
 
 
 def _launch_sm_count(args: dict) -> int:
-    import torch
-
     for value in args.values():
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             return torch.cuda.get_device_properties(value.device).multi_processor_count
@@ -117,8 +116,6 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _cache_path(device_name: str) -> str:
-    import torch
-
     root = os.environ.get("VHIST_AUTOTUNE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vhist",
                                                                "autotune"))
     name = f"{device_name}-torch{torch.__version__}-triton{triton.__version__}"
@@ -135,8 +132,6 @@ def _load(path: str) -> dict:
 
 def launch_device(args):
     """The device of a launch's first tensor argument (None without one)."""
-    import torch
-
     return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
 
 
@@ -150,16 +145,21 @@ class TunedKernel(KernelInterface):
     def __init__(self, autotuner):
         self.autotuner = autotuner
         self.picks = {}  # in-memory picks: _memo_key -> triton.Config
+        self._key_positions = None  # positions of the tuning keys among the arguments
+        self._tunes = AUTOTUNE and len(autotuner.configs) > 1
 
     def _memo_key(self, device, args, kwargs) -> tuple:
         """What :meth:`_key` hashes, as a cheap tuple: the device, the tuning-key
-        arguments, every tensor's dtype and the other launch options."""
-        tuner = self.autotuner
-        named = dict(zip(tuner.arg_names, args))
-        named.update(kwargs)
-        return (device, tuple(named.get(k) for k in tuner.keys),
-                tuple(a.dtype for a in args if hasattr(a, "dtype")),
-                tuple((k, v) for k, v in kwargs.items() if k not in ("grid", "warmup") and not hasattr(v, "dtype")))
+        arguments given by position, every tensor's dtype and the other launch options
+        (a constexpr tuning key is among the latter)."""
+        positions = self._key_positions
+        if positions is None:
+            positions = self._key_positions = tuple(i for i, name in enumerate(self.autotuner.arg_names)
+                                                    if name in self.autotuner.keys)
+        count = len(args)
+        return (device, tuple(args[i] for i in positions if i < count),
+                tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
+                tuple((k, v) for k, v in kwargs.items() if k != "grid" and k != "warmup"))
 
     def __getattr__(self, name):
         return getattr(self.autotuner, name)
@@ -173,12 +173,27 @@ class TunedKernel(KernelInterface):
         configs = hashlib.sha256("|".join(str(c) for c in tuner.configs).encode()).hexdigest()[:12]
         return f"{tuner.base_fn.__name__}|{'|'.join(key)}|{configs}"
 
-    def run(self, *args, **kwargs):
-        import torch
-
+    def resolve(self, args, kwargs):
+        """``(runner, options)`` such that ``runner.run(*args, **options)`` launches what
+        :meth:`run` would for these arguments and for any with the same sizes, strides,
+        dtypes and options (a launch plan's, :class:`vhist.ops.launch_cache.Launch`):
+        Triton's autotuner where it decides (no tuning here, or not a CUDA device), the
+        kernel with the pick's constexprs once the pick is known; None before that."""
         tuner = self.autotuner
         device = launch_device(args)
-        if not AUTOTUNE or len(tuner.configs) < 2 or device is None or device.type != "cuda":
+        if not self._tunes or device is None or device.type != "cuda":
+            return tuner, kwargs
+        pick = self.picks.get(self._memo_key(device, args, kwargs))
+        if pick is None:
+            return None
+        return tuner.fn, {**kwargs, **pick.all_kwargs()}
+
+    def run(self, *args, **kwargs):
+        tuner = self.autotuner
+        if not self._tunes:
+            return tuner.run(*args, **kwargs)
+        device = launch_device(args)
+        if device is None or device.type != "cuda":
             return tuner.run(*args, **kwargs)
         # The pick of a key is read from disk once per process, then kept in memory: a
         # file read per launch would cost more host time than the launch itself.

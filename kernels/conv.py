@@ -352,6 +352,30 @@ def _conv2d_bwd_wgrad_kernel(
 
 # Second stage of the split-K weight gradient: out[i] = sum_k Part[k, i] for k in
 # order (fixed, so deterministic), cast to the parameter dtype.
+# Stem input and weight: (N, C, H, W) with C <= STEM_CHANNELS, any strides, copied to
+# channels_last (N, STEM_CHANNELS, H, W) with zero channels from C on, so that every row
+# the stem GEMM loads is 16-byte aligned. One (rows x channels) tile per program: rows are
+# the flattened (n, h, w), the channels the contiguous axis of the output.
+@triton.jit
+def _conv2d_fwd_pad_kernel(
+    X,  # (N, C, H, W) input or weight, any strides
+    Y,  # (N, C_PAD, H, W) channels_last output
+    ROWS, C, H, W,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    C_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, C_PAD)
+    r_ok = r < ROWS
+    n = r // (H * W)
+    h = (r // W) % H
+    w = r % W
+    x_row = n.to(tl.int64) * stride_xn + h.to(tl.int64) * stride_xh + w.to(tl.int64) * stride_xw
+    x = tl.load(X + x_row[:, None] + c[None, :].to(tl.int64) * stride_xc, mask=r_ok[:, None] & (c[None, :] < C),
+                other=0.0)
+    tl.store(Y + r.to(tl.int64)[:, None] * C_PAD + c[None, :], x, mask=r_ok[:, None])
+
+
 @triton.jit
 def _conv2d_bwd_wgrad_reduce_kernel(
     Part,  # (SPLIT, NUMEL) partials, accumulation dtype
@@ -387,3 +411,5 @@ conv2d_fwd_stem = autotune(STEM_FWD_CONFIGS, FWD_TUNE_KEY)(_conv2d_fwd_kernel)
 conv2d_bwd_dgrad_stem = autotune(STEM_DGRAD_CONFIGS, DGRAD_TUNE_KEY)(_conv2d_bwd_dgrad_kernel)
 conv2d_bwd_wgrad = _tuned(_conv2d_bwd_wgrad_kernel, FWD_KEY + ["POS_PER_SPLIT", "HAS_DBIAS", "GROUPS", "PROLOGUE"])
 conv2d_bwd_wgrad_reduce = _conv2d_bwd_wgrad_reduce_kernel
+conv2d_fwd_pad = _conv2d_fwd_pad_kernel
+PAD_BLOCK_R = 128

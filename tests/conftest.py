@@ -38,6 +38,21 @@ def _seed():
 
 
 @pytest.fixture
+def patch_heuristic(monkeypatch):
+    """``patch_heuristic(name, value)`` sets ``vhist.ops.heuristics.<name>`` for the test
+    and empties the launch caches (:mod:`vhist.ops.launch_cache`) before and after, since
+    the launch plans cached there hold what the heuristics gave."""
+    from vhist.ops import heuristics, launch_cache
+
+    def patch(name, value):
+        monkeypatch.setattr(heuristics, name, value)
+        launch_cache.clear()
+
+    yield patch
+    launch_cache.clear()
+
+
+@pytest.fixture
 def device():
     return DEVICE
 

@@ -62,6 +62,8 @@ def test_bn_merge_sums_many_partials(num, c, triton_backend):
     assert_close(sum_dy_xhat.double(), part_dy_xhat.float().double().sum(0), name="sum_dy_xhat", atol=1e-2, rtol=0)
     assert grad_weight.dtype == torch.float32 and grad_bias.dtype == torch.float64
     assert torch.equal(grad_weight, sum_dy_xhat) and torch.equal(grad_bias, sum_dy.double())
+    # In the sums' dtype the parameter gradient is the sum tensor itself (one write, one allocation).
+    assert grad_weight is sum_dy_xhat and grad_bias is not sum_dy
 
 
 def test_bn_merge_determinism(triton_backend):

@@ -104,11 +104,19 @@ def test_conv2d_stem(case):
         assert_close(g, g_ref, name=f"grad_{name}", **BWD_TOL)
 
 
-def test_conv2d_stem_pad_channels():
-    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (64, 3, 11, 11), (3, 1, 1, 1)], ids=case_id)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv2d_stem_pad_channels(shape, channels_last):
+    """The stem's padding kernel: any input strides in, channels_last out, the real
+    channels copied bit for bit and the others zero (uninitialized memory made non-zero
+    first, so that a channel left unwritten shows)."""
+    x = torch.randn(shape, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.empty(4 * x.numel() * 16, device=DEVICE).fill_(7.0)  # dirty the allocator's free memory
     padded = pad_channels(x, 16)
-    assert padded.shape == (2, 16, 4, 5) and padded.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(padded[:, :3], x) and not padded[:, 3:].any()
+    assert padded.shape == (shape[0], 16, *shape[2:]) and padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:, :shape[1]], x) and not padded[:, shape[1]:].any()
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])

@@ -246,10 +246,10 @@ def test_fused_depthwise_bn_act_fwd_bwd(case, training):
     assert_close(ours[2], ref[2], name="running_mean", atol=1e-6, rtol=1e-6)
 
 
-def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
+def test_fused_depthwise_bn_act_contiguous_input(patch_heuristic):
     """NCHW input, and one program covering both pixel tiles (72 pixels), so that the
     epilogue's Chan merge across tiles (a full tile and a partial one) is exercised."""
-    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 1)
+    patch_heuristic("DEPTHWISE_MAX_STATS_PARTIALS", 1)
     case = FUSED_CASES[0]
     y, grads, rm, _ = run_fused("triton", case, True, fmt="contiguous")
     y_ref, grads_ref, rm_ref, _ = run_fused("torch", case, True, fmt="contiguous")
@@ -259,8 +259,8 @@ def test_fused_depthwise_bn_act_contiguous_input(monkeypatch):
         assert_close(g, g_ref, name="grad", **BWD_TOL)
 
 
-def test_fused_depthwise_bn_act_determinism(monkeypatch):
-    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", 2)
+def test_fused_depthwise_bn_act_determinism(patch_heuristic):
+    patch_heuristic("DEPTHWISE_MAX_STATS_PARTIALS", 2)
     case = (2, 4, 13, 12, 1, 3, 1, 1, "relu6", False)  # more than one stats tile and chunk
     first, second = run_fused("triton", case, True), run_fused("triton", case, True)
     assert torch.equal(first[0], second[0])
@@ -270,11 +270,11 @@ def test_fused_depthwise_bn_act_determinism(monkeypatch):
 
 
 @pytest.mark.parametrize("max_partials", [1024, 2])
-def test_fused_depthwise_bn_act_mean_offset(max_partials, monkeypatch, triton_backend):
+def test_fused_depthwise_bn_act_mean_offset(max_partials, patch_heuristic, triton_backend):
     """|mean| >> std in the conv output: the epilogue's per-tile (mean, M2) partials keep
     the variance accurate where E[y^2] - E[y]^2 in fp32 would cancel (one partial per
     tile, or tiles merged inside a program)."""
-    monkeypatch.setattr(heuristics, "DEPTHWISE_MAX_STATS_PARTIALS", max_partials)
+    patch_heuristic("DEPTHWISE_MAX_STATS_PARTIALS", max_partials)
     x = torch.randn(4, 2, 9, 9, device=DEVICE) + 1000.0
     weight = torch.full((2, 1, 3, 3), 1.0 / 9, device=DEVICE)
     running_mean, running_var = torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE)

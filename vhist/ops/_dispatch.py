@@ -65,12 +65,18 @@ def check_float_dtype(op: str, name: str, tensor: torch.Tensor | None) -> None:
         )
 
 
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type, read once
+
+
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     """The tensors of a convolution in the autocast dtype when autocast is on for their
     device, as PyTorch's autocast treats ``F.conv2d`` (fp64 and non-float tensors stay;
     BatchNorm parameters and statistics are not passed here and keep their dtype)."""
     device_type = tensors[0].device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    if not available or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t

@@ -20,7 +20,7 @@ from vhist.ops._dispatch import check_float_dtype, dispatch
 from vhist.ops.common import cdiv
 from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
                               like_layout, or_placeholder, tl_acc)
-from vhist.ops.launch_cache import new_cache
+from vhist.ops.launch_cache import Launch, lookup, new_cache
 from vhist.ops.op_call import custom_op
 
 OP = "batch_norm"
@@ -110,18 +110,65 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # (which exchanges the partials and sums between processes between two stages).
 
 
-def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
-    """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype."""
+def _tensor_key(x: torch.Tensor) -> tuple:
+    """What a BN launch's geometry and arguments depend on in ``x``."""
+    return x.shape, x.stride(), x.dtype, x.device
+
+
+def _stats_launch(x: torch.Tensor) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
+    geom = channel_geometry(x)
+    return Launch(_pick(kernels.bn_fwd_stats, geom), geom.grid, geom.args(), ACC=tl_acc(x.dtype))
+
+
+_STATS_LAUNCHES = new_cache()
+
+
+def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
+    """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype."""
     geom = geom or channel_geometry(x)
     acc = acc_dtype(x.dtype)
     part_mean = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
     part_m2 = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
     part_count = x.new_empty((geom.num_chunks,), dtype=acc)
-    _pick(kernels.bn_fwd_stats, geom)[geom.grid](
-        x, part_mean, part_m2, part_count, *geom.args(), ACC=tl_acc(x.dtype))
+    lookup(_STATS_LAUNCHES, _tensor_key(x), _stats_launch, x)(x, part_mean, part_m2, part_count)
     return part_mean, part_m2, part_count
+
+
+@dataclass(frozen=True)
+class _MergePlan:
+    """The merge tree of (num_partials, C) partials (:func:`bn_finalize`,
+    :func:`bn_merge_sums`): per level, the merged count and its launch, then the final
+    launch; the channel count and the dtypes of what is allocated."""
+
+    c: int
+    levels: tuple  # ((groups, Launch), ...)
+    final: Launch
+
+
+def _merge_plan(merge_kernel, final_kernel, num: int, c: int, acc_tl, final_tail: tuple,
+                **final_constexprs) -> _MergePlan:
+    block_c, group = heuristics.bn_finalize_block_c(c), heuristics.BN_MERGE_GROUP
+    levels = []
+    for level_num in heuristics.bn_merge_levels(num):
+        groups = cdiv(level_num, group)
+        levels.append((groups, Launch(merge_kernel, (cdiv(c, block_c), groups), (c, level_num, group),
+                                      ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)))
+        num = groups
+    final = Launch(final_kernel, (cdiv(c, block_c),), (c, num, *final_tail), ACC=acc_tl, BLOCK_C=block_c,
+                   BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K, **final_constexprs)
+    return _MergePlan(c, tuple(levels), final)
+
+
+def _finalize_plan(num: int, c: int, dtype: torch.dtype, update: bool, momentum: float, eps: float) -> _MergePlan:
+    from vhist.kernels import batch_norm as kernels
+
+    return _merge_plan(kernels.bn_fwd_merge, kernels.bn_fwd_finalize, num, c, tl_acc(dtype), (momentum, eps),
+                       UPDATE_RUNNING=update)
+
+
+_FINALIZE_PLANS = new_cache()
 
 
 def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum: float, eps: float):
@@ -132,45 +179,55 @@ def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momen
     ``bn_fwd_merge`` over (channel blocks x groups), then ``bn_fwd_finalize``), in an
     order fixed by ``num_partials``: no program walks more than a group of partials.
     """
+    num, c = part_mean.shape
+    update = running_mean is not None
+    plan = lookup(_FINALIZE_PLANS, (num, c, part_mean.dtype, part_mean.device, update, momentum, eps),
+                  _finalize_plan, num, c, part_mean.dtype, update, momentum, eps)
+    for groups, launch in plan.levels:
+        merged = (part_mean.new_empty((groups, c)), part_m2.new_empty((groups, c)), part_count.new_empty((groups,)))
+        launch(part_mean, part_m2, part_count, *merged)
+        part_mean, part_m2, part_count = merged
+    mean, rstd = part_mean.new_empty((c,)), part_mean.new_empty((c,))
+    plan.final(part_mean, part_m2, part_count, mean, rstd, running_mean if update else mean,
+               running_var if update else rstd)
+    return mean, rstd
+
+
+def _apply_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, eps) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
-    c = part_mean.shape[1]
-    mean, rstd = torch.empty_like(part_mean[0]), torch.empty_like(part_mean[0])
-    update = running_mean is not None
-    block_c = heuristics.bn_finalize_block_c(c)
-    acc_tl, group = tl_acc(part_mean.dtype), heuristics.BN_MERGE_GROUP
-    for num in heuristics.bn_merge_levels(part_count.shape[0]):
-        groups = cdiv(num, group)
-        merged = (part_mean.new_empty((groups, c)), part_m2.new_empty((groups, c)), part_count.new_empty((groups,)))
-        kernels.bn_fwd_merge[(cdiv(c, block_c), groups)](
-            part_mean, part_m2, part_count, *merged, c, num, group,
-            ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
-        part_mean, part_m2, part_count = merged
-    kernels.bn_fwd_finalize[(cdiv(c, block_c),)](
-        part_mean, part_m2, part_count, mean, rstd,
-        running_mean if update else mean, running_var if update else rstd,
-        c, part_count.shape[0], momentum, eps,
-        UPDATE_RUNNING=update, ACC=tl_acc(part_mean.dtype), BLOCK_C=block_c,
-        BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
-    return mean, rstd
+    geom = channel_geometry(x)
+    return Launch(_pick(kernels.bn_fwd_apply, geom), geom.grid, (*geom.args(), eps),
+                  RSTD_FROM_VAR=rstd_from_var, HAS_W=has_weight, HAS_B=has_bias, ACC=tl_acc(x.dtype),
+                  ACTIVATION=activation, HAS_RESIDUAL=has_residual)
+
+
+_APPLY_LAUNCHES = new_cache()
 
 
 def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
              residual: Optional[torch.Tensor] = None, activation: int = 0) -> torch.Tensor:
     """``act(w * (x - mean) * rstd + b + residual)`` in one pass over a dense ``x``;
     with ``rstd_from_var``, ``rstd`` holds the (running) variance instead."""
-    from vhist.kernels import batch_norm as kernels
-
-    geom = channel_geometry(x)
+    flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation, eps)
+    launch = lookup(_APPLY_LAUNCHES, (*_tensor_key(x), *flags), _apply_launch, x, *flags)
     out = torch.empty_like(x)
     if residual is not None:
         residual = like_layout(residual, x)
-    _pick(kernels.bn_fwd_apply, geom)[geom.grid](
-        x, out, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean), or_placeholder(residual, x),
-        *geom.args(), eps,
-        RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, HAS_B=bias is not None, ACC=tl_acc(x.dtype),
-        ACTIVATION=activation, HAS_RESIDUAL=residual is not None)
+    launch(x, out, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean), or_placeholder(residual, x))
     return out
+
+
+def _grad_sums_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, write_dz, eps) -> Launch:
+    from vhist.kernels import batch_norm as kernels
+
+    geom = channel_geometry(x)
+    return Launch(_pick(kernels.bn_bwd_reduce, geom), geom.grid, (*geom.args(), eps), RSTD_FROM_VAR=rstd_from_var,
+                  ACC=tl_acc(x.dtype), ACTIVATION=activation, HAS_RESIDUAL=has_residual, HAS_W=has_weight,
+                  HAS_B=has_bias, WRITE_DZ=write_dz)
+
+
+_GRAD_SUMS_LAUNCHES = new_cache()
 
 
 def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
@@ -184,29 +241,36 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
         ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``; the parameter gradients are
         these sums in the parameter dtypes, empty when not asked for.
     """
-    from vhist.kernels import batch_norm as kernels
-
     grad_output = like_layout(grad_output, x)
     if residual is not None:
         residual = like_layout(residual, x)
     geom = channel_geometry(x)
-    acc, acc_tl, c = acc_dtype(x.dtype), tl_acc(x.dtype), geom.c
+    acc = acc_dtype(x.dtype)
     want_dweight = want_dweight and weight is not None
     want_dbias = want_dbias and bias is not None
-    part_dy = x.new_empty((geom.num_chunks, c), dtype=acc)
-    part_dy_xhat = x.new_empty((geom.num_chunks, c), dtype=acc)
-    _pick(kernels.bn_bwd_reduce, geom)[geom.grid](
-        grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
-        or_placeholder(residual, x),
-        part_dy, part_dy_xhat, or_placeholder(dz_out, x), *geom.args(), eps, RSTD_FROM_VAR=rstd_from_var,
-        ACC=acc_tl, ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, WRITE_DZ=dz_out is not None)
+    flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
+             dz_out is not None, eps)
+    launch = lookup(_GRAD_SUMS_LAUNCHES, (*_tensor_key(x), *flags), _grad_sums_launch, x, *flags)
+    part_dy = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
+    part_dy_xhat = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
+    launch(grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
+           or_placeholder(residual, x), part_dy, part_dy_xhat, or_placeholder(dz_out, x))
     sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_merge_sums(
         part_dy, part_dy_xhat, weight.dtype if want_dweight else None, bias.dtype if want_dbias else None)
     # Empty results in the input's dtype, as the registered ops' fakes give them (two
     # tensors: a custom op's outputs may not alias).
     return (sum_dy, sum_dy_xhat, grad_weight if want_dweight else x.new_empty((0,)),
             grad_bias if want_dbias else x.new_empty((0,)))
+
+
+def _merge_sums_plan(num: int, c: int, dtype: torch.dtype, want_dweight: bool, want_dbias: bool) -> _MergePlan:
+    from vhist.kernels import batch_norm as kernels
+
+    return _merge_plan(kernels.bn_bwd_merge, kernels.bn_bwd_finalize, num, c, tl_acc(dtype), (),
+                       WRITE_DW=want_dweight, WRITE_DB=want_dbias)
+
+
+_MERGE_SUMS_PLANS = new_cache()
 
 
 def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = None,
@@ -220,29 +284,44 @@ def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = 
 
     Returns:
         ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``, the latter two empty when
-        their dtype is None.
+        their dtype is None; a parameter gradient in the sums' dtype is the sum tensor
+        itself (``grad_weight is sum_dz_xhat``, ``grad_bias is sum_dz``).
     """
+    num, c = part_dy.shape
+    acc = part_dy.dtype
+    # A parameter gradient in the accumulation dtype (fp32 parameters, as under autocast)
+    # is the sum itself: one tensor serves both, written once.
+    write_dweight = dweight_dtype is not None and dweight_dtype != acc
+    write_dbias = dbias_dtype is not None and dbias_dtype != acc
+    plan = lookup(_MERGE_SUMS_PLANS, (num, c, acc, part_dy.device, write_dweight, write_dbias),
+                  _merge_sums_plan, num, c, acc, write_dweight, write_dbias)
+    sum_dy, sum_dy_xhat = part_dy.new_empty((c,)), part_dy.new_empty((c,))
+    grad_weight = grad_bias = None
+    if dweight_dtype is not None:
+        grad_weight = part_dy.new_empty((c,), dtype=dweight_dtype) if write_dweight else sum_dy_xhat
+    if dbias_dtype is not None:
+        grad_bias = part_dy.new_empty((c,), dtype=dbias_dtype) if write_dbias else sum_dy
+    for groups, launch in plan.levels:
+        merged = part_dy.new_empty((groups, c)), part_dy_xhat.new_empty((groups, c))
+        launch(part_dy, part_dy_xhat, *merged)
+        part_dy, part_dy_xhat = merged
+    plan.final(part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, grad_weight if write_dweight else sum_dy,
+               grad_bias if write_dbias else sum_dy)
+    return (sum_dy, sum_dy_xhat, grad_weight if grad_weight is not None else part_dy.new_empty((0,)),
+            grad_bias if grad_bias is not None else part_dy.new_empty((0,)))
+
+
+def _grad_input_launch(x, training, rstd_from_var, has_weight, has_bias, has_residual, activation,
+                       want_dresidual, eps, count) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
-    c, acc_tl = part_dy.shape[1], tl_acc(part_dy.dtype)
-    want_dweight, want_dbias = dweight_dtype is not None, dbias_dtype is not None
-    sum_dy, sum_dy_xhat = part_dy.new_empty((c,)), part_dy.new_empty((c,))
-    grad_weight = part_dy.new_empty((c,), dtype=dweight_dtype) if want_dweight else part_dy.new_empty((0,))
-    grad_bias = part_dy.new_empty((c,), dtype=dbias_dtype) if want_dbias else part_dy.new_empty((0,))
-    block_c = heuristics.bn_finalize_block_c(c)
-    for num in heuristics.bn_merge_levels(part_dy.shape[0]):
-        groups = cdiv(num, heuristics.BN_MERGE_GROUP)
-        merged = part_dy.new_empty((groups, c)), part_dy_xhat.new_empty((groups, c))
-        kernels.bn_bwd_merge[(cdiv(c, block_c), groups)](
-            part_dy, part_dy_xhat, *merged, c, num, heuristics.BN_MERGE_GROUP,
-            ACC=acc_tl, BLOCK_C=block_c, BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
-        part_dy, part_dy_xhat = merged
-    kernels.bn_bwd_finalize[(cdiv(c, block_c),)](
-        part_dy, part_dy_xhat, sum_dy, sum_dy_xhat,
-        grad_weight if want_dweight else sum_dy, grad_bias if want_dbias else sum_dy, c, part_dy.shape[0],
-        WRITE_DW=want_dweight, WRITE_DB=want_dbias, ACC=acc_tl, BLOCK_C=block_c,
-        BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K)
-    return sum_dy, sum_dy_xhat, grad_weight, grad_bias
+    geom = channel_geometry(x)
+    return Launch(_pick(kernels.bn_bwd_dx, geom), geom.grid, (*geom.args(), eps, 1.0 / (count or geom.count)),
+                  TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=has_weight, ACC=tl_acc(x.dtype),
+                  ACTIVATION=activation, HAS_RESIDUAL=has_residual, HAS_B=has_bias, WRITE_DRES=want_dresidual)
+
+
+_GRAD_INPUT_LAUNCHES = new_cache()
 
 
 def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps: float, *,
@@ -255,22 +334,17 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     Returns:
         ``(grad_input, grad_residual)``, the latter empty unless asked for.
     """
-    from vhist.kernels import batch_norm as kernels
-
     grad_output = like_layout(grad_output, x)
     if residual is not None:
         residual = like_layout(residual, x)
-    geom = channel_geometry(x)
+    flags = (training, rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
+             want_dresidual, eps, count)
+    launch = lookup(_GRAD_INPUT_LAUNCHES, (*_tensor_key(x), *flags), _grad_input_launch, x, *flags)
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if want_dresidual else x.new_empty((0,))
-    _pick(kernels.bn_bwd_dx, geom)[geom.grid](
-        grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean),
-        or_placeholder(sum_dy_xhat, mean),
-        or_placeholder(bias, mean), or_placeholder(residual, x), grad_residual if want_dresidual else grad_input,
-        *geom.args(), eps, 1.0 / (count or geom.count),
-        TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=weight is not None, ACC=tl_acc(x.dtype),
-        ACTIVATION=activation, HAS_RESIDUAL=residual is not None, HAS_B=bias is not None,
-        WRITE_DRES=want_dresidual)
+    launch(grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean),
+           or_placeholder(sum_dy_xhat, mean), or_placeholder(bias, mean), or_placeholder(residual, x),
+           grad_residual if want_dresidual else grad_input)
     return grad_input, grad_residual
 
 

@@ -117,10 +117,9 @@ def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
-    z, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(input, weight, bias, None, g, 0, stats=True,
-                                                                 prologue=prologue)
-    mean, rstd = bn_finalize(part_mean[:tiles], part_m2[:tiles], part_count[:tiles], running_mean, running_var,
-                             momentum, eps)
+    z, (part_mean, part_m2, part_count, _) = conv_fwd_launch(input, weight, bias, None, g, 0, stats=True,
+                                                             prologue=prologue)
+    mean, rstd = bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum, eps)
     return z, mean, rstd
 
 

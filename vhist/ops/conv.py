@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -38,12 +38,15 @@ from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
-from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, empty_4d, like_layout,
-                              tl_acc, to_channels_last)
-from vhist.ops.conv_common import ConvGeometryBase, check_residual, positive_pair, resolve_padding
+from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, channels_last_strides,
+                              empty_4d, like_layout, or_placeholder, tl_acc, to_channels_last)
+from vhist.ops.conv_common import ConvGeometryBase, check_residual, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
-from vhist.ops.launch_cache import shape_cached
+from vhist.ops.launch_cache import Launch, lookup, new_cache, shape_cached
 from vhist.ops.op_call import custom_op
+
+if TYPE_CHECKING:
+    import triton
 
 OP = "conv2d"
 FUSED_OP = "fused_conv_bn_act"
@@ -114,14 +117,10 @@ def _empty_cl(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return empty_4d(shape, like, True, dtype)
 
 
-def _precision(dtype: torch.dtype) -> dict:
-    """Compile-time options of the GEMM kernels for ``dtype``: fp64 takes the FMA path;
-    fp32 follows ``torch.backends.cudnn.allow_tf32`` like PyTorch's conv."""
-    return _precision_of(dtype, torch.backends.cudnn.allow_tf32)
-
-
 @shape_cached
 def _precision_of(dtype: torch.dtype, allow_tf32: bool) -> dict:
+    """Compile-time options of the GEMM kernels for ``dtype``: fp64 takes the FMA path;
+    fp32 follows ``torch.backends.cudnn.allow_tf32`` like PyTorch's conv."""
     fp64 = dtype == torch.float64
     tf32 = dtype != torch.float32 or allow_tf32
     return dict(FMA=fp64, INPUT_PRECISION="tf32" if tf32 and not fp64 else "ieee", ACC=tl_acc(dtype))
@@ -147,10 +146,27 @@ def is_stem(g: ConvGeometry, dtype: torch.dtype) -> bool:
     return g.c_in <= 4 and g.groups == 1 and dtype != torch.float64
 
 
+def _pad_launch(shape, strides, channels: int) -> Launch:
+    from vhist.kernels import conv as kernels
+
+    n, c, h, w = shape
+    rows = n * h * w
+    return Launch(kernels.conv2d_fwd_pad, (cdiv(rows, kernels.PAD_BLOCK_R),), (rows, c, h, w, *strides),
+                  C_PAD=channels, BLOCK_R=kernels.PAD_BLOCK_R)
+
+
+_PAD_LAUNCHES = new_cache()
+
+
 def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """``t`` (N, C, H, W) zero-padded to ``channels`` channels, channels_last, one copy."""
-    nhwc = torch.nn.functional.pad(t.permute(0, 2, 3, 1), (0, channels - t.shape[1]))
-    return nhwc.permute(0, 3, 1, 2)
+    """``t`` (N, C, H, W) zero-padded to ``channels`` channels (a power of two >= C),
+    channels_last, in one kernel launch (the stem path's input and weight)."""
+    key = (t.shape, t.stride(), channels)
+    launch = lookup(_PAD_LAUNCHES, key, _pad_launch, *key)
+    padded_shape = (t.shape[0], channels, t.shape[2], t.shape[3])
+    padded = torch.empty_strided(padded_shape, channels_last_strides(padded_shape), dtype=t.dtype, device=t.device)
+    launch(t, padded)
+    return padded
 
 
 def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
@@ -159,20 +175,91 @@ def stats_config(g: ConvGeometry, input: torch.Tensor) -> triton.Config:
     runs), a function of the geometry, the dtype and the device's SM count only, never of
     what autotuning picked; so are the number of partials (one per BLOCK_M rows) and the
     order of every sum, and with them the statistics' bits."""
+    return _stats_config(g, input.dtype, input.device)
+
+
+@shape_cached
+def _stats_config(g: ConvGeometry, dtype: torch.dtype, device: torch.device) -> triton.Config:
     from vhist.kernels import conv as kernels
     from vhist.kernels._config import shortlist
 
-    if is_stem(g, input.dtype):
+    if is_stem(g, dtype):
         configs = kernels.STEM_FWD_CONFIGS
     else:
-        configs = kernels.FP64_CONFIGS if input.dtype == torch.float64 else kernels.GEMM_CONFIGS
-    args = {"X": input, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
+        configs = kernels.FP64_CONFIGS if dtype == torch.float64 else kernels.GEMM_CONFIGS
+    # The shortlist reads the launch's device (its SM count) off a tensor argument.
+    x = torch.empty(0, dtype=dtype, device=device)
+    args = {"X": x, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
     return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
 
 
 def _geom_args(g: ConvGeometry) -> tuple:
     return (g.n, g.h, g.w, g.oh, g.ow, g.c_in // g.groups, g.c_out // g.groups, g.kh, g.kw,
             g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
+
+
+def _prologue_flags(prologue: Optional[tuple]) -> Optional[tuple]:
+    """What a launch depends on in a ``prologue`` (see :func:`conv_fwd_launch`): whether it
+    has a weight and a bias, and its activation; None without a prologue."""
+    if prologue is None:
+        return None
+    _, _, weight, bias, activation = prologue
+    return weight is not None, bias is not None, activation
+
+
+def _prologue_constexprs(flags: Optional[tuple]) -> dict:
+    if flags is None:
+        return dict(PROLOGUE=False, PRE_HAS_W=False, PRE_HAS_B=False, PRE_ACTIVATION=0)
+    has_weight, has_bias, activation = flags
+    return dict(PROLOGUE=True, PRE_HAS_W=has_weight, PRE_HAS_B=has_bias, PRE_ACTIVATION=activation)
+
+
+def _prologue_tensors(prologue: Optional[tuple], placeholder: torch.Tensor) -> tuple:
+    """The (PreMean, PreRstd, PreW, PreB) pointers of a GEMM launch."""
+    if prologue is None:
+        return placeholder, placeholder, placeholder, placeholder
+    mean, rstd, weight, bias, _ = prologue
+    return mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean
+
+
+@dataclass(frozen=True)
+class _FwdPlan:
+    """What a forward GEMM launch derives from its key (:func:`conv_fwd_launch`)."""
+
+    launch: Launch
+    out_strides: tuple
+    stem: bool
+    tiles: int  # BN-statistics partials (rows of the partial buffers), 0 without stats
+
+
+def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residual, activation, stats,
+              prologue_flags, allow_tf32, device) -> _FwdPlan:
+    from vhist.kernels import conv as kernels
+
+    stem = is_stem(g, dtype)
+    if stem and prologue_flags is not None:
+        raise NotImplementedError(f"{OP}: no BatchNorm prologue on the stem path (at most 4 input channels)")
+    grid = _fwd_grid(g)
+    out_strides = channels_last_strides(g.out_shape)
+    constexprs = dict(HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=activation, STATS=stats,
+                      **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
+    tiles = 0
+    if stats:
+        config = _stats_config(g, dtype, device)
+        tiles = cdiv(g.positions, config.kwargs["BLOCK_M"])
+        kernel, grid = kernels.conv2d_fwd_stats, grid(config.kwargs)
+        constexprs.update(config.all_kwargs())
+    else:
+        kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, dtype)
+    if stem:
+        g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
+        x_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
+        w_strides = channels_last_strides((g.c_out, g.c_in, g.kh, g.kw))
+    return _FwdPlan(Launch(kernel, grid, (*_geom_args(g), *x_strides, *w_strides, *out_strides), **constexprs),
+                    out_strides, stem, tiles)
+
+
+_FWD_PLANS = new_cache()
 
 
 def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: int, stats: bool,
@@ -185,63 +272,56 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
     from vhist.kernels import conv as kernels
 
     weight = to_channels_last(weight)
-    out = _empty_cl(g.out_shape, input)
+    key = (g, input.dtype, input.stride(), weight.stride(), bias is not None, residual is not None, activation,
+           stats, _prologue_flags(prologue), torch.backends.cudnn.allow_tf32, input.device)
+    plan = lookup(_FWD_PLANS, key, _fwd_plan, *key)
+    out = torch.empty_strided(g.out_shape, plan.out_strides, dtype=input.dtype, device=input.device)
     if residual is not None:
         residual = like_layout(residual, out)
-    m_total = g.n * g.oh * g.ow
-    acc = acc_dtype(input.dtype)
-    grid = _fwd_grid(g)
-    stem = is_stem(g, input.dtype)
-    if stem and prologue is not None:
-        raise NotImplementedError(f"{OP}: no BatchNorm prologue on the stem path (at most 4 input channels)")
-    config = stats_config(g, input) if stats else None
-    if stem:
+    if plan.stem:
         input = pad_channels(input, kernels.STEM_CHANNELS)
         weight = pad_channels(weight, kernels.STEM_CHANNELS)
-        g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
     if stats:
-        kernel, launch = kernels.conv2d_fwd_stats, dict(config.all_kwargs())
-        tiles = cdiv(m_total, config.kwargs["BLOCK_M"])
-        part_mean = input.new_empty((tiles, g.c_out), dtype=acc)
-        part_m2 = input.new_empty((tiles, g.c_out), dtype=acc)
-        part_count = input.new_empty((tiles,), dtype=acc)
-        launch_grid = grid(config.kwargs)
+        acc = acc_dtype(input.dtype)
+        part_mean = input.new_empty((plan.tiles, g.c_out), dtype=acc)
+        part_m2 = input.new_empty((plan.tiles, g.c_out), dtype=acc)
+        part_count = input.new_empty((plan.tiles,), dtype=acc)
     else:
-        kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, input.dtype)
-        launch, launch_grid = {}, grid
         part_mean = part_m2 = part_count = out
-
-    pre_args, pre_constexprs = _prologue_args(prologue, out)
-    kernel[launch_grid](
-        input, weight, bias if bias is not None else out, residual if residual is not None else out, out,
-        part_mean, part_m2, part_count, *pre_args, *_geom_args(g),
-        *input.stride(), *weight.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, ACTIVATION=activation, STATS=stats,
-        **pre_constexprs, **_precision(input.dtype), **launch)
+    plan.launch(input, weight, or_placeholder(bias, out), or_placeholder(residual, out), out, part_mean, part_m2,
+                part_count, *_prologue_tensors(prologue, out))
     if not stats:
         return out, None
-    return out, (part_mean, part_m2, part_count, tiles)
+    return out, (part_mean, part_m2, part_count, plan.tiles)
 
 
-def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
+def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32) -> Launch:
     from vhist.kernels import conv as kernels
 
-    weight = to_channels_last(weight)
-    dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     cg_in = g.c_in // g.groups
-
     s_h, s_w = g.stride
     rows = g.n * cdiv(g.h, s_h) * cdiv(g.w, s_w)  # per output phase
 
     def grid(meta):
         return (cdiv(rows, meta["BLOCK_M"]), cdiv(cg_in, meta["BLOCK_N"]), g.groups * s_h * s_w)
 
-    kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, grad.dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad,
-                                                                                     grad.dtype)
-    kernel[grid](
-        grad, output if output is not None else grad, weight, dx, *_geom_args(g),
-        *grad.stride(), *weight.stride(), *dx.stride(),
-        ACTIVATION=activation, **_precision(grad.dtype))
+    kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad, dtype)
+    dx_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
+    return Launch(kernel, grid, (*_geom_args(g), *grad_strides, *w_strides, *dx_strides), ACTIVATION=activation,
+                  **_precision_of(dtype, allow_tf32))
+
+
+_DGRAD_LAUNCHES = new_cache()
+
+
+def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
+    """The input gradient, channels_last in ``like``'s dtype; ``output`` (the forward
+    output with ``grad``'s strides) masks ``grad`` by the activation's derivative."""
+    weight = to_channels_last(weight)
+    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, torch.backends.cudnn.allow_tf32)
+    launch = lookup(_DGRAD_LAUNCHES, key, _dgrad_launch, *key)
+    dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
+    launch(grad, or_placeholder(output, grad), weight, dx)
     return dx
 
 
@@ -252,55 +332,67 @@ def wgrad_split(g: ConvGeometry, device: torch.device) -> int:
     return heuristics.wgrad_split(g.positions, weight_tiles * g.groups, device)
 
 
+@dataclass(frozen=True)
+class _WgradPlan:
+    """What a weight-gradient launch derives from its key (:func:`wgrad_launch`)."""
+
+    split: int
+    numel: int
+    gemm: Launch
+    reduce_dw: Launch
+    reduce_db: Launch
+    dw_strides: tuple
+
+
+def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db, activation, prologue_flags,
+                allow_tf32, device) -> _WgradPlan:
+    from vhist.kernels import conv as kernels
+
+    split = split or wgrad_split(g, device)
+    per_split, split = heuristics.wgrad_positions_per_split(g.positions, split)
+    cg_in, cg_out = g.c_in // g.groups, g.c_out // g.groups
+    numel = g.c_out * g.kh * g.kw * cg_in
+
+    def grid(meta):
+        return (cdiv(cg_out, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw, split * g.groups)
+
+    gemm = Launch(_pick_gemm(kernels.conv2d_bwd_wgrad, dtype), grid,
+                  (*_geom_args(g), *grad_strides, *x_strides, per_split, g.groups), HAS_DBIAS=want_db,
+                  ACTIVATION=activation, **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
+    block, acc = kernels.WGRAD_REDUCE_BLOCK, tl_acc(dtype)
+    reduce_dw = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(numel, block),), (numel, split), ACC=acc, BLOCK=block)
+    reduce_db = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(g.c_out, block),), (g.c_out, split), ACC=acc,
+                       BLOCK=block)
+    return _WgradPlan(split, numel, gemm, reduce_dw, reduce_db,
+                      channels_last_strides((g.c_out, cg_in, g.kh, g.kw)))
+
+
+_WGRAD_PLANS = new_cache()
+
+
 def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometry, activation: int,
                  want_dw: bool, want_db: bool, split: Optional[int] = None, prologue: Optional[tuple] = None):
     """Weight (and bias) gradient: split-K partials, then an ordered reduction. With
     ``prologue`` (as :func:`conv_fwd_launch`'s) the input tiles are recomputed from the
     raw ``input`` as the forward saw them."""
-    from vhist.kernels import conv as kernels
-
-    split = split or wgrad_split(g, grad.device)
-    per_split, split = heuristics.wgrad_positions_per_split(g.positions, split)
+    key = (g, grad.dtype, grad.stride(), input.stride(), split, want_db, activation, _prologue_flags(prologue),
+           torch.backends.cudnn.allow_tf32, grad.device)
+    plan = lookup(_WGRAD_PLANS, key, _wgrad_plan, *key)
     acc = acc_dtype(grad.dtype)
-    cg_in, cg_out = g.c_in // g.groups, g.c_out // g.groups
-    numel = g.c_out * g.kh * g.kw * cg_in
-    part_dw = grad.new_empty((split, numel), dtype=acc)
-    part_db = grad.new_empty((split, g.c_out), dtype=acc) if want_db else part_dw
-
-    def grid(meta):
-        return (cdiv(cg_out, meta["BLOCK_M"]) * cdiv(cg_in, meta["BLOCK_N"]), g.kh * g.kw,
-                split * g.groups)
-
-    pre_args, pre_constexprs = _prologue_args(prologue, part_dw)
-    _pick_gemm(kernels.conv2d_bwd_wgrad, grad.dtype)[grid](
-        grad, output if output is not None else grad, input, part_dw, part_db, *pre_args, *_geom_args(g),
-        *grad.stride(), *input.stride(), per_split, g.groups,
-        HAS_DBIAS=want_db, ACTIVATION=activation, **pre_constexprs, **_precision(grad.dtype))
+    part_dw = grad.new_empty((plan.split, plan.numel), dtype=acc)
+    part_db = grad.new_empty((plan.split, g.c_out), dtype=acc) if want_db else part_dw
+    plan.gemm(grad, or_placeholder(output, grad), input, part_dw, part_db, *_prologue_tensors(prologue, part_dw))
     dw = db = None
-    block = kernels.WGRAD_REDUCE_BLOCK
     if want_dw:
-        dw = torch.empty(weight_shape, device=grad.device, dtype=weight_dtype, memory_format=torch.channels_last)
-        kernels.conv2d_bwd_wgrad_reduce[(cdiv(numel, block),)](
-            part_dw, dw, numel, split, ACC=tl_acc(grad.dtype), BLOCK=block)
+        dw = torch.empty_strided(weight_shape, plan.dw_strides, device=grad.device, dtype=weight_dtype)
+        plan.reduce_dw(part_dw, dw)
     if want_db:
         db = grad.new_empty((g.c_out,), dtype=acc)
-        kernels.conv2d_bwd_wgrad_reduce[(cdiv(g.c_out, block),)](
-            part_db, db, g.c_out, split, ACC=tl_acc(grad.dtype), BLOCK=block)
+        plan.reduce_db(part_db, db)
     return dw, db
 
 
-def _prologue_args(prologue: Optional[tuple], placeholder: torch.Tensor) -> tuple[tuple, dict]:
-    """The (PreMean, PreRstd, PreW, PreB) pointers and the prologue constexprs of a GEMM
-    launch, for ``prologue`` = ``(mean, rstd, weight, bias, activation_code)`` or None."""
-    if prologue is None:
-        return (placeholder,) * 4, dict(PROLOGUE=False, PRE_HAS_W=False, PRE_HAS_B=False, PRE_ACTIVATION=0)
-    mean, rstd, weight, bias, activation = prologue
-    return ((mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean),
-            dict(PROLOGUE=True, PRE_HAS_W=weight is not None, PRE_HAS_B=bias is not None,
-                 PRE_ACTIVATION=activation))
-
-
-@shape_cached
+@shape_cached(key=op_lists_key)
 def geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """The geometry of a registered op's (already validated) list arguments."""
     return ConvGeometry(*input_shape, weight_shape[0], weight_shape[2], weight_shape[3], tuple(stride),
@@ -413,8 +505,8 @@ class Conv2dFunction(torch.autograd.Function):
 
 
 def _forward_with_stats(input, weight, g: ConvGeometry):
-    conv_out, (part_mean, part_m2, part_count, tiles) = conv_fwd_launch(input, weight, None, None, g, 0, stats=True)
-    return conv_out, (part_mean[:tiles], part_m2[:tiles], part_count[:tiles])
+    conv_out, (part_mean, part_m2, part_count, _) = conv_fwd_launch(input, weight, None, None, g, 0, stats=True)
+    return conv_out, (part_mean, part_m2, part_count)
 
 
 FUSED_PASSES = ConvPasses(

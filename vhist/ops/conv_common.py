@@ -100,6 +100,12 @@ class ConvGeometryBase:
         return list(self.stride), list(self.padding), list(self.dilation)
 
 
+def op_lists_key(input_shape, weight_shape, stride, padding, dilation, groups=None) -> tuple:
+    """The launch-cache key of a registered conv op's geometry arguments (the lists
+    flattened; :func:`vhist.ops.launch_cache.shape_cached`)."""
+    return input_shape, weight_shape, *stride, *padding, *dilation, groups
+
+
 def check_residual(op: str, residual: Optional[torch.Tensor], input: torch.Tensor, out_shape) -> None:
     """A residual, when given, has the output's shape and the input's float dtype."""
     if residual is None:

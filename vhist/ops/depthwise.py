@@ -21,13 +21,14 @@ from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
-from vhist.ops.common import (acc_dtype, activation_code, activation_grad, dense_layout, empty_4d, is_channels_last,
-                              like_layout)
+from vhist.ops.common import (acc_dtype, activation_code, activation_grad, channels_last_strides, contiguous_strides,
+                              dense_layout, empty_4d, is_channels_last, like_layout, or_placeholder)
 # The weight-gradient launcher below calls these two under their former private names.
 from vhist.ops.common import sm_count as _sm_count
 from vhist.ops.common import tl_acc as _tl_acc
-from vhist.ops.conv_common import ConvGeometryBase, positive_pair, resolve_padding
+from vhist.ops.conv_common import ConvGeometryBase, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
+from vhist.ops.launch_cache import Launch, lookup, new_cache, shape_cached
 from vhist.ops.op_call import custom_op
 
 OP = "depthwise_conv2d"
@@ -84,6 +85,7 @@ def depthwise_geometry(input_shape, weight_shape, stride, padding, dilation, op:
     return geom
 
 
+@shape_cached(key=op_lists_key)
 def _geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, groups=None) -> DepthwiseGeometry:
     n, c_in, h, w = input_shape
     c_out, _, kh, kw = weight_shape
@@ -108,8 +110,12 @@ def taps_major(weight: torch.Tensor, geom: DepthwiseGeometry) -> tuple[torch.Ten
     channels contiguous, with the (channel, kh, kw) strides the kernels take: a tap's
     weights for a tile of channels are then one 16-byte load per thread, not KH*KW-strided
     scalar loads."""
-    return (weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous(),
-            (1, geom.kw * geom.c_out, geom.c_out))
+    return weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous(), _taps_major_strides(geom)
+
+
+def _taps_major_strides(geom: DepthwiseGeometry) -> tuple[int, int, int]:
+    """The (channel, kh, kw) strides of :func:`taps_major`'s copy."""
+    return 1, geom.kw * geom.c_out, geom.c_out
 
 
 def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, int]:
@@ -125,22 +131,40 @@ def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, i
 # ----------------------------------------------------------------------------- triton launchers
 
 
-def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, output,
-                stats=None):
+def _fwd_launch(geom: DepthwiseGeometry, dtype, x_strides, out_strides, has_bias, has_residual, activation,
+                stats) -> tuple[Launch, int]:
+    """The forward launch and its programs along the pixel axis (with ``stats``, the
+    number of BN partials it writes)."""
     from vhist.kernels import depthwise as kernels
 
-    tiles_per_program, programs = heuristics.depthwise_fwd_tiling(geom.positions, stats is not None)
-    part = stats if stats is not None else (output, output, output)
+    tiles_per_program, programs = heuristics.depthwise_fwd_tiling(geom.positions, stats)
     grid = lambda meta: (programs, cdiv(geom.c_out, meta["BLOCK_C"]))  # noqa: E731
-    weight, weight_strides = taps_major(weight, geom)
-    kernels.depthwise_fwd[grid](
-        input, weight, bias if bias is not None else weight, residual if residual is not None else output,
-        output, *part,
-        geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, tiles_per_program,
-        *_strides(input), *weight_strides, *_strides(output),
-        *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        ACTIVATION=activation, STATS=stats is not None, ACC=_tl_acc(input.dtype), BLOCK_P=FWD_BLOCK_P)
+    return Launch(kernels.depthwise_fwd, grid,
+                  (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier,
+                   tiles_per_program, *x_strides, *_taps_major_strides(geom), *out_strides, *geom.conv_args()),
+                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=activation,
+                  STATS=stats, ACC=_tl_acc(dtype), BLOCK_P=FWD_BLOCK_P), programs
+
+
+_FWD_LAUNCHES = new_cache()
+
+
+def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, output,
+                stats: bool = False):
+    """Runs the forward into ``output``. Returns the BN partials (mean, M2, count) in the
+    accumulation dtype when ``stats``, else None."""
+    key = (geom, input.dtype, input.stride(), output.stride(), bias is not None, residual is not None, activation,
+           stats)
+    launch, programs = lookup(_FWD_LAUNCHES, key, _fwd_launch, *key)
+    if stats:
+        acc = acc_dtype(input.dtype)
+        part = (input.new_empty((programs, geom.c_out), dtype=acc), input.new_empty((programs, geom.c_out), dtype=acc),
+                input.new_empty((programs,), dtype=acc))
+    else:
+        part = (output, output, output)
+    weight = taps_major(weight, geom)[0]
+    launch(input, weight, or_placeholder(bias, weight), or_placeholder(residual, output), output, *part)
+    return part if stats else None
 
 
 @custom_op("vhist::depthwise_conv2d_fwd", mutates_args=())
@@ -196,23 +220,31 @@ def depthwise_conv2d_bwd_input(
                            activation)
 
 
-def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stride, padding, dilation,
-                    activation):
+def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_last, activation) -> Launch:
     from vhist.kernels import depthwise as kernels
 
+    grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
+                         cdiv(geom.c_in, meta["BLOCK_C"]))
+    input_shape = (geom.n, geom.c_in, geom.h, geom.w)
+    dx_strides = channels_last_strides(input_shape) if channels_last else contiguous_strides(input_shape)
+    return Launch(kernels.depthwise_bwd_input, grid,
+                  (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, *grad_strides,
+                   *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
+                  KH=geom.kh, KW=geom.kw, ACTIVATION=activation, ACC=_tl_acc(dtype))
+
+
+_BWD_INPUT_LAUNCHES = new_cache()
+
+
+def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stride, padding, dilation,
+                    activation):
     geom = _geometry_from_lists(input_size, weight.shape, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
+    key = (geom, weight.dtype, grad_output.stride(), channels_last, activation)
+    launch = lookup(_BWD_INPUT_LAUNCHES, key, _bwd_input_launch, *key)
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
-    grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
-                         cdiv(geom.c_in, meta["BLOCK_C"]))
-    weight, weight_strides = taps_major(weight, geom)
-    kernels.depthwise_bwd_input[grid](
-        grad_output, output if activation else grad_output, weight, grad_input,
-        geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier,
-        *_strides(grad_output), *weight_strides, *_strides(grad_input),
-        *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, ACTIVATION=activation, ACC=_tl_acc(weight.dtype))
+    launch(grad_output, output if activation else grad_output, taps_major(weight, geom)[0], grad_input)
     return grad_input
 
 
@@ -237,40 +269,60 @@ def depthwise_conv2d_bwd_weight(
                             has_bias)
 
 
-def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
+@dataclass(frozen=True)
+class _WeightGradPlan:
+    """The launches of a weight gradient (:func:`_bwd_weight_impl`, :func:`_bwd_impl`):
+    the pass writing (chunks, taps, C_out) partials and the ordered reduction of them."""
+
+    chunks: int
+    taps: int
+    grad: Launch
+    finalize: Launch
+
+
+def _finalize_launch(geom: DepthwiseGeometry, chunks: int, has_bias: bool, tl_acc) -> Launch:
+    """Stage 2 of the weight gradient: the (chunks, taps, C_out) partials summed in chunk
+    order into the weight (and bias) gradient, (C_out, 1, KH, KW) contiguous."""
     from vhist.kernels import depthwise as kernels
 
+    taps, block_j = geom.kh * geom.kw + int(has_bias), 128
+    return Launch(kernels.depthwise_bwd_weight_finalize, (cdiv(taps * geom.c_out, block_j),),
+                  (geom.c_out, chunks, geom.kh * geom.kw, geom.kw, 1), KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias,
+                  ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=16)
+
+
+def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
+                      has_bias, device) -> _WeightGradPlan:
+    from vhist.kernels import depthwise as kernels
+
+    tl_acc = _tl_acc(dtype)
+    chunk, chunks = weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, device)
+    block_p, block_c, num_warps = kernels.weight_grad_tiling(geom.kh, geom.kw, channels_last)
+    grad = Launch(kernels.depthwise_bwd_weight_reduce, (cdiv(geom.c_out, block_c), chunks),
+                  (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
+                   *grad_strides, *x_strides, *geom.conv_args()),
+                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc, BLOCK_P=block_p,
+                  BLOCK_C=block_c, num_warps=num_warps)
+    return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
+                           _finalize_launch(geom, chunks, has_bias, tl_acc))
+
+
+_WEIGHT_GRAD_PLANS = new_cache()
+
+
+def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
     geom = _geometry_from_lists(input.shape, weight_size, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
-    acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
-    chunk, chunks = weight_chunks(geom.n * geom.oh * geom.ow, geom.c_out, input.device)
-    taps = geom.kh * geom.kw + int(has_bias)
-    part = input.new_empty((chunks, taps, geom.c_out), dtype=acc)
+    key = (geom, input.dtype, grad_output.stride(), input.stride(), _channels_last(input), activation, has_bias,
+           input.device)
+    plan = lookup(_WEIGHT_GRAD_PLANS, key, _weight_grad_plan, *key)
+    part = input.new_empty((plan.chunks, plan.taps, geom.c_out), dtype=acc_dtype(input.dtype))
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    block_p, block_c, num_warps = kernels.weight_grad_tiling(geom.kh, geom.kw, _channels_last(input))
-    kernels.depthwise_bwd_weight_reduce[(cdiv(geom.c_out, block_c), chunks)](
-        grad_output, output if activation else grad_output, input, part,
-        geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
-        *_strides(grad_output), *_strides(input), *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc,
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    _finalize_weight_grad(part, grad_weight, grad_bias, geom, has_bias, tl_acc)
+    plan.grad(grad_output, output if activation else grad_output, input, part)
+    plan.finalize(part, grad_weight, grad_bias if has_bias else grad_weight)
     return grad_weight, grad_bias
-
-
-def _finalize_weight_grad(part, grad_weight, grad_bias, geom: DepthwiseGeometry, has_bias, tl_acc):
-    """Stage 2 of the weight gradient: the (chunks, taps, C_out) partials summed in chunk
-    order into ``grad_weight`` (and ``grad_bias``)."""
-    from vhist.kernels import depthwise as kernels
-
-    chunks, taps, _ = part.shape
-    block_j = 128
-    kernels.depthwise_bwd_weight_finalize[(cdiv(taps * geom.c_out, block_j),)](
-        part, grad_weight, grad_bias if has_bias else grad_weight, geom.c_out, chunks,
-        grad_weight.stride(0), grad_weight.stride(2), grad_weight.stride(3),
-        KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=16)
 
 
 @custom_op("vhist::depthwise_conv2d_bwd", mutates_args=())
@@ -291,32 +343,46 @@ def depthwise_conv2d_bwd(grad_output: torch.Tensor, output: Optional[torch.Tenso
     return _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias)
 
 
-def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
+                            has_bias, device) -> _WeightGradPlan:
     from vhist.kernels import depthwise as kernels
 
-    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    if activation:
-        grad_output = like_layout(grad_output, output)
-    acc, tl_acc = acc_dtype(input.dtype), _tl_acc(input.dtype)
-    channels_last = _channels_last(input)
+    tl_acc = _tl_acc(dtype)
     block_j, block_p, block_c, num_warps = kernels.input_weight_grad_tiling(geom.kh, geom.kw, geom.multiplier,
                                                                             channels_last)
     # Chunks of input pixels (the gather's), and as many chunks of output pixels for db.
-    chunk, chunks = weight_chunks(geom.n * geom.h * geom.w, geom.c_in, input.device)
+    chunk, chunks = weight_chunks(geom.n * geom.h * geom.w, geom.c_in, device)
     out_chunk = cdiv(geom.n * geom.oh * geom.ow, chunks)
-    part = input.new_empty((chunks, geom.kh * geom.kw + int(has_bias), geom.c_out), dtype=acc)
+    input_shape = (geom.n, geom.c_in, geom.h, geom.w)
+    dx_strides = channels_last_strides(input_shape) if channels_last else contiguous_strides(input_shape)
+    grad = Launch(kernels.depthwise_bwd, (cdiv(geom.c_in, block_c), chunks),
+                  (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
+                   *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
+                  KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
+                  ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+    return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
+                           _finalize_launch(geom, chunks, has_bias, tl_acc))
+
+
+_INPUT_WEIGHT_GRAD_PLANS = new_cache()
+
+
+def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+    geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
+    if activation:
+        grad_output = like_layout(grad_output, output)
+    channels_last = _channels_last(input)
+    key = (geom, input.dtype, grad_output.stride(), input.stride(), channels_last, activation, has_bias,
+           input.device)
+    plan = lookup(_INPUT_WEIGHT_GRAD_PLANS, key, _input_weight_grad_plan, *key)
+    part = input.new_empty((plan.chunks, plan.taps, geom.c_out), dtype=acc_dtype(input.dtype))
     grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
     grad_weight = input.new_empty(weight.shape)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    weight_taps, weight_strides = taps_major(weight, geom)  # one [taps, channels] tile load per program
-    kernels.depthwise_bwd[(cdiv(geom.c_in, block_c), chunks)](
-        grad_output, output if activation else grad_output, grad_output, input, weight_taps, grad_input, part,
-        geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
-        *_strides(grad_output), *_strides(input), *weight_strides,
-        *_strides(grad_input), *geom.conv_args(),
-        KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
-        ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
-    _finalize_weight_grad(part, grad_weight, grad_bias, geom, has_bias, tl_acc)
+    # One [taps, channels] weight tile load per program.
+    plan.grad(grad_output, output if activation else grad_output, grad_output, input, taps_major(weight, geom)[0],
+              grad_input, part)
+    plan.finalize(part, grad_weight, grad_bias if has_bias else grad_weight)
     return grad_input, grad_weight, grad_bias
 
 
@@ -513,13 +579,8 @@ IMPLS = {"triton": _depthwise_triton, "cuda": _depthwise_cuda, "torch": referenc
 
 
 def _forward_with_stats(input, weight, geom: DepthwiseGeometry):
-    acc, c = acc_dtype(input.dtype), geom.c_out
     conv_out = _empty_output(input, geom.out_shape, _channels_last(input))
-    _, tiles = heuristics.depthwise_fwd_tiling(geom.positions, True)
-    part_mean, part_m2 = input.new_empty((tiles, c), dtype=acc), input.new_empty((tiles, c), dtype=acc)
-    part_count = input.new_empty((tiles,), dtype=acc)
-    _launch_fwd(input, weight, None, None, geom, 0, conv_out, stats=(part_mean, part_m2, part_count))
-    return conv_out, (part_mean, part_m2, part_count)
+    return conv_out, _launch_fwd(input, weight, None, None, geom, 0, conv_out, stats=True)
 
 
 def _grad_input(dy_conv, input, weight, geom: DepthwiseGeometry):

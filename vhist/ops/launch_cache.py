@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from typing import Callable, Optional
 
 _CACHES: list[dict] = []
 MAX_ENTRIES = 4096  # a cache that grows past this (shape churn) starts over
@@ -27,10 +27,18 @@ def hashable(value):
     return value
 
 
-def shape_cached(fn: Callable) -> Callable:
+def shape_cached(fn: Optional[Callable] = None, *, key: Optional[Callable] = None) -> Callable:
     """Memoizes ``fn`` on its arguments (keywords bound to positions, lists keyed as tuples). Arguments
     that cannot be hashed (symbolic sizes while tracing) bypass the cache. Exceptions
-    are not cached: a bad argument raises every time."""
+    are not cached: a bad argument raises every time.
+
+    Args:
+        key: optional ``key(*args)`` building the cache key from the positional
+            arguments (for hot callers whose arguments hold lists: converting them
+            directly is cheaper than the generic fallback, which first fails a lookup).
+    """
+    if fn is None:
+        return functools.partial(shape_cached, key=key)
     cache: dict = {}
     _CACHES.append(cache)
     signature = inspect.signature(fn)
@@ -41,22 +49,24 @@ def shape_cached(fn: Callable) -> Callable:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             args = bound.args
+        cache_key = key(*args) if key is not None else args
         try:
-            return cache[args]
+            return cache[cache_key]
         except KeyError:
             pass
         except TypeError:  # a list (keyed as a tuple), or a symbolic size (not cached)
-            key = tuple(hashable(a) for a in args)
+            if key is not None:
+                return fn(*args)
+            cache_key = args = tuple(hashable(a) for a in args)
             try:
-                if key in cache:
-                    return cache[key]
+                if cache_key in cache:
+                    return cache[cache_key]
             except TypeError:
                 return fn(*args)
-            args = key
         value = fn(*args)
         if len(cache) >= MAX_ENTRIES:
             cache.clear()
-        cache[args] = value
+        cache[cache_key] = value
         return value
 
     cached.cache = cache
@@ -75,3 +85,56 @@ def clear() -> None:
     """Empties every launch cache."""
     for cache in _CACHES:
         cache.clear()
+
+
+def lookup(cache: dict, key, build: Callable, *args):
+    """``cache[key]``, made by ``build(*args)`` on a miss; a key that cannot be hashed
+    (symbolic sizes while tracing) builds without caching."""
+    try:
+        value = cache.get(key)
+    except TypeError:
+        return build(*args)
+    if value is None:
+        value = build(*args)
+        if len(cache) >= MAX_ENTRIES:
+            cache.clear()
+        cache[key] = value
+    return value
+
+
+class Launch:
+    """One kernel launch with everything but its tensors fixed: the kernel, the grid
+    (a tuple, or a function of the config for an autotuned kernel), the trailing scalar
+    arguments (sizes, strides, flags) and the constexprs, all functions of a launch-cache
+    key. Built once per key, then called with the tensor arguments alone, which the
+    kernels all take first:
+
+        launch = Launch(kernels.bn_fwd_apply, grid, (*geom.args(), eps), HAS_W=True, ...)
+        launch(x, out, mean, rstd, weight, bias, residual)
+
+    The first call goes through the kernel's ``run``; later calls go straight to what it
+    resolved to (:meth:`vhist.kernels._config.TunedKernel.resolve`: on a GPU, the kernel
+    with the tuned pick's constexprs, without the per-call tuning-key lookup). Calls look
+    ``run`` up each time, so that a launch built before
+    :func:`vhist.tools.launches.record_launches` patched it still goes through the patch
+    (the launch caches are cleared there anyway).
+    """
+
+    __slots__ = ("kernel", "tail", "options", "runner", "runner_options")
+
+    def __init__(self, kernel, grid, tail: tuple = (), **constexprs):
+        self.kernel = kernel
+        self.tail = tuple(tail)
+        self.options = dict(constexprs, grid=grid, warmup=False)
+        self.runner = self.runner_options = None
+
+    def __call__(self, *tensors):
+        if self.runner is not None:
+            return self.runner.run(*tensors, *self.tail, **self.runner_options)
+        args = (*tensors, *self.tail)
+        result = self.kernel.run(*args, **self.options)
+        resolve = getattr(self.kernel, "resolve", None)
+        resolved = resolve(args, self.options) if resolve is not None else (self.kernel, self.options)
+        if resolved is not None:
+            self.runner, self.runner_options = resolved
+        return result

@@ -19,6 +19,7 @@ from vhist import reference
 from vhist.ops._dispatch import check_float_dtype, dispatch
 from vhist.ops.common import cdiv, next_power_of_2
 from vhist.ops.common import dense_layout, is_channels_last_dense, like_layout
+from vhist.ops.launch_cache import Launch, lookup, new_cache
 from vhist.ops.common import tl_acc as _tl_acc  # the launchers' name for it
 from vhist.ops.op_call import custom_op
 
@@ -57,7 +58,7 @@ def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return n, c, s, c * s, s, 1
 
 
-def _launch(kernel, tensors, size, alpha, beta, k, like):
+def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, like) -> Launch:
     from vhist.kernels.local_response_norm import block_s
 
     n, c, s, stride_n, stride_c, stride_s = lrn_geometry(like)
@@ -68,8 +69,16 @@ def _launch(kernel, tensors, size, alpha, beta, k, like):
         return (n * cdiv(s, block_s(meta["TILE"], block_c)),)
 
     # Shifts beyond the tile's width add only zeros: clip them (huge sizes stay cheap).
-    kernel[grid](*tensors, n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k,
-                 LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(like.dtype), BLOCK_C=block_c)
+    return Launch(kernel, grid, (n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k),
+                  LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(dtype), BLOCK_C=block_c)
+
+
+_LAUNCHES = new_cache()
+
+
+def _launch(kernel, tensors, size, alpha, beta, k, like):
+    key = (kernel, like.shape, like.stride(), like.dtype, size, alpha, beta, k)
+    lookup(_LAUNCHES, key, _build_launch, *key, like)(*tensors)
 
 
 # ----------------------------------------------------------------------------- triton

@@ -70,6 +70,7 @@ ROLES: dict[str, dict[str, Role]] = {
                                  "PreRstd": ("r", _on("PROLOGUE")), "PreW": ("r", _on("PRE_HAS_W")),
                                  "PreB": ("r", _on("PRE_HAS_B"))},
     "_conv2d_bwd_wgrad_reduce_kernel": {"Part": "r", "Out": "w"},
+    "_conv2d_fwd_pad_kernel": {"X": "r", "Y": "w"},
     # kernels/depthwise.py
     "_depthwise_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")),
                               "Res": ("r", _on("HAS_RESIDUAL")), "Y": "w", "PartMean": ("w", _on("STATS")),
