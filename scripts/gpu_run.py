@@ -11,7 +11,8 @@ budget is skipped and reported as skipped, never dropped:
 3. ``kernels``: ``bench/kernels.py --quick`` (triton vs eager cuDNN channels_last and
    torch.compile);
 4. ``models``: ``bench/models.py`` for resnet50, mobilenet_v2 and alexnet (triton, torch
-   eager, torch.compile), with the first step's compile+tune time;
+   eager, the whole step in a CUDA graph for both (``triton+graph``, ``torch+graph``,
+   issue 13's targets), torch.compile), with the first step's compile+tune time;
 5. ``train``: a short synthetic-data ``vhist train``.
 
 After every part, ``gpu_run.json`` (device, versions, git sha, date, each part's status,
@@ -68,7 +69,7 @@ def parts(dry: bool, work: str, py: str) -> list[dict]:
              cmds=[[py, "bench/kernels.py", "--quick", "--out", work]]),
         dict(name="models", cap=150, min=40, env={**interp, **no_tune},
              cmds=[[py, "bench/models.py", "--models", MODELS, "--batch", "128", "--providers",
-                    "triton,torch,torch_compile", "--out", work]]),
+                    "triton,torch,triton+graph,torch+graph,torch_compile", "--out", work]]),
         dict(name="train", cap=60, min=20, env={**interp, **no_tune}, cmds=[train]),
     ]
 

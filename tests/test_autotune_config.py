@@ -108,3 +108,47 @@ def test_tuned_picks_persist_across_processes(tmp_path, monkeypatch):
     second.run(x, 8192, grid=(1,), warmup=False)
     assert second.tuned == 1
     config._cache_path.cache_clear()
+
+
+def test_launch_runs_the_resolved_pick_after_the_first_call(tmp_path, monkeypatch):
+    """vhist.ops.launch_cache.Launch: the first call goes through TunedKernel.run (tuning,
+    the pick stored); every later call launches the kernel with the pick's constexprs
+    directly, without the per-call tuning-key lookup, and with the same arguments."""
+    from vhist.ops.launch_cache import Launch
+
+    monkeypatch.setenv("VHIST_AUTOTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    monkeypatch.setattr(config, "launch_device", lambda args: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    config._cache_path.cache_clear()
+    x = torch.empty(4)
+    kernel = config.TunedKernel(_Tuner(_gemm_configs()))
+    runs = []
+    original_run = kernel.run
+    kernel.run = lambda *a, **kw: runs.append(a) or original_run(*a, **kw)
+    launch = Launch(kernel, (3,), (4096,), ACTIVATION=1)
+    for _ in range(3):
+        launch(x)
+    assert kernel.tuned == 1 and len(runs) == 1  # only the first call went through TunedKernel.run
+    assert runs[0] == (x, 4096)
+    assert len(kernel.direct) == 2
+    for options in kernel.direct:
+        assert options["grid"] == (3,) and options["warmup"] is False and options["ACTIVATION"] == 1
+        assert options["BLOCK_M"] == 128 and options["num_warps"] == 8
+    config._cache_path.cache_clear()
+
+
+def test_launch_without_tuning_goes_through_the_autotuner():
+    """Where the autotuner decides (no tuning, or not a CUDA device), a Launch calls it
+    with the fixed arguments every time (the launch recorder patches that entry point)."""
+    from vhist.ops.launch_cache import Launch
+
+    tuner = _Tuner(_gemm_configs())
+    calls = []
+    tuner.run = lambda *a, **kw: calls.append((a, kw))
+    launch = Launch(config.TunedKernel(tuner), (2, 1), (7, 8), HAS_BIAS=True)
+    x = torch.empty(2)
+    launch(x)
+    launch(x)
+    assert [a for a, _ in calls] == [(x, 7, 8)] * 2
+    assert all(kw == {"grid": (2, 1), "warmup": False, "HAS_BIAS": True} for _, kw in calls)

@@ -278,7 +278,10 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
     """
     deferred = isinstance(input, DeferredBNAct)
     x, weight, bias = autocast_inputs(input.conv_output if deferred else input, weight, bias)
-    input = dataclasses.replace(input, conv_output=x) if deferred else x
+    if not deferred:
+        input = x
+    elif x is not input.conv_output:  # autocast cast it
+        input = dataclasses.replace(input, conv_output=x)
     g = check_conv_inputs(OP, x, weight, bias, None, stride, padding, dilation, groups, activation)
     check_bn_args(OP, g.c_out, x, bn_weight, bn_bias, running_mean, running_var, training, g.positions,
                   names=("bn_weight", "bn_bias"), matches="the conv's {c} output channels",
