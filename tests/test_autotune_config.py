@@ -2,6 +2,7 @@
 import json
 import types
 
+import pytest
 import torch
 import triton
 
@@ -85,12 +86,20 @@ class _Tuner:
         self.best_config = self.configs[1]
 
 
-def test_tuned_picks_persist_across_processes(tmp_path, monkeypatch):
+@pytest.fixture
+def tuning_on_h200(tmp_path, monkeypatch):
+    """TunedKernel as on a GPU: tuning on, launches seen on cuda:0 of an H200, picks
+    stored under ``tmp_path``."""
     monkeypatch.setenv("VHIST_AUTOTUNE_CACHE", str(tmp_path))
     monkeypatch.setattr(config, "AUTOTUNE", True)
     monkeypatch.setattr(config, "launch_device", lambda args: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     config._cache_path.cache_clear()
+    yield
+    config._cache_path.cache_clear()
+
+
+def test_tuned_picks_persist_across_processes(tmp_path, tuning_on_h200):
     x = torch.empty(4)
     first = config.TunedKernel(_Tuner(_gemm_configs()))
     first.run(x, 4096, grid=(1,), warmup=False)
@@ -107,20 +116,14 @@ def test_tuned_picks_persist_across_processes(tmp_path, monkeypatch):
     # Another shape is tuned again.
     second.run(x, 8192, grid=(1,), warmup=False)
     assert second.tuned == 1
-    config._cache_path.cache_clear()
 
 
-def test_launch_runs_the_resolved_pick_after_the_first_call(tmp_path, monkeypatch):
+def test_launch_runs_the_resolved_pick_after_the_first_call(tuning_on_h200):
     """vhist.ops.launch_cache.Launch: the first call goes through TunedKernel.run (tuning,
     the pick stored); every later call launches the kernel with the pick's constexprs
     directly, without the per-call tuning-key lookup, and with the same arguments."""
     from vhist.ops.launch_cache import Launch
 
-    monkeypatch.setenv("VHIST_AUTOTUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(config, "AUTOTUNE", True)
-    monkeypatch.setattr(config, "launch_device", lambda args: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
-    config._cache_path.cache_clear()
     x = torch.empty(4)
     kernel = config.TunedKernel(_Tuner(_gemm_configs()))
     runs = []
@@ -135,7 +138,6 @@ def test_launch_runs_the_resolved_pick_after_the_first_call(tmp_path, monkeypatc
     for options in kernel.direct:
         assert options["grid"] == (3,) and options["warmup"] is False and options["ACTIVATION"] == 1
         assert options["BLOCK_M"] == 128 and options["num_warps"] == 8
-    config._cache_path.cache_clear()
 
 
 def test_launch_without_tuning_goes_through_the_autotuner():

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 import vhist
-import vhist.ops.heuristics as heuristics
 from vhist.ops.depthwise import weight_chunks, depthwise_geometry
 
 from conftest import DEVICE, HAS_GPU
