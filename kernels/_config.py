@@ -159,7 +159,8 @@ class TunedKernel(KernelInterface):
         count = len(args)
         return (device, tuple(args[i] for i in positions if i < count),
                 tuple(a.dtype for a in args if isinstance(a, torch.Tensor)),
-                tuple((k, v) for k, v in kwargs.items() if k != "grid" and k != "warmup"))
+                tuple((k, v) for k, v in kwargs.items()
+                      if k != "grid" and k != "warmup" and not isinstance(v, torch.Tensor)))
 
     def __getattr__(self, name):
         return getattr(self.autotuner, name)
