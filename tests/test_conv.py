@@ -119,6 +119,20 @@ def test_conv2d_stem_pad_channels(shape, channels_last):
     assert torch.equal(padded[:, :shape[1]], x) and not padded[:, shape[1]:].any()
 
 
+@pytest.mark.parametrize("channels", [2, 12])
+def test_conv2d_stem_pad_channels_bad_width(channels):
+    """A width below C or not a power of two is refused, on every call (nothing cached)."""
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=f"cannot pad 3 channels to {channels}"):
+            pad_channels(x, channels)
+
+
+def test_conv2d_stem_pad_channels_determinism():
+    x = torch.randn(2, 3, 6, 5, device=DEVICE)
+    assert torch.equal(pad_channels(x, 16), pad_channels(x, 16))
+
+
 @pytest.mark.parametrize("activation", [None, "relu", "relu6"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_conv2d_bwd_epilogues(activation, residual):

@@ -125,9 +125,9 @@ def _stats_launch(x: torch.Tensor) -> Launch:
 _STATS_LAUNCHES = new_cache()
 
 
-def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
+def bn_stats_partials(x: torch.Tensor):
     """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype."""
-    geom = geom or channel_geometry(x)
+    geom = channel_geometry(x)
     acc = acc_dtype(x.dtype)
     part_mean = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
     part_m2 = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
@@ -140,9 +140,8 @@ def bn_stats_partials(x: torch.Tensor, geom: Optional[ChannelGeometry] = None):
 class _MergePlan:
     """The merge tree of (num_partials, C) partials (:func:`bn_finalize`,
     :func:`bn_merge_sums`): per level, the merged count and its launch, then the final
-    launch; the channel count and the dtypes of what is allocated."""
+    launch."""
 
-    c: int
     levels: tuple  # ((groups, Launch), ...)
     final: Launch
 
@@ -158,7 +157,7 @@ def _merge_plan(merge_kernel, final_kernel, num: int, c: int, acc_tl, final_tail
         num = groups
     final = Launch(final_kernel, (cdiv(c, block_c),), (c, num, *final_tail), ACC=acc_tl, BLOCK_C=block_c,
                    BLOCK_K=heuristics.BN_FINALIZE_BLOCK_K, **final_constexprs)
-    return _MergePlan(c, tuple(levels), final)
+    return _MergePlan(tuple(levels), final)
 
 
 def _finalize_plan(num: int, c: int, dtype: torch.dtype, update: bool, momentum: float, eps: float) -> _MergePlan:

@@ -150,6 +150,8 @@ def _pad_launch(shape, strides, channels: int) -> Launch:
     from vhist.kernels import conv as kernels
 
     n, c, h, w = shape
+    if channels < c or channels & (channels - 1):
+        raise ValueError(f"{OP}: cannot pad {c} channels to {channels}: the width must be a power of two >= {c}")
     rows = n * h * w
     return Launch(kernels.conv2d_fwd_pad, (cdiv(rows, kernels.PAD_BLOCK_R),), (rows, c, h, w, *strides),
                   C_PAD=channels, BLOCK_R=kernels.PAD_BLOCK_R)
@@ -228,7 +230,7 @@ class _FwdPlan:
 
     launch: Launch
     out_strides: tuple
-    stem: bool
+    stem_channels: int  # the stem path's padded input channels, 0 off it
     tiles: int  # BN-statistics partials (rows of the partial buffers), 0 without stats
 
 
@@ -256,7 +258,7 @@ def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residu
         x_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
         w_strides = channels_last_strides((g.c_out, g.c_in, g.kh, g.kw))
     return _FwdPlan(Launch(kernel, grid, (*_geom_args(g), *x_strides, *w_strides, *out_strides), **constexprs),
-                    out_strides, stem, tiles)
+                    out_strides, kernels.STEM_CHANNELS if stem else 0, tiles)
 
 
 _FWD_PLANS = new_cache()
@@ -269,8 +271,6 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
     is ``(mean, rstd, weight, bias, activation_code)``: the input is a raw conv output
     whose BatchNorm (its batch statistics, affine parameters or None) and activation the
     kernel applies to each loaded tile."""
-    from vhist.kernels import conv as kernels
-
     weight = to_channels_last(weight)
     key = (g, input.dtype, input.stride(), weight.stride(), bias is not None, residual is not None, activation,
            stats, _prologue_flags(prologue), torch.backends.cudnn.allow_tf32, input.device)
@@ -278,9 +278,9 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
     out = torch.empty_strided(g.out_shape, plan.out_strides, dtype=input.dtype, device=input.device)
     if residual is not None:
         residual = like_layout(residual, out)
-    if plan.stem:
-        input = pad_channels(input, kernels.STEM_CHANNELS)
-        weight = pad_channels(weight, kernels.STEM_CHANNELS)
+    if plan.stem_channels:
+        input = pad_channels(input, plan.stem_channels)
+        weight = pad_channels(weight, plan.stem_channels)
     if stats:
         acc = acc_dtype(input.dtype)
         part_mean = input.new_empty((plan.tiles, g.c_out), dtype=acc)

@@ -105,12 +105,12 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
-def taps_major(weight: torch.Tensor, geom: DepthwiseGeometry) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def taps_major(weight: torch.Tensor, geom: DepthwiseGeometry) -> torch.Tensor:
     """The depthwise weight (C_out, 1, KH, KW) copied once per call to (KH*KW, C_out),
-    channels contiguous, with the (channel, kh, kw) strides the kernels take: a tap's
+    channels contiguous (the kernels take it with :func:`_taps_major_strides`): a tap's
     weights for a tile of channels are then one 16-byte load per thread, not KH*KW-strided
     scalar loads."""
-    return weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous(), _taps_major_strides(geom)
+    return weight.reshape(geom.c_out, geom.kh * geom.kw).t().contiguous()
 
 
 def _taps_major_strides(geom: DepthwiseGeometry) -> tuple[int, int, int]:
@@ -162,7 +162,7 @@ def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activati
                 input.new_empty((programs,), dtype=acc))
     else:
         part = (output, output, output)
-    weight = taps_major(weight, geom)[0]
+    weight = taps_major(weight, geom)
     launch(input, weight, or_placeholder(bias, weight), or_placeholder(residual, output), output, *part)
     return part if stats else None
 
@@ -244,7 +244,7 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
     key = (geom, weight.dtype, grad_output.stride(), channels_last, activation)
     launch = lookup(_BWD_INPUT_LAUNCHES, key, _bwd_input_launch, *key)
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
-    launch(grad_output, output if activation else grad_output, taps_major(weight, geom)[0], grad_input)
+    launch(grad_output, output if activation else grad_output, taps_major(weight, geom), grad_input)
     return grad_input
 
 
@@ -380,7 +380,7 @@ def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, act
     grad_weight = input.new_empty(weight.shape)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
     # One [taps, channels] weight tile load per program.
-    plan.grad(grad_output, output if activation else grad_output, grad_output, input, taps_major(weight, geom)[0],
+    plan.grad(grad_output, output if activation else grad_output, grad_output, input, taps_major(weight, geom),
               grad_input, part)
     plan.finalize(part, grad_weight, grad_bias if has_bias else grad_weight)
     return grad_input, grad_weight, grad_bias
