@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET_S = 540  # 9 minutes, the install and every compile included
 GPU_TEST_FILES = ["tests/test_local_response_norm.py", "tests/test_depthwise.py", "tests/test_fused_conv_bn_relu.py",
                   "tests/test_conv.py", "tests/test_batch_norm.py", "tests/test_sync_batch_norm.py",
-                  "tests/test_gradcheck.py", "tests/test_bn_prologue.py"]
+                  "tests/test_gradcheck.py", "tests/test_bn_prologue.py", "tests/test_host.py"]
 MODELS = "resnet50,mobilenet_v2,alexnet"
 
 

@@ -187,3 +187,25 @@ def test_bn_merge_parallel_at_model_layers(merge_launches):
     assert not serial, serial[:5]
     # Thousands of partials occur (the stem, the 56x56 layers) and are merged in levels.
     assert max(r["partials"] for r in merge_launches) >= 3000
+
+
+def test_merge_levels_reuse_their_buffers_across_calls(triton_backend):
+    """The merge levels' buffers are scratch kept by the plan (launch_cache.scratch): a
+    second merge of the same shape reuses them, over the first merge's values, and is
+    still exact."""
+    import importlib
+
+    bn_module = importlib.import_module("vhist.ops.batch_norm")  # the module (vhist.ops.batch_norm is the op)
+    num, c = 5000, 5  # two levels
+    results = []
+    for offset in (1000.0, -20.0):
+        counts, means, m2, mean_ref, var_ref, _ = _partials(num, c, offset=offset)
+        f32 = dict(device=DEVICE, dtype=torch.float32)
+        mean, rstd = bn_finalize(means.to(**f32), m2.to(**f32), counts.to(**f32), None, None, 0.1, 1e-5)
+        assert_close(mean.double(), mean_ref, name="mean", atol=5e-4, rtol=0)
+        assert_close(rstd.double(), 1 / (var_ref + 1e-5).sqrt(), name="rstd", atol=0, rtol=2e-4)
+        results.append(mean)
+    assert results[0] is not results[1]  # outputs are never scratch
+    # The plan's key: (num, c, dtype, device, update_running, momentum, eps).
+    (plan,) = [plan for key, plan in bn_module._FINALIZE_PLANS.items() if key[:2] == (num, c) and not key[4]]
+    assert len(plan.levels) == 2 and len(plan.scratch) == 1  # one set of level buffers, kept

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,3 +98,88 @@ def test_shape_cached_memoizes_lists_as_tuples_and_never_caches_errors():
     assert len(calls) == 3  # each bad call raised afresh
     clear()
     assert geometry((2, 3), [1, 1]) == 2 and len(calls) == 4
+
+
+def test_scratch_is_reused_per_thread_and_never_kept_over_the_cap(monkeypatch):
+    import threading
+
+    import torch
+
+    from vhist.ops import launch_cache
+
+    store, made = {}, []
+
+    def make(numel=4):
+        made.append(numel)
+        return (torch.empty(numel), torch.empty(2))
+
+    like = torch.empty(1)
+    first = launch_cache.scratch(store, like, make)
+    assert launch_cache.scratch(store, like, make) is first and made == [4]
+    # Another thread gets a set of its own (the interpreter runs its kernels at once).
+    other = []
+    thread = threading.Thread(target=lambda: other.append(launch_cache.scratch(store, like, make)))
+    thread.start()
+    thread.join()
+    assert other[0] is not first and made == [4, 4] and len(store) == 2
+    # A set over the cap is made every call and never kept.
+    big = {}
+    monkeypatch.setattr(launch_cache, "SCRATCH_MAX_BYTES", 4 * 4)
+    a = launch_cache.scratch(big, like, lambda: make(8))
+    b = launch_cache.scratch(big, like, lambda: make(8))
+    assert a is not b and not big and made == [4, 4, 8, 8]
+
+
+def test_reused_partials_give_the_same_statistics_every_call():
+    """Two calls of the same BatchNorm and conv + BN shapes reuse their partial buffers
+    (statistics partials, merge levels, gradient sums, split-K weight-gradient partials):
+    each call's results match the reference, whatever the previous call left there."""
+    import torch
+
+    import vhist
+    import vhist.ops as ops
+    from vhist import reference
+
+    torch.manual_seed(0)
+    with vhist.use_backend("triton"):
+        for scale in (1.0, -3.0):  # the second call finds the first call's partials in the buffers
+            x = (scale * torch.randn(2, 8, 5, 5, dtype=torch.float64)).requires_grad_()
+            w = torch.randn(8, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+            gamma = torch.rand(8, dtype=torch.float64, requires_grad=True)
+            beta = torch.randn(8, dtype=torch.float64, requires_grad=True)
+            out = ops.fused_conv_bn_act(x, w, gamma, beta, None, None, padding=1)
+            ref_inputs = [t.detach().clone().requires_grad_() for t in (x, w, gamma, beta)]
+            ref = reference.fused_conv_bn_act(*ref_inputs, None, None, padding=1)
+            grad = torch.randn_like(ref)
+            torch.testing.assert_close(out, ref)
+            grads = torch.autograd.grad(out, (x, w, gamma, beta), grad)
+            ref_grads = torch.autograd.grad(ref, ref_inputs, grad)
+            for got, want in zip(grads, ref_grads):
+                torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+def test_scratch_on_cuda_is_per_stream_and_fresh_under_graph_capture():
+    import torch
+
+    from vhist.ops import launch_cache
+
+    store, made = {}, []
+
+    def make():
+        made.append(1)
+        return (torch.empty(4, device="cuda"),)
+
+    like = torch.empty(1, device="cuda")
+    first = launch_cache.scratch(store, like, make)
+    assert launch_cache.scratch(store, like, make) is first and len(made) == 1
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = launch_cache.scratch(store, like, make)
+    assert other is not first and len(made) == 2 and len(store) == 2
+    # Under capture: fresh tensors from the graph's pool, nothing kept.
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = launch_cache.scratch(store, like, make)
+        captured[0].fill_(1.0)
+    assert captured is not first and captured is not other and len(made) == 3 and len(store) == 2

@@ -40,22 +40,27 @@ def check_triton_device(op: str, device: torch.device) -> None:
     """Raises :class:`vhist.backend.BackendUnavailable` unless the triton backend can run
     on ``device``: CUDA, or CPU through Triton's interpreter, which Triton and vhist's
     kernels must both have been imported under."""
-    if device.type == "cpu":
+    kind = device.type
+    if kind == "cpu":
         if not triton_cpu_ready():
             raise BackendUnavailable(
                 f"vhist op '{op}': the triton backend runs CPU tensors only through Triton's interpreter, "
                 "and this process did not start with it (TRITON_INTERPRET=1 counts only when set before "
                 "triton and vhist are imported); start with TRITON_INTERPRET=1, use CUDA tensors, or "
                 "choose the torch backend")
-    elif device.type != "cuda":
+    elif kind != "cuda":
         raise BackendUnavailable(f"vhist op '{op}': the triton backend does not support device {device}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                listed = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+                raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
 
 
 def check_float_dtype(op: str, name: str, tensor: torch.Tensor | None) -> None:
@@ -72,7 +77,8 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     """The tensors of a convolution in the autocast dtype when autocast is on for their
     device, as PyTorch's autocast treats ``F.conv2d`` (fp64 and non-float tensors stay;
     BatchNorm parameters and statistics are not passed here and keep their dtype)."""
-    device_type = tensors[0].device.type
+    first = tensors[0]
+    device_type = "cuda" if first.is_cuda else "cpu" if first.is_cpu else first.device.type  # (device.type is slow)
     available = _AUTOCAST_AVAILABLE.get(device_type)
     if available is None:
         available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)

@@ -8,7 +8,7 @@ traces them. :class:`BatchNormFunction` ties them together for autograd, and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -19,8 +19,8 @@ from vhist.ops._dispatch import check_float_dtype, dispatch
 # is_channels_last_dense stays importable from here, its former home.
 from vhist.ops.common import cdiv
 from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
-                              like_layout, or_placeholder, tl_acc)
-from vhist.ops.launch_cache import Launch, lookup, new_cache
+                              like_layout, op_outputs, or_placeholder, partial_buffers, tl_acc)
+from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
 from vhist.ops.op_call import custom_op
 
 OP = "batch_norm"
@@ -126,14 +126,19 @@ _STATS_LAUNCHES = new_cache()
 
 
 def bn_stats_partials(x: torch.Tensor):
-    """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype."""
+    """Per-chunk (mean, M2, count) of a dense ``x`` (N, C, ...), in the accumulation dtype:
+    the launch's scratch (:func:`vhist.ops.launch_cache.scratch`), to be merged before the
+    next call of the same shape."""
+    launch = lookup(_STATS_LAUNCHES, _tensor_key(x), _stats_launch, x)
+    partials = scratch(launch.scratch, x, lambda: _chunk_partials(x, counts=True))
+    launch(x, *partials)
+    return partials
+
+
+def _chunk_partials(x: torch.Tensor, counts: bool) -> tuple:
+    """One row of partials per reduction chunk of ``x`` (:func:`channel_geometry`)."""
     geom = channel_geometry(x)
-    acc = acc_dtype(x.dtype)
-    part_mean = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
-    part_m2 = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
-    part_count = x.new_empty((geom.num_chunks,), dtype=acc)
-    lookup(_STATS_LAUNCHES, _tensor_key(x), _stats_launch, x)(x, part_mean, part_m2, part_count)
-    return part_mean, part_m2, part_count
+    return partial_buffers(geom.num_chunks, geom.c, x, counts)
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,14 @@ class _MergePlan:
 
     levels: tuple  # ((groups, Launch), ...)
     final: Launch
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)  # the levels' outputs
+
+
+def _level_buffers(plan: _MergePlan, c: int, like: torch.Tensor, count: bool) -> tuple:
+    """Per merge level, the merged partials ((groups, C) each, then the (groups,) counts
+    when ``count``), in ``like``'s dtype."""
+    return tuple(((like.new_empty((groups, c)), like.new_empty((groups, c))) +
+                  ((like.new_empty((groups,)),) if count else ())) for groups, _ in plan.levels)
 
 
 def _merge_plan(merge_kernel, final_kernel, num: int, c: int, acc_tl, final_tail: tuple,
@@ -182,10 +195,11 @@ def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momen
     update = running_mean is not None
     plan = lookup(_FINALIZE_PLANS, (num, c, part_mean.dtype, part_mean.device, update, momentum, eps),
                   _finalize_plan, num, c, part_mean.dtype, update, momentum, eps)
-    for groups, launch in plan.levels:
-        merged = (part_mean.new_empty((groups, c)), part_m2.new_empty((groups, c)), part_count.new_empty((groups,)))
-        launch(part_mean, part_m2, part_count, *merged)
-        part_mean, part_m2, part_count = merged
+    if plan.levels:
+        buffers = scratch(plan.scratch, part_mean, lambda: _level_buffers(plan, c, part_mean, count=True))
+        for (_, launch), merged in zip(plan.levels, buffers):
+            launch(part_mean, part_m2, part_count, *merged)
+            part_mean, part_m2, part_count = merged
     mean, rstd = part_mean.new_empty((c,)), part_mean.new_empty((c,))
     plan.final(part_mean, part_m2, part_count, mean, rstd, running_mean if update else mean,
                running_var if update else rstd)
@@ -238,28 +252,21 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
 
     Returns:
         ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``; the parameter gradients are
-        these sums in the parameter dtypes, empty when not asked for.
+        these sums in the parameter dtypes, None when not asked for.
     """
     grad_output = like_layout(grad_output, x)
     if residual is not None:
         residual = like_layout(residual, x)
-    geom = channel_geometry(x)
-    acc = acc_dtype(x.dtype)
     want_dweight = want_dweight and weight is not None
     want_dbias = want_dbias and bias is not None
     flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
              dz_out is not None, eps)
     launch = lookup(_GRAD_SUMS_LAUNCHES, (*_tensor_key(x), *flags), _grad_sums_launch, x, *flags)
-    part_dy = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
-    part_dy_xhat = x.new_empty((geom.num_chunks, geom.c), dtype=acc)
+    part_dy, part_dy_xhat = scratch(launch.scratch, x, lambda: _chunk_partials(x, counts=False))
     launch(grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
            or_placeholder(residual, x), part_dy, part_dy_xhat, or_placeholder(dz_out, x))
-    sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_merge_sums(
-        part_dy, part_dy_xhat, weight.dtype if want_dweight else None, bias.dtype if want_dbias else None)
-    # Empty results in the input's dtype, as the registered ops' fakes give them (two
-    # tensors: a custom op's outputs may not alias).
-    return (sum_dy, sum_dy_xhat, grad_weight if want_dweight else x.new_empty((0,)),
-            grad_bias if want_dbias else x.new_empty((0,)))
+    return bn_merge_sums(part_dy, part_dy_xhat, weight.dtype if want_dweight else None,
+                         bias.dtype if want_dbias else None)
 
 
 def _merge_sums_plan(num: int, c: int, dtype: torch.dtype, want_dweight: bool, want_dbias: bool) -> _MergePlan:
@@ -282,7 +289,7 @@ def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = 
             parameter gradients (Σdz·x̂ and Σdz), or None.
 
     Returns:
-        ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``, the latter two empty when
+        ``(sum_dz, sum_dz_xhat, grad_weight, grad_bias)``, the latter two None when
         their dtype is None; a parameter gradient in the sums' dtype is the sum tensor
         itself (``grad_weight is sum_dz_xhat``, ``grad_bias is sum_dz``).
     """
@@ -300,14 +307,14 @@ def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = 
         grad_weight = part_dy.new_empty((c,), dtype=dweight_dtype) if write_dweight else sum_dy_xhat
     if dbias_dtype is not None:
         grad_bias = part_dy.new_empty((c,), dtype=dbias_dtype) if write_dbias else sum_dy
-    for groups, launch in plan.levels:
-        merged = part_dy.new_empty((groups, c)), part_dy_xhat.new_empty((groups, c))
-        launch(part_dy, part_dy_xhat, *merged)
-        part_dy, part_dy_xhat = merged
+    if plan.levels:
+        buffers = scratch(plan.scratch, part_dy, lambda: _level_buffers(plan, c, part_dy, count=False))
+        for (_, launch), merged in zip(plan.levels, buffers):
+            launch(part_dy, part_dy_xhat, *merged)
+            part_dy, part_dy_xhat = merged
     plan.final(part_dy, part_dy_xhat, sum_dy, sum_dy_xhat, grad_weight if write_dweight else sum_dy,
                grad_bias if write_dbias else sum_dy)
-    return (sum_dy, sum_dy_xhat, grad_weight if grad_weight is not None else part_dy.new_empty((0,)),
-            grad_bias if grad_bias is not None else part_dy.new_empty((0,)))
+    return sum_dy, sum_dy_xhat, grad_weight, grad_bias
 
 
 def _grad_input_launch(x, training, rstd_from_var, has_weight, has_bias, has_residual, activation,
@@ -331,7 +338,7 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     ``want_dresidual``, dz, the gradient of the residual.
 
     Returns:
-        ``(grad_input, grad_residual)``, the latter empty unless asked for.
+        ``(grad_input, grad_residual)``, the latter None unless asked for.
     """
     grad_output = like_layout(grad_output, x)
     if residual is not None:
@@ -340,7 +347,7 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
              want_dresidual, eps, count)
     launch = lookup(_GRAD_INPUT_LAUNCHES, (*_tensor_key(x), *flags), _grad_input_launch, x, *flags)
     grad_input = torch.empty_like(x)
-    grad_residual = torch.empty_like(x) if want_dresidual else x.new_empty((0,))
+    grad_residual = torch.empty_like(x) if want_dresidual else None
     launch(grad_output, x, grad_input, mean, rstd, or_placeholder(weight, mean), or_placeholder(sum_dy, mean),
            or_placeholder(sum_dy_xhat, mean), or_placeholder(bias, mean), or_placeholder(residual, x),
            grad_residual if want_dresidual else grad_input)
@@ -357,22 +364,22 @@ def bn_act_backward(grad_output, x, mean, rstd, weight, bias, eps: float, *,
     residual: one write and one read instead of two reads and a write.
 
     Returns:
-        ``(grad_x, grad_weight, grad_bias, grad_residual)``, each empty (a tensor of its
-        own) when not asked for.
+        ``(grad_x, grad_weight, grad_bias, grad_residual)``, each None when not asked for
+        (:func:`vhist.ops.common.op_outputs` makes them a registered op's empty outputs).
     """
     grad_output = like_layout(grad_output, x)  # once for both passes (each would convert its own)
     dz = torch.empty_like(x) if residual is not None and want_dresidual else None
     sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_grad_sums(
         grad_output, x, mean, rstd, weight, bias, eps, residual=residual, activation=activation,
         want_dweight=want_dweight, want_dbias=want_dbias, dz_out=dz)
-    grad_x = x.new_empty((0,))
+    grad_x = None
     if want_dx:
         if dz is not None:
             grad_x, _ = bn_grad_input(dz, x, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps)
         else:
             grad_x, _ = bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps,
                                       residual=residual, activation=activation)
-    return grad_x, grad_weight, grad_bias, dz if dz is not None else x.new_empty((0,))
+    return grad_x, grad_weight, grad_bias, dz
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -407,9 +414,9 @@ def bn_act_bwd(grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tenso
         ``(grad_input, grad_weight, grad_bias, grad_residual)``, an entry not asked for empty.
     """
     want_dx, want_dw, want_db, want_dres = output_mask
-    return bn_act_backward(grad_output, input, mean, rstd, weight, bias, eps, residual=residual,
-                           activation=activation, want_dx=want_dx, want_dweight=want_dw, want_dbias=want_db,
-                           want_dresidual=want_dres)
+    return op_outputs(input, *bn_act_backward(grad_output, input, mean, rstd, weight, bias, eps, residual=residual,
+                                              activation=activation, want_dx=want_dx, want_dweight=want_dw,
+                                              want_dbias=want_db, want_dresidual=want_dres))
 
 
 @bn_act_bwd.register_fake
@@ -499,18 +506,16 @@ def batch_norm_bwd(
     """
     want_dx, want_dw, want_db = output_mask
     want_dw, want_db = want_dw and weight is not None, want_db and bias is not None
-    sum_dy = sum_dy_xhat = None
-    grad_weight, grad_bias = input.new_empty((0,)), input.new_empty((0,))
+    sum_dy = sum_dy_xhat = grad_weight = grad_bias = grad_input = None
     if training or want_dw or want_db:
         sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_grad_sums(
             grad_output, input, mean, rstd, weight, bias, eps, rstd_from_var=not training,
             want_dweight=want_dw, want_dbias=want_db)
-    grad_input = input.new_empty((0,))
     if want_dx:
         # The bias does not enter dx: without an activation it is never read.
         grad_input, _ = bn_grad_input(grad_output, input, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps,
                                       training=training, rstd_from_var=not training)
-    return grad_input, grad_weight, grad_bias
+    return op_outputs(input, grad_input, grad_weight, grad_bias)
 
 
 @batch_norm_bwd.register_fake

@@ -41,7 +41,7 @@ import torch
 from vhist import reference
 from vhist.ops._dispatch import autocast_inputs, dispatch
 from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, to_channels_last
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, op_outputs, to_channels_last
 from vhist.ops.conv import (ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
                             dgrad_launch, geometry_from_lists, is_stem, wgrad_launch)
 from vhist.ops.conv_common import fold_bn
@@ -171,8 +171,7 @@ def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.T
             dx, dpw, dpb, _ = bn_act_backward(grad_act, input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_eps,
                                               activation=pre_activation, want_dx=want_dx, want_dweight=want_dpw,
                                               want_dbias=want_dpb)
-    # An entry not computed is an empty tensor of its own (custom ops may not alias outputs).
-    return tuple(t if t is not None else input.new_empty((0,)) for t in (dx, dw, db, dpw, dpb))
+    return op_outputs(input, dx, dw, db, dpw, dpb)
 
 
 @conv_bn_stats_bwd.register_fake

@@ -27,6 +27,48 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def partial_buffers(rows: int, channels: int, like: torch.Tensor, counts: bool) -> tuple:
+    """Uninitialized per-tile partials of a per-channel reduction on ``like``'s device, in
+    the accumulation dtype: two (rows, C) buffers (mean and M2, or Σdz and Σdz·x̂) and,
+    with ``counts``, the (rows,) element counts."""
+    acc = acc_dtype(like.dtype)
+    buffers = (like.new_empty((rows, channels), dtype=acc), like.new_empty((rows, channels), dtype=acc))
+    return buffers + (like.new_empty((rows,), dtype=acc),) if counts else buffers
+
+
+def cudnn_allow_tf32() -> bool:
+    """``torch.backends.cudnn.allow_tf32``, which the fp32 conv kernels follow, read through
+    the getter behind that property (the module attribute costs about 0.5 µs a read, and
+    the conv launchers read it on every call)."""
+    return torch._C._get_cudnn_allow_tf32()
+
+
+_UNUSED_OUTPUTS: dict = {}  # (device, dtype, position) -> an empty tensor
+
+
+def op_outputs(like: torch.Tensor, *outputs: Optional[torch.Tensor]) -> tuple:
+    """A registered op's outputs, each one it did not compute (None) replaced by an empty
+    (0,) tensor in ``like``'s dtype and device, as the op's fake gives it. The empty
+    tensor of each (device, dtype, position) is made once and returned by every call (no
+    allocation per call): the outputs of one call are still distinct tensors (a custom
+    op's outputs may not alias one another), and nothing reads or writes a tensor of no
+    elements."""
+    for t in outputs:
+        if t is None:
+            break
+    else:
+        return outputs
+    return tuple(t if t is not None else _unused_output(like, position) for position, t in enumerate(outputs))
+
+
+def _unused_output(like: torch.Tensor, position: int) -> torch.Tensor:
+    key = (like.device, like.dtype, position)
+    empty = _UNUSED_OUTPUTS.get(key)
+    if empty is None:
+        empty = _UNUSED_OUTPUTS[key] = like.new_empty((0,))
+    return empty
+
+
 def tl_acc(dtype: torch.dtype):
     """:func:`acc_dtype` as the Triton dtype the kernels' ``ACC`` constexpr takes."""
     import triton.language as tl

@@ -29,7 +29,7 @@ the autocast dtype, as ``F.conv2d`` does.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -39,10 +39,11 @@ from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
 from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, channels_last_strides,
-                              empty_4d, like_layout, or_placeholder, tl_acc, to_channels_last)
+                              cudnn_allow_tf32, empty_4d, like_layout, or_placeholder, partial_buffers, tl_acc,
+                              to_channels_last)
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
-from vhist.ops.launch_cache import Launch, lookup, new_cache, shape_cached
+from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch, shape_cached
 from vhist.ops.op_call import custom_op
 
 if TYPE_CHECKING:
@@ -232,6 +233,7 @@ class _FwdPlan:
     out_strides: tuple
     stem_channels: int  # the stem path's padded input channels, 0 off it
     tiles: int  # BN-statistics partials (rows of the partial buffers), 0 without stats
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)  # the partials (launch_cache.scratch)
 
 
 def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residual, activation, stats,
@@ -267,13 +269,15 @@ _FWD_PLANS = new_cache()
 def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: int, stats: bool,
                     prologue: Optional[tuple] = None):
     """Runs the forward GEMM. Returns (output, partials): partials are (mean, M2, count,
-    num_tiles) of the BN statistics when ``stats``, else None. ``prologue``, when given,
-    is ``(mean, rstd, weight, bias, activation_code)``: the input is a raw conv output
-    whose BatchNorm (its batch statistics, affine parameters or None) and activation the
-    kernel applies to each loaded tile."""
+    num_tiles) of the BN statistics when ``stats``, else None; they are the plan's
+    scratch (:func:`vhist.ops.launch_cache.scratch`), to be merged before the next call
+    of the same shape. ``prologue``, when given, is ``(mean, rstd, weight, bias,
+    activation_code)``: the input is a raw conv output whose BatchNorm (its batch
+    statistics, affine parameters or None) and activation the kernel applies to each
+    loaded tile."""
     weight = to_channels_last(weight)
     key = (g, input.dtype, input.stride(), weight.stride(), bias is not None, residual is not None, activation,
-           stats, _prologue_flags(prologue), torch.backends.cudnn.allow_tf32, input.device)
+           stats, _prologue_flags(prologue), cudnn_allow_tf32(), input.device)
     plan = lookup(_FWD_PLANS, key, _fwd_plan, *key)
     out = torch.empty_strided(g.out_shape, plan.out_strides, dtype=input.dtype, device=input.device)
     if residual is not None:
@@ -282,10 +286,8 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
         input = pad_channels(input, plan.stem_channels)
         weight = pad_channels(weight, plan.stem_channels)
     if stats:
-        acc = acc_dtype(input.dtype)
-        part_mean = input.new_empty((plan.tiles, g.c_out), dtype=acc)
-        part_m2 = input.new_empty((plan.tiles, g.c_out), dtype=acc)
-        part_count = input.new_empty((plan.tiles,), dtype=acc)
+        part_mean, part_m2, part_count = scratch(plan.scratch, input,
+                                                 lambda: partial_buffers(plan.tiles, g.c_out, input, counts=True))
     else:
         part_mean = part_m2 = part_count = out
     plan.launch(input, weight, or_placeholder(bias, out), or_placeholder(residual, out), out, part_mean, part_m2,
@@ -318,7 +320,7 @@ def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: t
     """The input gradient, channels_last in ``like``'s dtype; ``output`` (the forward
     output with ``grad``'s strides) masks ``grad`` by the activation's derivative."""
     weight = to_channels_last(weight)
-    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, torch.backends.cudnn.allow_tf32)
+    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32())
     launch = lookup(_DGRAD_LAUNCHES, key, _dgrad_launch, *key)
     dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     launch(grad, or_placeholder(output, grad), weight, dx)
@@ -342,6 +344,7 @@ class _WgradPlan:
     reduce_dw: Launch
     reduce_db: Launch
     dw_strides: tuple
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)  # split-K partials (launch_cache.scratch)
 
 
 def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db, activation, prologue_flags,
@@ -376,11 +379,13 @@ def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometr
     ``prologue`` (as :func:`conv_fwd_launch`'s) the input tiles are recomputed from the
     raw ``input`` as the forward saw them."""
     key = (g, grad.dtype, grad.stride(), input.stride(), split, want_db, activation, _prologue_flags(prologue),
-           torch.backends.cudnn.allow_tf32, grad.device)
+           cudnn_allow_tf32(), grad.device)
     plan = lookup(_WGRAD_PLANS, key, _wgrad_plan, *key)
     acc = acc_dtype(grad.dtype)
-    part_dw = grad.new_empty((plan.split, plan.numel), dtype=acc)
-    part_db = grad.new_empty((plan.split, g.c_out), dtype=acc) if want_db else part_dw
+    # (part_dw,) or (part_dw, part_db); the kernel's bias-gradient pointer is part_dw when unused.
+    partials = scratch(plan.scratch, grad, lambda: tuple(grad.new_empty((plan.split, numel), dtype=acc)
+                                                         for numel in (plan.numel, g.c_out)[:1 + want_db]))
+    part_dw, part_db = partials[0], partials[-1]
     plan.gemm(grad, or_placeholder(output, grad), input, part_dw, part_db, *_prologue_tensors(prologue, part_dw))
     dw = db = None
     if want_dw:

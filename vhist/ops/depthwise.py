@@ -12,7 +12,7 @@ depthwise conv (BN folded into the weights, activation and residual in the epilo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,13 +22,13 @@ from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
 from vhist.ops.common import (acc_dtype, activation_code, activation_grad, channels_last_strides, contiguous_strides,
-                              dense_layout, empty_4d, is_channels_last, like_layout, or_placeholder)
+                              dense_layout, empty_4d, is_channels_last, like_layout, or_placeholder, partial_buffers)
 # The weight-gradient launcher below calls these two under their former private names.
 from vhist.ops.common import sm_count as _sm_count
 from vhist.ops.common import tl_acc as _tl_acc
 from vhist.ops.conv_common import ConvGeometryBase, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
-from vhist.ops.launch_cache import Launch, lookup, new_cache, shape_cached
+from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch, shape_cached
 from vhist.ops.op_call import custom_op
 
 OP = "depthwise_conv2d"
@@ -152,14 +152,14 @@ _FWD_LAUNCHES = new_cache()
 def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, output,
                 stats: bool = False):
     """Runs the forward into ``output``. Returns the BN partials (mean, M2, count) in the
-    accumulation dtype when ``stats``, else None."""
+    accumulation dtype when ``stats`` (the launch's scratch,
+    :func:`vhist.ops.launch_cache.scratch`: merged before the next call of the same shape),
+    else None."""
     key = (geom, input.dtype, input.stride(), output.stride(), bias is not None, residual is not None, activation,
            stats)
     launch, programs = lookup(_FWD_LAUNCHES, key, _fwd_launch, *key)
     if stats:
-        acc = acc_dtype(input.dtype)
-        part = (input.new_empty((programs, geom.c_out), dtype=acc), input.new_empty((programs, geom.c_out), dtype=acc),
-                input.new_empty((programs,), dtype=acc))
+        part = scratch(launch.scratch, input, lambda: partial_buffers(programs, geom.c_out, input, counts=True))
     else:
         part = (output, output, output)
     weight = taps_major(weight, geom)
@@ -278,6 +278,12 @@ class _WeightGradPlan:
     taps: int
     grad: Launch
     finalize: Launch
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)  # the partials (launch_cache.scratch)
+
+    def partials(self, input: torch.Tensor, c_out: int) -> torch.Tensor:
+        """The (chunks, taps, C_out) partials buffer, in the accumulation dtype."""
+        return scratch(self.scratch, input, lambda: (
+            input.new_empty((self.chunks, self.taps, c_out), dtype=acc_dtype(input.dtype)),))[0]
 
 
 def _finalize_launch(geom: DepthwiseGeometry, chunks: int, has_bias: bool, tl_acc) -> Launch:
@@ -317,7 +323,7 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     key = (geom, input.dtype, grad_output.stride(), input.stride(), _channels_last(input), activation, has_bias,
            input.device)
     plan = lookup(_WEIGHT_GRAD_PLANS, key, _weight_grad_plan, *key)
-    part = input.new_empty((plan.chunks, plan.taps, geom.c_out), dtype=acc_dtype(input.dtype))
+    part = plan.partials(input, geom.c_out)
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
     plan.grad(grad_output, output if activation else grad_output, input, part)
@@ -375,7 +381,7 @@ def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, act
     key = (geom, input.dtype, grad_output.stride(), input.stride(), channels_last, activation, has_bias,
            input.device)
     plan = lookup(_INPUT_WEIGHT_GRAD_PLANS, key, _input_weight_grad_plan, *key)
-    part = input.new_empty((plan.chunks, plan.taps, geom.c_out), dtype=acc_dtype(input.dtype))
+    part = plan.partials(input, geom.c_out)
     grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
     grad_weight = input.new_empty(weight.shape)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))

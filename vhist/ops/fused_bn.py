@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from vhist.ops.batch_norm import bn_act_backward, bn_apply, bn_finalize
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args
+from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, op_outputs
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, fold_bn
 from vhist.ops.op_call import custom_op
 
@@ -131,7 +131,7 @@ def _fused_bwd(passes: ConvPasses):
         dy_conv, dgamma, dbeta, dres = bn_act_backward(
             grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
             want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta, want_dresidual=want_dres)
-        dx, dw = input.new_empty((0,)), input.new_empty((0,))
+        dx = dw = None
         if want_dx or want_dw:
             if want_dx and want_dw and passes.grad_input_and_weight is not None:
                 dx, dw = passes.grad_input_and_weight(dy_conv, input, weight, geom)
@@ -140,7 +140,7 @@ def _fused_bwd(passes: ConvPasses):
                     dx = passes.grad_input(dy_conv, input, weight, geom)
                 if want_dw:
                     dw = passes.grad_weight(dy_conv, input, weight, geom)
-        return dx, dw, dgamma, dbeta, dres
+        return op_outputs(input, dx, dw, dgamma, dbeta, dres)
 
     def fake(grad_output, input, weight, conv_output, mean, rstd, bn_weight, bn_bias, residual, stride, padding,
              dilation, groups, eps, activation, output_mask):

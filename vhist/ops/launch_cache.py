@@ -5,7 +5,8 @@ hyper-parameters alone (validated conv geometry, channel chunkings, compile opti
 is computed once per distinct key and then looked up: a training step repeats the same
 few dozen keys hundreds of times. Keys are small tuples of ints, ``torch.Size``,
 dtypes and devices; a list is keyed as a tuple, and symbolic sizes (``torch.compile``
-with dynamic shapes, fake tensors) skip the cache.
+with dynamic shapes, fake tensors) skip the cache. A plan can also keep its op-internal
+scratch tensors (:func:`scratch`), so that a call allocates only what it returns.
 
 :func:`clear` empties every cache; :func:`vhist.tools.launches.record_launches` calls
 it on entry and exit, since the SM count the launchers see changes there.
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from typing import Callable, Optional
+
+import torch
 
 _CACHES: list[dict] = []
 MAX_ENTRIES = 4096  # a cache that grows past this (shape churn) starts over
@@ -102,6 +106,45 @@ def lookup(cache: dict, key, build: Callable, *args):
     return value
 
 
+# Scratch sets larger than this are allocated per call: their kernels take long enough
+# that the allocation's host time does not show, and the memory goes back to the pool.
+SCRATCH_MAX_BYTES = 16 << 20
+
+
+def scratch(store: dict, like: torch.Tensor, make: Callable[[], tuple]) -> tuple:
+    """The scratch tensors of one plan, made by ``make()`` once and then reused from
+    ``store`` (the plan's own dict), per thread and per CUDA stream. Scratch is what the
+    kernels of one op call write and read back and the op never returns: statistics
+    partials, merge levels, split-K partials (a tuple of tensors, possibly nested). A
+    launcher that hands its scratch to the caller (the conv's statistics partials) says
+    so: it is valid until the next call of the same plan on the same stream.
+
+    Reuse is safe because the kernels that use a scratch set run in stream order: a
+    later call on the same stream cannot overwrite it before the earlier call's kernels
+    are done, and calls on other streams or threads get sets of their own. While a CUDA
+    graph is being captured every call gets fresh tensors (from the graph's private
+    pool), so that no captured kernel reads a set that a cache clear could free. A set
+    over :data:`SCRATCH_MAX_BYTES` is never kept.
+    """
+    if like.is_cuda:  # (cheaper than like.device.type)
+        if torch.cuda.is_current_stream_capturing():
+            return make()
+        slot = (threading.get_ident(), torch._C._cuda_getCurrentRawStream(like.get_device()))
+    else:
+        slot = threading.get_ident()
+    tensors = store.get(slot)
+    if tensors is None:
+        tensors = make()
+        if _nbytes(tensors) <= SCRATCH_MAX_BYTES:
+            store[slot] = tensors
+    return tensors
+
+
+def _nbytes(tensors: tuple) -> int:
+    """Bytes of a (nested) tuple of tensors."""
+    return sum(_nbytes(t) if isinstance(t, tuple) else t.numel() * t.element_size() for t in tensors)
+
+
 class Launch:
     """One kernel launch with everything but its tensors fixed: the kernel, the grid
     (a tuple, or a function of the config for an autotuned kernel), the trailing scalar
@@ -120,13 +163,14 @@ class Launch:
     (the launch caches are cleared there anyway).
     """
 
-    __slots__ = ("kernel", "tail", "options", "runner", "runner_options")
+    __slots__ = ("kernel", "tail", "options", "runner", "runner_options", "scratch")
 
     def __init__(self, kernel, grid, tail: tuple = (), **constexprs):
         self.kernel = kernel
         self.tail = tuple(tail)
         self.options = dict(constexprs, grid=grid, warmup=False)
         self.runner = self.runner_options = None
+        self.scratch: dict = {}  # the launch's scratch sets (:func:`scratch`), when it has any
 
     def __call__(self, *tensors):
         if self.runner is not None:

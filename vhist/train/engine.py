@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -470,21 +471,33 @@ def train(cfg: TrainConfig) -> dict:
     context = use_backend(cfg.backend) if cfg.backend else contextlib.nullcontext()
     try:
         with context:
-            run = setup_run(cfg, device, dist, resume_state)
-            if cfg.bench_loader:
-                return bench_loader(run)
-            state = RunState.start(run, start_wall)
-            create_run_dir(run)
-            if run.resume_state is not None:
-                main_print(dist, f"resuming from {cfg.resume}: epoch {state.epoch + 1}, step {state.step}")
-            try:
-                return finish_run(run, state, fit(run, state))
-            except Exception as exc:
-                code = EXIT_FAILED if isinstance(exc, expected_errors()) else EXIT_BUG
-                finish_run(run, state, RunEnded("failed", code, f"{type(exc).__name__}: {exc}"))
-                raise
+            summary = _train_on_device(cfg, device, dist, resume_state, start_wall)
+        # Every rank has released its run (the model's DDP reducer holds the process
+        # group) before any rank tears the group down: a reducer freed after its peer's
+        # process exited waits on that peer forever.
+        gc.collect()
+        D.barrier()
+        return summary
     finally:
         D.cleanup()
+
+
+def _train_on_device(cfg: TrainConfig, device, dist, resume_state, start_wall: float) -> dict:
+    """:func:`train` once the device is resolved; everything that holds the model lives
+    in this frame."""
+    run = setup_run(cfg, device, dist, resume_state)
+    if cfg.bench_loader:
+        return bench_loader(run)
+    state = RunState.start(run, start_wall)
+    create_run_dir(run)
+    if run.resume_state is not None:
+        main_print(dist, f"resuming from {cfg.resume}: epoch {state.epoch + 1}, step {state.step}")
+    try:
+        return finish_run(run, state, fit(run, state))
+    except Exception as exc:
+        code = EXIT_FAILED if isinstance(exc, expected_errors()) else EXIT_BUG
+        finish_run(run, state, RunEnded("failed", code, f"{type(exc).__name__}: {exc}"))
+        raise
 
 
 def finished_run(cfg: TrainConfig, state: dict) -> dict:
