@@ -181,20 +181,26 @@ class TunedKernel(KernelInterface):
         Triton's autotuner where it decides (no tuning here, or not a CUDA device), the
         kernel with the pick's constexprs once the pick is known; None before that."""
         tuner = self.autotuner
-        device = launch_device(args)
-        if not self._tunes or device is None or device.type != "cuda":
+        device = self._tuning_device(args)
+        if device is None:
             return tuner, kwargs
         pick = self.picks.get(self._memo_key(device, args, kwargs))
         if pick is None:
             return None
         return tuner.fn, {**kwargs, **pick.all_kwargs()}
 
+    def _tuning_device(self, args):
+        """The launch's CUDA device when this kernel tunes there; None where Triton's
+        autotuner decides (one config, tuning off, no CUDA tensor)."""
+        if not self._tunes:
+            return None
+        device = launch_device(args)
+        return device if device is not None and device.type == "cuda" else None
+
     def run(self, *args, **kwargs):
         tuner = self.autotuner
-        if not self._tunes:
-            return tuner.run(*args, **kwargs)
-        device = launch_device(args)
-        if device is None or device.type != "cuda":
+        device = self._tuning_device(args)
+        if device is None:
             return tuner.run(*args, **kwargs)
         # The pick of a key is read from disk once per process, then kept in memory: a
         # file read per launch would cost more host time than the launch itself.

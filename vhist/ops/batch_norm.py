@@ -64,14 +64,7 @@ _CHANNEL_GEOMETRY = new_cache()
 def channel_geometry(x: torch.Tensor) -> ChannelGeometry:
     """The (N, C, S) view of a dense ``x`` and its reduction chunks, cached per (shape,
     strides, device) (:mod:`vhist.ops.launch_cache`)."""
-    key = (x.shape, x.stride(), x.device)
-    try:
-        geom = _CHANNEL_GEOMETRY.get(key)
-    except TypeError:  # symbolic sizes: not cached
-        return _channel_geometry(x)
-    if geom is None:
-        geom = _CHANNEL_GEOMETRY[key] = _channel_geometry(x)
-    return geom
+    return lookup(_CHANNEL_GEOMETRY, (x.shape, x.stride(), x.device), _channel_geometry, x)
 
 
 def _channel_geometry(x: torch.Tensor) -> ChannelGeometry:

@@ -382,9 +382,13 @@ def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometr
            cudnn_allow_tf32(), grad.device)
     plan = lookup(_WGRAD_PLANS, key, _wgrad_plan, *key)
     acc = acc_dtype(grad.dtype)
-    # (part_dw,) or (part_dw, part_db); the kernel's bias-gradient pointer is part_dw when unused.
-    partials = scratch(plan.scratch, grad, lambda: tuple(grad.new_empty((plan.split, numel), dtype=acc)
-                                                         for numel in (plan.numel, g.c_out)[:1 + want_db]))
+
+    def make_partials():
+        part_dw = grad.new_empty((plan.split, plan.numel), dtype=acc)
+        return (part_dw, grad.new_empty((plan.split, g.c_out), dtype=acc)) if want_db else (part_dw,)
+
+    partials = scratch(plan.scratch, grad, make_partials)
+    # Without a bias gradient the kernel's db pointer is part_dw (never written).
     part_dw, part_db = partials[0], partials[-1]
     plan.gemm(grad, or_placeholder(output, grad), input, part_dw, part_db, *_prologue_tensors(prologue, part_dw))
     dw = db = None
