@@ -16,8 +16,9 @@ Reported per model:
   autograd Function), less the recorder's time inside them: checks, geometry, dispatch,
   custom-op calls, allocation, grids and the launchers' own arithmetic;
 * ``triton_bind_ms`` and ``triton_bind_us_per_launch``: on the arguments of each launch,
-  timed as the launch is recorded (inside the step, so under the same cache state and
-  machine load as vhist's own code), what ``JITFunction.run`` does before the driver
+  timed first thing in the recorder's entry point, before the recorder describes the
+  launch (inside the step, so under the same cache state and machine load as vhist's own
+  code, as a GPU launch would run straight after it), what ``JITFunction.run`` does before the driver
   launch: the driver's device and stream queries, the kernel's generated binder (argument
   binding and runtime specialization), the cache-key lookup and the grid evaluation, for
   the config the autotuner would run (its own dispatch and the C launch itself are not
@@ -42,11 +43,17 @@ the best of ``--repeat`` steps, each with Python's cyclic garbage collector paus
 load of a shared machine only ever adds time. Times are those of this machine, whose load they
 follow: compare vhist and Triton figures of the same run only.
 
+``--floor`` measures the least host time a Python autograd op can take for the same
+launches: every conv of AlexNet and of the ViT (plain convs, with bias and ReLU epilogue,
+no BatchNorm) runs :class:`FloorConv2d`, an autograd Function that calls the conv's
+launchers and nothing else (no checks, dispatch, custom-op layer or autocast). Same
+launches, same columns (``ops`` says ``floor``), written as ``host_floor_*``.
+
 Outputs bench/results/host_<device>_<date>.{json,csv} (bench/common.py) and, per model,
 the ten host functions with the largest own time (cProfile of one step, the
 recorder's frames left out).
 
-    python bench/host.py [--models resnet50,mobilenet_v2] [--repeat 5] [--quick] [--out DIR]
+    python bench/host.py [--models resnet50,mobilenet_v2] [--repeat 5] [--quick] [--floor] [--out DIR]
 """
 import argparse
 import cProfile
@@ -66,15 +73,20 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vhist  # noqa: E402
+import vhist.nn.functional  # noqa: E402
 import vhist.ops  # noqa: E402
 from common import metadata, report  # noqa: E402
-from vhist.tools.compile_report import sm90_driver  # noqa: E402
-from vhist.tools.launches import record_launches  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from vhist.ops.common import ACTIVATION_CODES, channels_innermost, like_layout, to_channels_last  # noqa: E402
+from vhist.ops.conv import conv_fwd_launch, conv_geometry, dgrad_launch, wgrad_launch  # noqa: E402
+from vhist.tools.compile_report import Sm90Driver, sm90_driver  # noqa: E402
+from vhist.tools.launches import launch_kwargs, record_launches  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v2", "alexnet", "inception_v3", "vit_small_patch16")
 QUICK_MODELS = ("alexnet",)
+FLOOR_MODELS = ("alexnet", "vit_small_patch16")  # their vhist convs are all plain (no BatchNorm)
 BATCH = 2
-COLUMNS = ["model", "image_size", "launches", "custom_op_calls", "step_ms", "vhist_ms", "triton_bind_ms",
+COLUMNS = ["model", "ops", "image_size", "launches", "custom_op_calls", "step_ms", "vhist_ms", "triton_bind_ms",
            "vhist_us_per_launch", "triton_bind_us_per_launch", "triton_bind_loop_us_per_launch", "vhist_over_triton",
            "optimizer_ms", "target_met"]
 
@@ -103,14 +115,16 @@ class HostTimer:
     :func:`triton_binding_ns`.
     """
 
-    def __init__(self, recorder):
+    def __init__(self, recorder, extra_spans=(), extra_functions=()):
         self.recorder = recorder
+        self.extra_spans = extra_spans  # (owner, attribute) of further vhist entry points to time
+        self.extra_functions = extra_functions  # further autograd Functions whose backward to time
         self.depth = 0
         self.vhist_ns = 0
         self.record_ns = 0
         self.outside = 0  # launches made outside a timed vhist frame (must stay 0)
-        self.bind_ns = 0  # Triton's binding of each launch, timed as it is recorded
-        self.calls = []  # (LaunchRecord, args, kwargs) per launch, for the binding timing
+        self.bind_ns = 0  # Triton's binding of each launch, timed as it reaches the recorder
+        self.calls = []  # (JITFunction, args, kwargs, grid) per launch: bind_once_ns arguments
 
     def _span(self, fn):
         def timed(*args, **kwargs):
@@ -153,20 +167,28 @@ class HostTimer:
                      for cls in vars(module).values()
                      if isinstance(cls, type) and issubclass(cls, torch.autograd.Function)
                      and cls.__module__.startswith("vhist.") and "backward" in cls.__dict__}
-        for cls in functions:
+        for owner, attr in self.extra_spans:
+            saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, self._span(getattr(owner, attr)))
+        for cls in {*functions, *self.extra_functions}:
             saved.append((cls, "backward", cls.__dict__["backward"]))
             cls.backward = staticmethod(self._span(cls.__dict__["backward"].__func__))
         original = self.recorder._record
+        stand_in = Sm90Driver()
 
-        def record(fn, args, kwargs, *rest, **kw):
-            call = dict(kwargs)
-            original(fn, args, kwargs, *rest, **kw)
-            self.calls.append((self.recorder.records[-1], args, call))
+        def record(fn, args, kwargs, configs, autotuned, heuristics=()):
+            # Triton's binding of this very launch, timed first, as a GPU launch would run it
+            # straight after vhist's code: under the same cache state and machine load, before
+            # the recorder's own description of the launch touches its arguments.
+            bind_call = (fn, args, launch_kwargs(args, kwargs, configs[0], heuristics), kwargs["grid"])
+            previous, driver._active = driver._active, stand_in
+            try:
+                self.bind_ns += bind_once_ns(*bind_call)
+            finally:
+                driver._active = previous
+            original(fn, args, kwargs, configs, autotuned, heuristics)
+            self.calls.append(bind_call)
             self.outside += not self.depth
-            # Triton's binding of this very launch, inside the step: under the same cache
-            # state and machine load as vhist's own code around it.
-            with sm90_driver():
-                self.bind_ns += bind_once_ns(*_binding_calls([(self.recorder.records[-1], args, dict(call))])[0])
 
         self.recorder._record = record
         # The recorder's time is everything inside the patched launch entry points,
@@ -189,24 +211,10 @@ class HostTimer:
         self.calls = []
 
 
-def _binding_calls(calls):
-    """``(JITFunction, args, kwargs, grid)`` per captured launch, with the constexprs and
-    options of the config the launch would run (the autotuner's first candidate)."""
-    out = []
-    for record, args, kwargs in calls:
-        config, _ = record.candidates[0]
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        fn = record.fn
-        positional = set(fn.arg_names[:len(args)])
-        merged = {**kwargs, **record.constexprs, **dict(config.kwargs), **config.options()}
-        out.append((fn, args, {k: v for k, v in merged.items() if k not in positional}, grid))
-    return out
-
-
 def bind_once_ns(fn, args, kwargs, grid) -> int:
-    """Host ns of Triton's launch path before the driver call for one launch (see the
-    module docstring); the stand-in sm_90 driver must be active."""
+    """Host ns of Triton's launch path before the driver call for one launch of ``fn`` with
+    ``args`` and the keyword arguments ``kwargs`` (:func:`vhist.tools.launches.launch_kwargs`)
+    (see the module docstring); the stand-in sm_90 driver must be active."""
     from triton import knobs
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key
@@ -226,15 +234,66 @@ def bind_once_ns(fn, args, kwargs, grid) -> int:
 
 
 def triton_binding_ns(calls) -> int:
-    """:func:`bind_once_ns` summed over ``calls`` in a tight loop, best of three passes
-    after one warm-up pass (warm caches: a lower bound)."""
-    calls = _binding_calls(calls)
+    """:func:`bind_once_ns` summed over ``calls`` (its arguments, one tuple per launch) in a
+    tight loop, best of three passes after one warm-up pass (warm caches: a lower bound)."""
     best = None
     with sm90_driver():
         for _ in range(4):
             total = sum(bind_once_ns(*call) for call in calls)
             best = total if best is None else min(best, total)
     return best
+
+
+class FloorConv2d(torch.autograd.Function):
+    """The host-cost floor of a conv2d op (``--floor``): an autograd Function that calls
+    the conv's launchers (:func:`vhist.ops.conv.conv_fwd_launch`,
+    :func:`~vhist.ops.conv.dgrad_launch`, :func:`~vhist.ops.conv.wgrad_launch`: their
+    cached plan per key, the allocation of what they return, the launches) and nothing
+    else: no argument checks, no backend dispatch, no custom-op layer, no autocast."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, geometry, activation):
+        out, _ = conv_fwd_launch(input, weight, bias, None, geometry, activation, stats=False)
+        ctx.save_for_backward(input, weight, out if activation else None)
+        ctx.geometry, ctx.activation = geometry, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, out = ctx.saved_tensors
+        g, activation = ctx.geometry, ctx.activation
+        if out is None:
+            grad = channels_innermost(grad)
+        else:
+            grad = to_channels_last(grad)
+            out = like_layout(out, grad)
+        want_dx, want_dw, want_db = ctx.needs_input_grad[:3]
+        dx = dgrad_launch(grad, out, weight, g, activation, input) if want_dx else None
+        dw = db = None
+        if want_dw or want_db:
+            dw, db = wgrad_launch(grad, out, input, weight.shape, weight.dtype, g, activation, want_dw, want_db)
+        return dx, dw, db, None, None
+
+
+def floor_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
+                 residual=None):
+    """:func:`vhist.nn.functional.conv2d` on :class:`FloorConv2d` (``--floor``)."""
+    if residual is not None:
+        raise NotImplementedError("--floor stands in for convs without a residual epilogue")
+    geometry = conv_geometry("conv2d", input.shape, weight.shape, stride, padding, dilation, groups)
+    return FloorConv2d.apply(to_channels_last(input), weight, bias, geometry, ACTIVATION_CODES[activation])
+
+
+@contextlib.contextmanager
+def floor_convs():
+    """Every :class:`vhist.nn.Conv2d` call goes to :func:`floor_conv2d` for the block;
+    yields the :class:`HostTimer` arguments that time it."""
+    saved = vhist.nn.functional.conv2d
+    vhist.nn.functional.conv2d = floor_conv2d
+    try:
+        yield dict(extra_spans=[(vhist.nn.functional, "conv2d")], extra_functions=[FloorConv2d])
+    finally:
+        vhist.nn.functional.conv2d = saved
 
 
 def make_step_parts(name: str):
@@ -265,16 +324,24 @@ def make_step(name: str):
     return step, opt, size
 
 
-def measure_model(name: str, repeat: int, profile_top: int = 10) -> tuple[dict, str]:
-    """The row of ``name`` and its cProfile summary."""
+def measure_model(name: str, repeat: int, profile_top: int = 10, floor: bool = False) -> tuple[dict, str]:
+    """The row of ``name`` and its cProfile summary; with ``floor``, its plain convs run
+    :func:`floor_conv2d`."""
     step, opt, size = make_step(name)
+    with floor_convs() if floor else contextlib.nullcontext({}) as timer_args:
+        row, top = _measure(name, step, opt, size, repeat, profile_top, timer_args)
+    row["ops"] = "floor" if floor else "vhist"
+    return row, top
+
+
+def _measure(name, step, opt, size, repeat, profile_top, timer_args) -> tuple[dict, str]:
     with record_launches() as recorder, vhist.use_backend("triton"):
         step()  # autotune shortlists, lru caches, Triton binders: not timed
         counter = _OpCounter()
         with counter:
             step()
         samples = []
-        with HostTimer(recorder).installed() as timer:
+        with HostTimer(recorder, **timer_args).installed() as timer:
             for _ in range(repeat):
                 timer.reset()
                 # Records of earlier steps are dropped and the cyclic collector paused: a
@@ -347,23 +414,29 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="timed steps per model (best of)")
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_MODELS)} only, 2 timed steps")
     parser.add_argument("--no-profile", action="store_true", help="skip printing the profiles")
+    parser.add_argument("--floor", action="store_true",
+                        help=f"plain convs on FloorConv2d (launchers and autograd only): {', '.join(FLOOR_MODELS)}")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     names = list(QUICK_MODELS) if args.quick else [n.strip() for n in args.models.split(",") if n.strip()]
+    if args.floor and not args.quick and args.models == parser.get_default("models"):
+        names = list(FLOOR_MODELS)
     unknown = [n for n in names if n not in vhist.list_models()]
     if unknown:
         parser.error(f"unknown models {unknown}")
+    if args.floor and set(names) - set(FLOOR_MODELS):
+        parser.error(f"--floor stands in for plain convs: the models made of them are {', '.join(FLOOR_MODELS)}")
     repeat = 2 if args.quick else max(1, args.repeat)
     meta = metadata()
     meta.update(device=f"cpu host ({os.cpu_count()} cores), launches recorded, not run",
                 kind="host cost, launches recorded", sm_count_seen=132)
     rows = []
     for name in names:
-        row, top = measure_model(name, repeat)
+        row, top = measure_model(name, repeat, floor=args.floor)
         rows.append(row)
         if not args.no_profile:
             print(f"\n{name}: top host functions (own time, one step)\n{top}")
-    report("host", meta, rows, COLUMNS, args.out)
+    report("host_floor" if args.floor else "host", meta, rows, COLUMNS, args.out)
     return 0
 
 

@@ -146,6 +146,55 @@ def test_conv2d_bwd_epilogues(activation, residual):
         assert_close(g, g_ref, name=f"grad_{i}", **BWD_TOL)
 
 
+@pytest.mark.parametrize("case", [((2, 3, 8, 8), (6, 3, 4, 4), 4, 0, 1, 1), ((2, 5, 6, 6), (4, 5, 3, 3), 1, 1, 1, 1)],
+                         ids=["patch-stem", "3x3"])
+@pytest.mark.parametrize("want_input_grad", [False, True], ids=["no-dx", "dx"])
+def test_conv2d_bwd_sliced_grad_read_in_place(case, want_input_grad, monkeypatch):
+    """A ViT's patch embedding: the conv's output is flattened into tokens beside a class
+    token, so its gradient is a slice of the tokens' gradient, channels innermost but with
+    a batch stride of (tokens + 1) x C. dgrad and wgrad read it through its strides (no
+    channels_last copy), and every gradient matches F.conv2d's."""
+    from vhist.ops import common, conv
+
+    x, w, b, kwargs = make(case)
+    leaves = [t.detach().clone().requires_grad_(rg) for t, rg in ((x, want_input_grad), (w, True), (b, True))]
+    refs = [t.detach().clone().requires_grad_(rg) for t, rg in ((x, want_input_grad), (w, True), (b, True))]
+    copies = []
+    real = common.channels_innermost
+
+    def spy(t):
+        out = real(t)
+        copies.append(out is not t)
+        return out
+
+    monkeypatch.setattr(conv, "channels_innermost", spy)
+    with vhist.use_backend("triton"):
+        y = vhist.ops.conv2d(*leaves, **kwargs)
+    y_ref = F.conv2d(*refs, **kwargs)
+    n, c, oh, ow = y.shape
+    tokens = torch.randn(n, oh * ow + 1, c, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+    grad = tokens[:, 1:].transpose(1, 2).unflatten(2, (oh, ow))  # (N, C, OH, OW), a slice of the tokens
+    assert grad.stride(1) == 1 and not grad.is_contiguous(memory_format=torch.channels_last)
+    wanted = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(y, wanted, grad)
+    grads_ref = torch.autograd.grad(y_ref, [t for t in refs if t.requires_grad], grad)
+    assert copies == [False]
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, name="grad", **BWD_TOL)
+
+
+def test_channels_innermost_copies_only_other_layouts():
+    from vhist.ops.common import channels_innermost
+
+    t = torch.randn(2, 3, 4, 5)
+    sliced = torch.randn(2, 21, 3)[:, 1:].transpose(1, 2).unflatten(2, (4, 5))
+    assert channels_innermost(sliced) is sliced
+    cl = channels_innermost(t)
+    assert cl is not t and cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, t)
+    already = t.to(memory_format=torch.channels_last)
+    assert channels_innermost(already) is already
+
+
 def test_conv2d_no_bias_and_unbatched():
     case = ((1, 3, 5, 5), (4, 3, 3, 3), 1, 1, 1, 1)
     x, w, _, kwargs = make(case, bias=False)

@@ -30,7 +30,7 @@ def test_host_quick_counts_and_timings(tmp_path):
     with open(tmp_path / files[0]) as f:
         data = json.load(f)
     (row,) = data["rows"]
-    assert row["model"] == "alexnet"
+    assert row["model"] == "alexnet" and row["ops"] == "vhist"
     assert row["launches"] == 30
     assert row["custom_op_calls"] == 14
     for key in ("step_ms", "vhist_ms", "triton_bind_ms", "vhist_us_per_launch", "triton_bind_us_per_launch",
@@ -183,3 +183,45 @@ def test_scratch_on_cuda_is_per_stream_and_fresh_under_graph_capture():
         captured = launch_cache.scratch(store, like, make)
         captured[0].fill_(1.0)
     assert captured is not first and captured is not other and len(made) == 3 and len(store) == 2
+
+
+def test_launch_kwargs_config_then_heuristics():
+    """What the recorder and bench/host.py hand Triton's binder for one launch: the launch's
+    own keywords without ``grid`` and ``warmup``, then the autotune config's, then each
+    ``triton.heuristics`` value computed from the arguments and what came before."""
+    import triton
+
+    from vhist.tools.launches import launch_kwargs
+
+    class Heuristics:  # the two attributes of triton.runtime.autotuner.Heuristics the recorder reads
+        arg_names = ["X", "n"]
+        values = {"EVEN": lambda nargs: nargs["n"] % nargs["BLOCK"] == 0}
+
+    config = triton.Config({"BLOCK": 32}, num_warps=8, num_stages=2)
+    kwargs = {"grid": (1,), "warmup": False, "ACC": "fp32"}
+    out = launch_kwargs(("x", 64), kwargs, config, [Heuristics()])
+    assert out["ACC"] == "fp32" and out["BLOCK"] == 32 and out["num_warps"] == 8 and out["num_stages"] == 2
+    assert out["EVEN"] is True
+    assert "grid" not in out and "warmup" not in out
+    assert kwargs == {"grid": (1,), "warmup": False, "ACC": "fp32"}  # the launch's own dict is left as it was
+    assert launch_kwargs(("x", 48), kwargs, triton.Config({"BLOCK": 32}), [Heuristics()])["EVEN"] is False
+    assert launch_kwargs(("x", 48), kwargs) == {"ACC": "fp32"}
+
+
+def test_host_floor_makes_the_same_launches(tmp_path):
+    """bench/host.py --floor --quick: AlexNet's convs on the floor op (launchers and autograd
+    only) make the same 30 launches as the real ops; only the LRNs' 4 custom-op calls are
+    left."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host.py"), "--quick", "--floor",
+                           "--no-profile", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    assert name.startswith("host_floor_")
+    with open(tmp_path / name) as f:
+        (row,) = json.load(f)["rows"]
+    assert (row["model"], row["ops"], row["launches"], row["custom_op_calls"]) == ("alexnet", "floor", 30, 4)
+    assert 0 < row["vhist_ms"] < row["step_ms"]
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "host.py"), "--floor", "--models", "resnet50"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "--floor stands in for plain convs" in bad.stderr

@@ -147,6 +147,13 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def channels_innermost(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (4-D) as it is when its channels are innermost (channel stride 1, any other
+    strides: a tensor the GEMM kernels read through all four strides, such as the slice of
+    a larger gradient), else in channels_last, copied once."""
+    return x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
+
+
 def channels_last_strides(shape) -> tuple[int, int, int, int]:
     """The strides ``torch.channels_last`` gives a 4-D ``shape`` (N, C, H, W)."""
     _, c, h, w = shape

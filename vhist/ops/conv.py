@@ -38,9 +38,9 @@ from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
-from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, channels_last_strides,
-                              cudnn_allow_tf32, empty_4d, like_layout, or_placeholder, partial_buffers, tl_acc,
-                              to_channels_last)
+from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, channels_innermost,
+                              channels_last_strides, cudnn_allow_tf32, empty_4d, like_layout, op_outputs,
+                              or_placeholder, partial_buffers, tl_acc, to_channels_last)
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch, shape_cached
@@ -454,28 +454,26 @@ def conv2d_bwd(
         empty. grad_bias is in the accumulation dtype.
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
-    grad_output = to_channels_last(grad_output)
-    if output is not None:
-        output = like_layout(output, grad_output)
     want_dx, want_dw, want_db, want_dres = output_mask
-
-    def empty():
-        # A distinct tensor per output: custom ops may not return aliases.
-        return input.new_empty((0,))
-
-    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else empty()
-    dw = db = None
+    if output is None and not want_dres:
+        # dgrad and wgrad read dy through its four strides: a slice of a larger gradient
+        # (the ViT's patch embedding, whose tokens sit beside the class token) needs no copy.
+        grad_output = channels_innermost(grad_output)
+    else:
+        # The activation's mask reads the output at dy's offsets; dres is channels_last.
+        grad_output = to_channels_last(grad_output)
+        if output is not None:
+            output = like_layout(output, grad_output)
+    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else None
+    dw = db = dres = None
     if want_dw or want_db:
         dw, db = wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation,
                                want_dw, want_db)
-    dw = dw if dw is not None else empty()
-    db = db if db is not None else empty()
-    dres = empty()
     if want_dres:
         dres = activation_grad(grad_output, output, activation)
         # A distinct tensor: custom ops may not return an alias of an input.
         dres = dres.clone() if dres is grad_output else dres
-    return dx, dw, db, dres
+    return op_outputs(input, dx, dw, db, dres)
 
 
 @conv2d_bwd.register_fake
@@ -505,9 +503,10 @@ class Conv2dFunction(torch.autograd.Function):
         input, weight, out = ctx.saved_tensors
         need = list(ctx.needs_input_grad[:4])
         dx, dw, db, dres = conv2d_bwd(grad_output, input, weight, out, *ctx.args, need)
-        return (dx if need[0] else None, dw if need[1] else None,
-                db.to(ctx.bias_dtype) if need[2] else None, dres if need[3] else None,
-                None, None, None, None, None)
+        if need[2] and db.dtype != ctx.bias_dtype:
+            db = db.to(ctx.bias_dtype)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                dres if need[3] else None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- fused conv + BN + act

@@ -199,6 +199,19 @@ def _split(fn, args, kwargs):
     return records, constexprs, options, bound
 
 
+def launch_kwargs(args: tuple, kwargs: dict, config=None, heuristics=()) -> dict:
+    """The keyword arguments the ``JITFunction`` of a launch receives: the launch's own
+    (``grid`` and ``warmup`` left out), then those of the autotune ``config`` (None for a
+    plain launch), then the values of the ``triton.heuristics`` wrappers, outermost first."""
+    call_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    if config is not None:
+        call_kwargs.update(config.all_kwargs())
+    for heur in heuristics:
+        for name, rule in heur.values.items():
+            call_kwargs[name] = rule({**dict(zip(heur.arg_names, args)), **call_kwargs})
+    return call_kwargs
+
+
 def _eval_grid(grid, meta) -> tuple:
     g = grid(meta) if callable(grid) else grid
     g = tuple(int(x) for x in g)
@@ -237,13 +250,8 @@ class LaunchRecorder:
         kwargs.pop("warmup", None)
         candidates, constexprs, records = [], {}, []
         for config in configs:
-            call_kwargs = dict(kwargs)
             tuned = set(config.kwargs) if config is not None else set()
-            if config is not None:
-                call_kwargs.update(config.all_kwargs())
-            for heur in heuristics:
-                for name, rule in heur.values.items():
-                    call_kwargs[name] = rule({**dict(zip(heur.arg_names, args)), **call_kwargs})
+            call_kwargs = launch_kwargs(args, kwargs, config, heuristics)
             records, all_constexprs, options, bound = _split(fn, args, call_kwargs)
             launch = LaunchConfig(tuple(sorted((k, v) for k, v in all_constexprs.items() if k in tuned)),
                                   options.get("num_warps", 4), options.get("num_stages", 3),
