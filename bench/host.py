@@ -76,10 +76,9 @@ import vhist  # noqa: E402
 import vhist.nn.functional  # noqa: E402
 import vhist.ops  # noqa: E402
 from common import metadata, report  # noqa: E402
-from triton.runtime import driver  # noqa: E402
-from vhist.ops.common import ACTIVATION_CODES, channels_innermost, like_layout, to_channels_last  # noqa: E402
-from vhist.ops.conv import conv_fwd_launch, conv_geometry, dgrad_launch, wgrad_launch  # noqa: E402
-from vhist.tools.compile_report import Sm90Driver, sm90_driver  # noqa: E402
+from vhist.ops.common import ACTIVATION_CODES, to_channels_last  # noqa: E402
+from vhist.ops.conv import conv_backward, conv_fwd_launch, conv_geometry  # noqa: E402
+from vhist.tools.compile_report import sm90_driver  # noqa: E402
 from vhist.tools.launches import launch_kwargs, record_launches  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v2", "alexnet", "inception_v3", "vit_small_patch16")
@@ -174,18 +173,14 @@ class HostTimer:
             saved.append((cls, "backward", cls.__dict__["backward"]))
             cls.backward = staticmethod(self._span(cls.__dict__["backward"].__func__))
         original = self.recorder._record
-        stand_in = Sm90Driver()
 
         def record(fn, args, kwargs, configs, autotuned, heuristics=()):
             # Triton's binding of this very launch, timed first, as a GPU launch would run it
             # straight after vhist's code: under the same cache state and machine load, before
             # the recorder's own description of the launch touches its arguments.
             bind_call = (fn, args, launch_kwargs(args, kwargs, configs[0], heuristics), kwargs["grid"])
-            previous, driver._active = driver._active, stand_in
-            try:
+            with sm90_driver():
                 self.bind_ns += bind_once_ns(*bind_call)
-            finally:
-                driver._active = previous
             original(fn, args, kwargs, configs, autotuned, heuristics)
             self.calls.append(bind_call)
             self.outside += not self.depth
@@ -246,10 +241,10 @@ def triton_binding_ns(calls) -> int:
 
 class FloorConv2d(torch.autograd.Function):
     """The host-cost floor of a conv2d op (``--floor``): an autograd Function that calls
-    the conv's launchers (:func:`vhist.ops.conv.conv_fwd_launch`,
-    :func:`~vhist.ops.conv.dgrad_launch`, :func:`~vhist.ops.conv.wgrad_launch`: their
-    cached plan per key, the allocation of what they return, the launches) and nothing
-    else: no argument checks, no backend dispatch, no custom-op layer, no autocast."""
+    the conv's launchers (:func:`vhist.ops.conv.conv_fwd_launch` and
+    :func:`~vhist.ops.conv.conv_backward`: their cached plan per key, the allocation of
+    what they return, the launches) and nothing else: no argument checks, no backend
+    dispatch, no custom-op layer, no autocast."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, geometry, activation):
@@ -261,17 +256,9 @@ class FloorConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight, out = ctx.saved_tensors
-        g, activation = ctx.geometry, ctx.activation
-        if out is None:
-            grad = channels_innermost(grad)
-        else:
-            grad = to_channels_last(grad)
-            out = like_layout(out, grad)
         want_dx, want_dw, want_db = ctx.needs_input_grad[:3]
-        dx = dgrad_launch(grad, out, weight, g, activation, input) if want_dx else None
-        dw = db = None
-        if want_dw or want_db:
-            dw, db = wgrad_launch(grad, out, input, weight.shape, weight.dtype, g, activation, want_dw, want_db)
+        dx, dw, db, _, _ = conv_backward(grad, input, weight, out, ctx.geometry, ctx.activation, want_dx, want_dw,
+                                         want_db)
         return dx, dw, db, None, None
 
 

@@ -149,14 +149,16 @@ def test_conv2d_bwd_epilogues(activation, residual):
 @pytest.mark.parametrize("case", [((2, 3, 8, 8), (6, 3, 4, 4), 4, 0, 1, 1), ((2, 5, 6, 6), (4, 5, 3, 3), 1, 1, 1, 1)],
                          ids=["patch-stem", "3x3"])
 @pytest.mark.parametrize("want_input_grad", [False, True], ids=["no-dx", "dx"])
-def test_conv2d_bwd_sliced_grad_read_in_place(case, want_input_grad, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_conv2d_bwd_sliced_grad_read_in_place(case, want_input_grad, dtype, monkeypatch):
     """A ViT's patch embedding: the conv's output is flattened into tokens beside a class
     token, so its gradient is a slice of the tokens' gradient, channels innermost but with
     a batch stride of (tokens + 1) x C. dgrad and wgrad read it through its strides (no
-    channels_last copy), and every gradient matches F.conv2d's."""
+    channels_last copy), every gradient matches F.conv2d's, and a second backward gives
+    the same bits."""
     from vhist.ops import common, conv
 
-    x, w, b, kwargs = make(case)
+    x, w, b, kwargs = make(case, dtype=dtype)
     leaves = [t.detach().clone().requires_grad_(rg) for t, rg in ((x, want_input_grad), (w, True), (b, True))]
     refs = [t.detach().clone().requires_grad_(rg) for t, rg in ((x, want_input_grad), (w, True), (b, True))]
     copies = []
@@ -172,14 +174,17 @@ def test_conv2d_bwd_sliced_grad_read_in_place(case, want_input_grad, monkeypatch
         y = vhist.ops.conv2d(*leaves, **kwargs)
     y_ref = F.conv2d(*refs, **kwargs)
     n, c, oh, ow = y.shape
-    tokens = torch.randn(n, oh * ow + 1, c, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+    tokens = torch.randn(n, oh * ow + 1, c, device=DEVICE, dtype=dtype,
+                         generator=torch.Generator(DEVICE).manual_seed(2))
     grad = tokens[:, 1:].transpose(1, 2).unflatten(2, (oh, ow))  # (N, C, OH, OW), a slice of the tokens
     assert grad.stride(1) == 1 and not grad.is_contiguous(memory_format=torch.channels_last)
     wanted = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(y, wanted, grad)
+    grads = torch.autograd.grad(y, wanted, grad, retain_graph=True)
+    again = torch.autograd.grad(y, wanted, grad)
     grads_ref = torch.autograd.grad(y_ref, [t for t in refs if t.requires_grad], grad)
-    assert copies == [False]
-    for g, g_ref in zip(grads, grads_ref):
+    assert copies == [False, False]
+    for g, g_again, g_ref in zip(grads, again, grads_ref):
+        assert torch.equal(g, g_again)
         assert_close(g, g_ref, name="grad", **BWD_TOL)
 
 

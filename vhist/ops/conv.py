@@ -408,6 +408,34 @@ def geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, gr
                         tuple(padding), tuple(dilation), groups)
 
 
+def conv_backward(grad_output, input, weight, output, g: ConvGeometry, activation: int, want_dx: bool,
+                  want_dw: bool, want_db: bool, channels_last_grad: bool = False):
+    """The conv's input, weight and bias gradients (each None when not wanted; the bias
+    gradient in the accumulation dtype), with ``grad_output`` and ``output`` (the forward
+    output, needed when ``activation`` is not 0) in the layout the kernels read them in.
+
+    dgrad and wgrad read dy through its four strides, so a gradient whose channels are
+    innermost (the slice of a larger gradient: the ViT's patch embedding, whose tokens sit
+    beside the class token) is not copied; with an activation (its mask reads the output
+    at dy's offsets) or ``channels_last_grad`` dy is made channels_last.
+
+    Returns:
+        ``(grad_input, grad_weight, grad_bias, grad_output, output)``.
+    """
+    if output is None and not channels_last_grad:
+        grad_output = channels_innermost(grad_output)
+    else:
+        grad_output = to_channels_last(grad_output)
+        if output is not None:
+            output = like_layout(output, grad_output)
+    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else None
+    dw = db = None
+    if want_dw or want_db:
+        dw, db = wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation, want_dw,
+                              want_db)
+    return dx, dw, db, grad_output, output
+
+
 @custom_op("vhist::conv2d_fwd", mutates_args=())
 def conv2d_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
@@ -455,20 +483,9 @@ def conv2d_bwd(
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     want_dx, want_dw, want_db, want_dres = output_mask
-    if output is None and not want_dres:
-        # dgrad and wgrad read dy through its four strides: a slice of a larger gradient
-        # (the ViT's patch embedding, whose tokens sit beside the class token) needs no copy.
-        grad_output = channels_innermost(grad_output)
-    else:
-        # The activation's mask reads the output at dy's offsets; dres is channels_last.
-        grad_output = to_channels_last(grad_output)
-        if output is not None:
-            output = like_layout(output, grad_output)
-    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else None
-    dw = db = dres = None
-    if want_dw or want_db:
-        dw, db = wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation,
-                               want_dw, want_db)
+    dx, dw, db, grad_output, output = conv_backward(grad_output, input, weight, output, g, activation, want_dx,
+                                                    want_dw, want_db, channels_last_grad=want_dres)
+    dres = None
     if want_dres:
         dres = activation_grad(grad_output, output, activation)
         # A distinct tensor: custom ops may not return an alias of an input.

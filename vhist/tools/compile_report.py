@@ -63,7 +63,7 @@ class _Pointer:
         return self._ptr
 
 
-class Sm90Driver:
+class _Sm90Driver:
     """The three calls ``JITFunction.run`` makes of the active driver before launching."""
 
     def get_current_target(self):
@@ -87,7 +87,7 @@ def sm90_driver():
     from triton.runtime import driver
 
     previous = driver._active
-    driver.set_active(Sm90Driver())
+    driver.set_active(_Sm90Driver())
     try:
         yield
     finally:
