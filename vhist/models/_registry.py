@@ -72,7 +72,9 @@ def model_config(name: str) -> ModelConfig:
     return _CONFIGS[name]
 
 
-def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, *,
+                 pretrained: str | None = None, features_only: bool = False, out_indices=None,
+                 **kwargs) -> nn.Module:
     """Builds the registered model ``name``; the model's ``default_config`` attribute
     holds its :class:`ModelConfig`.
 
@@ -81,12 +83,31 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
         num_classes: size of the classifier output.
         image_size: input resolution; None selects the paper's default. Small sizes
             (down to 32) switch the stem to the family's documented small-input variant.
+        pretrained: a torchvision or timm checkpoint file to load
+            (:func:`vhist.models.pretrained.load_pretrained`: strict but for a classifier
+            of another ``num_classes``, which keeps its initialization).
+        features_only: return a :class:`vhist.models.features.FeatureListNet`, whose
+            forward gives each stage's feature map (timm's ``features_only``).
+        out_indices: with ``features_only``, the stages to return (None: all).
         **kwargs: passed to the model's entrypoint.
 
     Raises:
-        ValueError: for an unknown name (the message lists close matches).
+        ValueError: for an unknown name (the message lists close matches), weights that
+            do not fit, or ``out_indices`` without ``features_only`` or out of range.
+        FileNotFoundError: a ``pretrained`` file that does not exist.
     """
     config = model_config(name)
+    if out_indices is not None and not features_only:
+        raise ValueError("out_indices selects feature maps: it needs features_only=True")
     model = _MODELS[name](num_classes=num_classes, image_size=image_size or config.image_size, **kwargs)
     model.default_config = config
+    if pretrained is not None:
+        from vhist.models.pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
+    if features_only:
+        from vhist.models.features import FeatureListNet
+
+        model = FeatureListNet(model, out_indices, image_size or config.image_size)
+        model.default_config = config
     return model

@@ -136,12 +136,25 @@ class BNInception(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         init_conv_bn(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    pretrained_keys = dict(first_conv="conv1.conv", classifier="fc")
+
+    def feature_modules(self) -> list[str]:
+        return ["conv1", "pool1", "conv2_reduce", "conv2", "pool2", *self.blocks]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool1(self.conv1(x))
         x = self.pool2(self.conv2(self.conv2_reduce(x)))
         for name in self.blocks:
             x = getattr(self, name)(x)
-        return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.dropout(torch.flatten(self.avgpool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)

@@ -244,7 +244,14 @@ class InceptionResNet(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.classif = nn.Linear(num_features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    pretrained_keys = dict(first_conv="conv2d_1a.conv", classifier="classif")
+
+    def feature_modules(self) -> list[str]:
+        return ["conv2d_1a", "conv2d_2a", "conv2d_2b", "maxpool_3a", "conv2d_3b", "conv2d_4a", "maxpool_5a",
+                "mixed_5b", "conv2d_4b", "repeat", "mixed_6a", "repeat_1", "mixed_7a", "repeat_2", "block8",
+                "conv2d_7b"]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))
         x = self.conv2d_4a(self.conv2d_3b(self.maxpool_3a(x)))
         if self.version == 2:
@@ -256,8 +263,15 @@ class InceptionResNet(nn.Module):
             x = self.block8(x)
         if self.version == 2:
             x = self.conv2d_7b(x)
-        x = torch.flatten(self.global_pool(x), 1)
-        return self.classif(self.head_drop(x))
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.classif(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)

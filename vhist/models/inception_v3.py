@@ -225,15 +225,41 @@ class Inception3(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor):
+    # The auxiliary head's classifier is re-initialized with the main one.
+    pretrained_keys = dict(first_conv="Conv2d_1a_3x3.conv", classifier=("fc", "AuxLogits.fc"))
+
+    def feature_modules(self) -> list[str]:
+        return ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+
+    def filter_state_dict(self, state_dict: dict) -> dict:
+        """Without the auxiliary head, a checkpoint's ``AuxLogits.*`` (torchvision's
+        weights have them) are dropped, as timm does for this model."""
+        if self.AuxLogits is not None:
+            return state_dict
+        return {k: v for k, v in state_dict.items() if not k.startswith("AuxLogits.")}
+
+    def _to_mixed_6e(self, x: torch.Tensor) -> torch.Tensor:
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(self.maxpool1(x)))
         x = self.maxpool2(x)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+        return self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixed_7c's map (the auxiliary head, which taps Mixed_6e, does not run)."""
+        return self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self._to_mixed_6e(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.dropout(torch.flatten(self.avgpool(x), 1))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor):
+        x = self._to_mixed_6e(x)
         aux = self.AuxLogits(x) if self.AuxLogits is not None and self.training else None
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
-        x = self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+        x = self.forward_head(self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x))))
         return InceptionOutputs(x, aux) if aux is not None else x
 
 

@@ -182,9 +182,21 @@ class InceptionV4(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.last_linear = nn.Linear(scaled(1536, d), num_classes)
 
+    pretrained_keys = dict(first_conv="features.0.conv", classifier="last_linear")
+
+    def feature_modules(self) -> list[str]:
+        return [f"features.{i}" for i in range(len(self.features))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.head_drop(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.last_linear(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(self.global_pool(self.features(x)), 1)
-        return self.last_linear(self.head_drop(x))
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)

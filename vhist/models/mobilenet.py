@@ -81,9 +81,21 @@ class MobileNetV1(nn.Module):
         nn.init.normal_(self.classifier.weight, 0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 
+    pretrained_keys = dict(first_conv="features.0.conv", classifier="classifier")
+
+    def feature_modules(self) -> list[str]:
+        return [f"features.{i}" for i in range(len(self.features))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.dropout(torch.flatten(self.avgpool(x), 1))
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(self.avgpool(self.features(x)), 1)
-        return self.classifier(self.dropout(x))
+        return self.forward_head(self.forward_features(x))
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:
@@ -158,9 +170,21 @@ class MobileNetV2(nn.Module):
         nn.init.normal_(self.classifier[1].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[1].bias)
 
+    pretrained_keys = dict(first_conv="features.0.0", classifier="classifier.1")
+
+    def feature_modules(self) -> list[str]:
+        return [f"features.{i}" for i in range(len(self.features))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = self.classifier[0](torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return x if pre_logits else self.classifier[1](x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
-        return self.classifier(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
 
 
 @register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)

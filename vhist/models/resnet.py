@@ -131,6 +131,9 @@ class ResNet(nn.Module):
             self.conv1 = vnn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.bn1 = vnn.BatchNorm2d(widths[0])
+        # The stem's output under timm's name, for features_only hooks; its ReLU runs in
+        # the fused op, so the module itself holds and does nothing.
+        self.act1 = nn.Identity()
         self.layer1 = self._make_layer(block, widths[0], layers[0], 1, rates)
         self.layer2 = self._make_layer(block, widths[1], layers[1], 2, rates)
         self.layer3 = self._make_layer(block, widths[2], layers[2], 2, rates)
@@ -155,11 +158,26 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, drop_path=next(rates)) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = vnn.conv_bn_act(self.conv1, self.bn1, x, "relu")
+    # The RGB stem and the classifier, under timm's pretrained_cfg field names (vhist.models.pretrained).
+    pretrained_keys = dict(first_conv="conv1", classifier="fc")
+
+    def feature_modules(self) -> list[str]:
+        """Candidate stage outputs for :func:`vhist.models.features.FeatureListNet`."""
+        return ["act1", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's unpooled map, (B, C, H/32, W/32) with the ImageNet stem."""
+        x = self.act1(vnn.conv_bn_act(self.conv1, self.bn1, x, "relu"))
         x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def _resnet(block, layers, num_classes, image_size, **kwargs) -> ResNet:

@@ -97,9 +97,22 @@ class VGG(nn.Module):
         """The (conv, BN) pairs whose BN + ReLU run in the next conv's prologue."""
         return deferred_pairs(self.features)
 
+    pretrained_keys = dict(first_conv="features.0", classifier="classifier.6")
+
+    def feature_modules(self) -> list[str]:
+        """Candidate stage outputs (the layers ``run_features`` calls as modules: the pools)."""
+        return [f"features.{i}" for i in range(len(self.features))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return run_features(self.features, x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.classifier[:-1](x) if pre_logits else self.classifier(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(run_features(self.features, x))
-        return self.classifier(torch.flatten(x, 1))
+        return self.forward_head(self.forward_features(x))
 
 
 def _vgg(cfg: str, batch_norm: bool, num_classes: int, image_size: Optional[int], lrn: bool = False,

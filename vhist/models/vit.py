@@ -138,11 +138,36 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
         nn.init.zeros_(self.heads.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    pretrained_keys = dict(first_conv="conv_proj", classifier="heads.head")
+
+    def feature_modules(self) -> list[str]:
+        """Every encoder block, as timm's ViT ``feature_info`` (all at the patch's reduction)."""
+        return [f"encoder.layers.{name}" for name, _ in self.encoder.layers.named_children()]
+
+    def tokens_to_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A block's tokens (B, 1 + HW, D) as a (B, D, H, W) map, the class token dropped
+        (timm's ``forward_intermediates`` layout)."""
+        side = self.image_size // self.patch_size
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+    def filter_state_dict(self, state_dict: dict) -> dict:
+        """A timm ViT state_dict mapped onto these keys (:func:`timm_to_vhist`); others unchanged."""
+        return timm_to_vhist(state_dict) if "cls_token" in state_dict else state_dict
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's normalized tokens, (B, 1 + HW, D), class token first."""
         x = self.conv_proj(x)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.heads(self.encoder(x)[:, 0])
+        return self.encoder(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' tokens (class-token pooling)."""
+        x = x[:, 0]
+        return x if pre_logits else self.heads(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def timm_to_vhist(state_dict: dict) -> dict:
