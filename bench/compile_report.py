@@ -124,7 +124,7 @@ def _short(dtype: str) -> str:
 def record_model(recorder, name):
     """Records one training step of ``name`` (batch 128, default size, bf16 autocast,
     channels_last); forward launches are labelled with the innermost module's name."""
-    from vhist.__main__ import default_image_size
+    from vhist.models.stats import default_image_size
 
     torch.manual_seed(0)
     model = vhist.create_model(name).to(memory_format=torch.channels_last).train()

@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vhist  # noqa: E402
 from common import MODEL_PROVIDERS, metadata, print_table, report, time_ms, write_results  # noqa: E402
-from vhist.__main__ import default_image_size  # noqa: E402
+from vhist.benchmark import graphed_train_step  # noqa: E402
+from vhist.models.stats import default_image_size  # noqa: E402
 
 COLUMNS = ["model", "provider", "batch", "image_size", "first_step_s", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
            "speedup_vs_torch", "speedup_vs_torch_compile", "error"]
@@ -74,39 +75,8 @@ def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_
         return loss
 
     if graphed:
-        return graph_step(step, x, y, opt, backend, autocast, forward), size
+        return graphed_train_step(step, x, y, opt, backend, autocast, forward), size
     return step, size
-
-
-def graph_step(eager_step, x, y, opt, backend: str, autocast, forward):
-    """The ``+graph`` providers: on the first call, one eager step (autotuning, momentum
-    buffers) and the capture of the whole step (forward, backward, SGD update) in a CUDA
-    graph (:class:`vhist.train.graph.CapturedStep`, with the update of
-    ``vhist train --cuda-graph``); every call replays it on the same static batch. The
-    first step's wall time so includes the capture."""
-    from vhist.train.graph import CapturedStep, GraphOptimizerStep
-
-    update = None
-    captured = None
-
-    def captured_step(x, y):
-        opt.zero_grad(set_to_none=True)
-        with vhist.use_backend(backend), autocast:
-            loss = torch.nn.functional.cross_entropy(forward(x), y)
-        loss.backward()
-        update()
-        return loss.detach()
-
-    def run():
-        nonlocal captured, update
-        if captured is None:
-            eager_step()
-            update = GraphOptimizerStep(opt)
-            update.refresh()
-            captured = CapturedStep(captured_step, (x, y), warmup=2, before_replay=update.refresh)
-        return captured(x, y)
-
-    return run
 
 
 def bench_model(name: str, providers, batch: int) -> list[dict]:

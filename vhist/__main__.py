@@ -11,14 +11,17 @@ import json
 import os
 import sys
 
+from vhist.cli_args import EXIT_USAGE, add_debug_flag
+# model_stats and default_image_size are also importable from here, where they were first.
+from vhist.models.stats import default_image_size, model_stats  # noqa: F401
+
 DESCRIPTION = """\
 vhist: the history of vision architectures, run on hand-written kernels.
-Train and evaluate the zoo's models, list them, fetch data sets, report results, and
-show the active backend."""
+Train and evaluate the zoo's models, list them, fetch data sets, report results, export
+and benchmark models, and show the active backend."""
 EPILOG = """\
 Expected errors print one line and exit with code 2; --debug (or VHIST_DEBUG=1) shows
 their traceback. Run 'vhist COMMAND --help' for a command's options."""
-EXIT_USAGE = 2
 
 
 def _info(args) -> int:
@@ -34,41 +37,6 @@ def _info(args) -> int:
         print(f"vhist info: error: {info['error']}", file=sys.stderr)
         return EXIT_USAGE
     return 0
-
-
-def model_stats(name: str, image_size: int | None = None) -> dict:
-    """Parameters and GMACs (multiply-accumulates of the convs and matmuls, counted by
-    ``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2) of one forward at batch
-    1 with the torch backend, on fake CPU tensors: no weights are allocated, nothing runs."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import vhist
-
-    # Built on the meta device (no init runs), then given fake CPU storage: some ops
-    # (autocast checks) need a real device type, and fake tensors compute nothing.
-    with torch.device("meta"):
-        model = vhist.create_model(name, image_size=image_size).eval()
-    size = image_size or vhist.models.model_config(name).image_size
-    counter = FlopCounterMode(display=False)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = model.to_empty(device="cpu")
-        # The math attention backend runs as matmuls, which the counter sees on CPU.
-        with vhist.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), counter, torch.no_grad():
-            model(torch.empty(1, 3, size, size))
-    bn_layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": counter.get_total_flops() / 2 / 1e9, "bn_layers": bn_layers,
-            "prologue_pairs": vhist.models.prologue_pairs(model)}
-
-
-def default_image_size(model) -> int:
-    """The paper's input size of a zoo model built by :func:`vhist.create_model`, as its
-    registration records it (224 for a module not built by the registry)."""
-    config = getattr(model, "default_config", None)
-    return config.image_size if config is not None else 224
 
 
 def _models(args) -> int:
@@ -95,12 +63,6 @@ def _models(args) -> int:
               "prologue when training on the triton backend (vhist.ops.conv_bn_deferred); the other BN layers run "
               "fused with their conv (conv + BN + act), or as their own op.")
     return 0
-
-
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    """``--debug`` on a (sub)parser: show the traceback of an expected error too."""
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback of an expected error (also VHIST_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(commands)
     add_report_parser(commands)
+    from vhist.benchmark import add_benchmark_parser
+    from vhist.export import add_export_parser
+
+    add_export_parser(commands)
+    add_benchmark_parser(commands)
     for sub in commands.choices.values():
         add_debug_flag(sub)
     return parser

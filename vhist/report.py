@@ -159,7 +159,7 @@ def add_gmacs(records: list[dict]) -> None:
     with its 1000-class head, one count per model and size); None for a model that is not
     registered here."""
     import vhist
-    from vhist.__main__ import model_stats
+    from vhist.models.stats import model_stats
 
     cache: dict = {}
     for r in records:

@@ -116,3 +116,14 @@ def selected_weights(state: dict) -> tuple[dict, str]:
     if which == "ema" and state.get("ema") is not None:
         return state["ema"]["module"], "ema"
     return state["model"], "raw"
+
+
+def build_model(state: dict) -> torch.nn.Module:
+    """The zoo model a loaded checkpoint trained (its model, classes and input size), with
+    the weights best-epoch selection chose (:func:`selected_weights`)."""
+    import vhist
+
+    model = vhist.create_model(state["train_config"]["model"], num_classes=state["num_classes"],
+                               image_size=state["image_size"])
+    model.load_state_dict(selected_weights(state)[0])
+    return model

@@ -28,6 +28,7 @@ examples:
   vhist train --model alexnet --data ~/data/imagenette2-320 --recipe seed-alexnet
   vhist train --model inception_v3 --data ~/data/cifar-10-batches-py --recipe paper-inception-v3
   torchrun --nproc_per_node=4 -m vhist train --model vgg16_bn --data ... --sync-bn
+  vhist train --model resnet50 --pretrained resnet50.pth --data ~/data/imagenette2-320 --recipe finetune
   vhist train --resume runs/<run>/last.pt
   vhist eval --checkpoint runs/<run>/best.pt --data ~/data/imagenette2-320
 """
@@ -75,6 +76,9 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name (list them with: vhist models)")
     p.add_argument("--data", help="dataset spec (see below)")
     p.add_argument("--recipe", default="modern", choices=list(RECIPES), help="named recipe (default: modern)")
+    p.add_argument("--pretrained", metavar="FILE",
+                   help="start from a torchvision or timm weights file (a classifier of another class count is "
+                        "re-initialized); see the README for where they are published")
     g = p.add_argument_group("recipe overrides")
     for name, (typ, text) in RECIPE_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=text)
@@ -158,7 +162,7 @@ def run_train(args) -> int:
                       channels_last=args.channels_last, sync_bn=args.sync_bn, cache=args.cache,
                       cache_dir=args.cache_dir, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every,
-                      eval_finished=args.eval, cuda_graph=args.cuda_graph)
+                      eval_finished=args.eval, cuda_graph=args.cuda_graph, pretrained=args.pretrained)
     return train(cfg)["exit_code"]
 
 

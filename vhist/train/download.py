@@ -346,7 +346,7 @@ def add_data_parser(commands) -> argparse.ArgumentParser:
     d.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive after extraction")
     d.add_argument("--mirror", default=None, help=argparse.SUPPRESS)
     d.set_defaults(run=_run_download)
-    from vhist.__main__ import add_debug_flag
+    from vhist.cli_args import add_debug_flag
 
     add_debug_flag(d)
     return p

@@ -25,7 +25,7 @@ import torch
 
 from vhist.train import checkpoint as ckpt
 from vhist.train.data import EpochBatches, SampleSet, load_data, make_loader
-from vhist.train.engine import evaluate
+from vhist.train.eval_loop import evaluate
 from vhist.train.setup import check_backend, parse_device
 from vhist.train.transforms import EVAL_CROP_FRACTION, center_crop, resize_shorter
 
@@ -130,10 +130,9 @@ def evaluate_checkpoint(path: str, data_spec: Optional[str] = None, split: str =
                 "test": (data.test, data.test_idx)}[split]
     context = use_backend(backend) if backend else contextlib.nullcontext()
     with context:
-        model = vhist.create_model(tc["model"], num_classes=state["num_classes"], image_size=size)
+        model = ckpt.build_model(state)
         if tc.get("sync_bn"):
             model = vhist.nn.convert_sync_batchnorm(model)
-        model.load_state_dict(ckpt.selected_weights(state)[0])
         model.to(dev)
         channels_last = dev.type == "cuda"
         if channels_last:

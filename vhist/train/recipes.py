@@ -138,6 +138,16 @@ RECIPES: dict[str, Recipe] = {
         source="DeiT paper (Touvron et al. 2021, 'Training data-efficient image transformers', Table 9) and the "
                "defaults of facebookresearch/deit's main.py (min lr 1e-5, EMA decay 0.99996); not reproduced: "
                "repeated augmentation and RandAugment's magnitude noise (mstd 0.5)"),
+    "finetune": Recipe(
+        description="fine-tuning from pretrained weights (--pretrained FILE): SGD nesterov lr 0.01, cosine with "
+                    "1 warm-up epoch, 10 epochs, label smoothing 0.1, random-resized crops at the data's resolution",
+        optimizer="sgd", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, no_decay_norm_bias=True,
+        batch_size=64, epochs=10, image_size=224, schedule="cosine", warmup_epochs=1, label_smoothing=0.1,
+        augment="rrc", amp="auto",
+        source="common fine-tuning practice, not tuned here: SGD with Nesterov momentum and a cosine schedule, as "
+               "Kornblith et al. 2019 ('Do Better ImageNet Models Transfer Better?') fine-tune; lr 0.01, a tenth "
+               "of paper-resnet's from-scratch 0.1, since the weights start near a minimum; one warm-up epoch so "
+               "the new classifier's first gradients do not disturb the pretrained layers; 10 epochs"),
     "imagenette-alexnet": Recipe(
         description="AlexNet on Imagenette, meant to beat the seed: AdamW 5e-4 x batch/512, cosine, label smoothing "
                     "0.1, mixup 0.2 / cutmix 1.0, TrivialAugmentWide, random erasing 0.25, EMA 0.999, 200 epochs",

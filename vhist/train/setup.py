@@ -53,6 +53,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
     cuda_graph: bool = False                       # --cuda-graph: replay the captured training step
+    pretrained: Optional[str] = None               # --pretrained: torchvision/timm weights file to start from
 
 
 @dataclass
@@ -180,7 +181,12 @@ def load_resume(cfg: TrainConfig) -> Optional[dict]:
             missing = " and ".join(f for f, v in (("--model", cfg.model), ("--data", cfg.data)) if not v)
             raise ValueError(f"vhist train needs {missing} (or --resume CHECKPOINT)")
         vhist.models.model_config(cfg.model)
+        if cfg.pretrained and not Path(cfg.pretrained).is_file():
+            raise FileNotFoundError(f"pretrained weights {cfg.pretrained} do not exist")
         return None
+    if cfg.pretrained:
+        raise ValueError("--pretrained starts a new run from a weights file; --resume continues a run from its "
+                         "checkpoint: give one of them")
     state = ckpt.load(cfg.resume)
     saved = state["train_config"]
     for key in ("model", "recipe", "overrides", "seed", "val_fraction", "sync_bn", "cache", "run_name"):
@@ -231,6 +237,10 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
         raise no_drop_path from None
     if recipe.drop_path and not any(isinstance(m, DropPath) and m.drop_prob > 0 for m in model.modules()):
         raise no_drop_path  # an entrypoint that took the keyword and ignored it
+    if cfg.pretrained:
+        from vhist.models.pretrained import load_pretrained
+
+        main_print(dist, load_pretrained(model, cfg.pretrained).message())
     if cfg.sync_bn:
         model = vhist.nn.convert_sync_batchnorm(model)
     model = model.to(device)
