@@ -141,8 +141,10 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, batch: int = 1, im
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        torch.onnx.export(program, (), str(out), dynamo=True, dynamic_shapes=None, verbose=False,
-                          external_data=False)
+        # No onnxscript optimization pass: BN is folded already, and ONNX Runtime runs its
+        # own graph optimizations (constant folding, fusions) when it loads the model;
+        # the pass would double the export time.
+        torch.onnx.export(program, (), str(out), dynamo=True, optimize=False, verbose=False, external_data=False)
     else:
         torch.export.save(program, str(out))
     generator = torch.Generator().manual_seed(seed)
