@@ -3,22 +3,24 @@ its forward returns the feature map of each stage, described by a :class:`Featur
 (channels, reduction, module name) with timm's methods.
 
 The stages are found, not listed by hand: each model names the modules whose outputs are
-candidate stage outputs (``feature_modules()``, in forward order); one forward on fake
-tensors (nothing computed or allocated) records their shapes, and the last candidate of
+candidate stage outputs (``feature_modules()``, in forward order); forwards on fake
+tensors (nothing computed or allocated) record their shapes, and the last candidate of
 each run of equal reduction is a stage, so that every resolution the network passes
 through gives one map, as timm's ``feature_info`` does (ResNet: the stem at 2, then the
-four layers at 4, 8, 16, 32). The reduction is the input size over the map's, rounded to
-a power of two (the Inceptions' unpadded convs leave 299 / 35 = 8.5 at "8"). A ViT keeps
-every block (timm's ViT ``feature_info``), each at the patch size, as a (B, D, H, W) map.
+four layers at 4, 8, 16, 32). A ViT keeps every block (timm's ViT ``feature_info``), each
+at the patch size, as a (B, D, H, W) map.
 The outputs are taken with forward hooks on those modules while ``forward_features`` runs.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+# Two probes this many pixels apart give each stage's nominal reduction (probe_stages);
+# a multiple of every total stride in the zoo (at most 32).
+PROBE_STEP = 256
 
 
 class FeatureInfo:
@@ -67,9 +69,9 @@ def _as_tensor(x):
     return as_tensor(x)
 
 
-def probe_stages(model: nn.Module, image_size: int) -> list[dict]:
-    """The stages of ``model`` at ``image_size`` (module docstring), from one eval
-    forward on fake tensors with the torch backend."""
+def _stage_shapes(model: nn.Module, image_size: int) -> dict[str, tuple]:
+    """The output shape of each candidate module that runs, in the order they run, from
+    one eval forward at ``image_size`` on fake tensors with the torch backend."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from vhist.backend import use_backend
@@ -90,12 +92,23 @@ def probe_stages(model: nn.Module, image_size: int) -> list[dict]:
         model.train(training)
         for h in handles:
             h.remove()
+    return shapes
+
+
+def probe_stages(model: nn.Module, image_size: int) -> list[dict]:
+    """The stages of ``model`` at ``image_size`` (module docstring). The reduction is the
+    nominal one (the product of the strides, as timm reports it), read off two forwards
+    ``PROBE_STEP`` pixels apart: each stride-s layer maps an input ``PROBE_STEP`` larger to
+    an output ``PROBE_STEP / s`` larger, whatever its padding (the Inceptions' unpadded
+    convs leave 299 / 35 = 8.5 at a nominal 8)."""
+    shapes = _stage_shapes(model, image_size)
+    larger = _stage_shapes(model, image_size + PROBE_STEP) if any(len(s) == 4 for s in shapes.values()) else {}
     stages: list[dict] = []
     for name, shape in shapes.items():  # in the order the forward reached them
         if len(shape) == 3:  # ViT tokens (B, 1 + HW, D): every block is a stage
             stages.append(dict(num_chs=shape[2], reduction=model.patch_size, module=name))
             continue
-        reduction = 2 ** round(math.log2(image_size / shape[-1]))
+        reduction = PROBE_STEP // (larger[name][-1] - shape[-1])
         if stages and stages[-1]["reduction"] == reduction:
             stages.pop()
         stages.append(dict(num_chs=shape[1], reduction=reduction, module=name))
