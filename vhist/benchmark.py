@@ -213,8 +213,6 @@ def resolve_models(spec: str) -> list[str]:
 def write_results(path: str | Path, meta: dict, rows: list[dict]) -> Path:
     """``.json`` (metadata and rows) or ``.csv`` (one row per result, metadata repeated)."""
     path = Path(path)
-    if path.suffix not in (".json", ".csv"):
-        raise ValueError(f"--results-file must end in .json or .csv, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".json":
         path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -254,6 +252,8 @@ def run_benchmark(models: str, bench: str, batch_size: int, providers: list[str]
         raise ValueError(f"unknown providers {unknown}; choose from {', '.join(PROVIDERS)}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if results_file and Path(results_file).suffix not in (".json", ".csv"):
+        raise ValueError(f"--results-file must end in .json or .csv, got {Path(results_file).name!r}")
     names = resolve_models(models)
     benches = ["inference", "train"] if bench == "both" else [bench]
     meta = metadata(amp, channels_last)
