@@ -47,6 +47,29 @@ def test_load_each_wrapper_form(tmp_path, form):
     assert torch.equal(_logits(model, x), _logits(source, x))
 
 
+def test_load_safetensors(tmp_path):
+    """timm's Hub files are .safetensors: written here by the format's spec (8-byte
+    little-endian header length, JSON header, raw little-endian bytes)."""
+    import json
+
+    source = _source()
+    header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    codes = {torch.float32: "F32", torch.int64: "I64"}
+    for key, value in source.state_dict().items():
+        raw = value.contiguous().numpy().tobytes()
+        header[key] = {"dtype": codes[value.dtype], "shape": list(value.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(chunks))
+    model = vhist.create_model("resnet18", num_classes=10, pretrained=str(tmp_path / "model.safetensors"), **SMALL)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_logits(model, x), _logits(source, x))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!")
+    with pytest.raises(ValueError, match="cannot be read as a torch checkpoint .not a safetensors header"):
+        read_state_dict(tmp_path / "bad.safetensors")
+
+
 def test_head_reinitialized_for_other_classes(tmp_path):
     source = _source(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "w.pth")

@@ -1,5 +1,5 @@
 """Pretrained weights from a file, as timm loads them: a torchvision or timm checkpoint
-(a state_dict, or one wrapped in ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
+(``torch.save`` or ``.safetensors``; a state_dict, or one wrapped in ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
 ``model``, keys possibly prefixed with ``module.`` (DDP) or ``_orig_mod.``
 (``torch.compile``)) loaded strictly into a zoo model, except:
 
@@ -15,6 +15,7 @@ timm's keys onto torchvision's). Nothing is downloaded: the user gives the file.
 """
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import zipfile
@@ -41,8 +42,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"pretrained weights {path} do not exist" if not path.exists()
                                 else f"pretrained weights {path} is a folder, not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        obj = read_safetensors(path) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"pretrained weights {path} cannot be read as a torch checkpoint ({detail})") from None
     if isinstance(obj, dict) and not _is_state_dict(obj):
@@ -52,6 +54,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"pretrained weights {path} hold no state_dict{keys}; expected a state_dict or one under "
                          f"{', '.join(WRAPPER_KEYS)}")
     return {_strip(k): v for k, v in obj.items()}
+
+
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format.md).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file (timm's Hugging Face Hub weights are published so), read
+    without the safetensors package: an 8-byte little-endian header length, a JSON header
+    of ``name: {dtype, shape, data_offsets}``, then the little-endian tensor bytes."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    length = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a safetensors header ({exc})") from None
+    body = memoryview(data)[8 + length:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(body[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(info["shape"])
+    return out
 
 
 def _is_state_dict(obj: dict) -> bool:
