@@ -172,7 +172,9 @@ def test_finetune_resnet50_from_weights_file_then_export(tmp_path, capsys):
                "--run-name", "ft", "--workers", "0", "--device", "cpu", "--backend", "torch"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert f"from {weights}; classifier fc re-initialized for 3 classes (the checkpoint's has 1000)" in out
+    # the README's line, for 3 classes here
+    assert f"pretrained: 318 tensors from {weights}; classifier fc re-initialized for 3 classes (the checkpoint's " \
+           "has 1000)" in out
     assert "recipe finetune" in out
     best = tmp_path / "runs" / "ft" / "best.pt"
     assert main(["export", "--checkpoint", str(best), "--format", "onnx"]) == 0
