@@ -137,6 +137,18 @@ def test_timm_vit_checkpoint_keys_mapped(tmp_path):
     assert torch.equal(_logits(model, x), _logits(source, x))
 
 
+def test_inception_v3_without_aux_head_takes_torchvision_weights(tmp_path):
+    """torchvision's Inception-v3 weights hold the auxiliary head; the default model
+    (aux_logits=False) drops those tensors, as timm does, and loads the rest strictly."""
+    kwargs = dict(image_size=32, channel_divisor=16)
+    source = _source(name="inception_v3", aux_logits=True, **kwargs)
+    torch.save(source.state_dict(), tmp_path / "v3.pth")
+    model = vhist.create_model("inception_v3", num_classes=10, pretrained=str(tmp_path / "v3.pth"), **kwargs)
+    assert model.AuxLogits is None
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_logits(model, x), _logits(source, x))
+
+
 def test_bad_weights_files(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="nope.pth do not exist"):
         read_state_dict(tmp_path / "nope.pth")
