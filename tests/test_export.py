@@ -9,15 +9,10 @@ import vhist
 from vhist.__main__ import main
 from vhist.export import export_model, run_onnx, trace_eval_model
 
-from utils import assert_close
+from utils import assert_close, one_thread  # noqa: F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name, **kwargs):

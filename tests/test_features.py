@@ -7,13 +7,9 @@ import torch
 import vhist
 from vhist.models.features import FeatureInfo
 
+from utils import one_thread  # noqa: F401
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = [

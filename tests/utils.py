@@ -110,3 +110,13 @@ def run_recording_script(script: str, *args: str, timeout: int = 600):
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    CPU-bound checks share the CI's 2 cores, where oversubscribed threads are slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

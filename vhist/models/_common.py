@@ -96,6 +96,30 @@ def run_features(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return VF.as_tensor(x)
 
 
+class SequentialClassifierNet(nn.Module):
+    """The timm interface of a torchvision-style net made of a ``features`` Sequential
+    (run by :func:`run_features`), an optional ``avgpool`` and a ``classifier``
+    Sequential whose last layer is the head (AlexNet, VGG)."""
+
+    pretrained_keys = dict(first_conv="features.0", classifier="classifier.6")
+
+    def feature_modules(self) -> list[str]:
+        """Candidate stage outputs: the layers :func:`run_features` calls as modules (LRN, pools)."""
+        return [f"features.{i}" for i in range(len(self.features))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return run_features(self.features, x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The hidden layers' output (``pre_logits``) or logits from :meth:`forward_features`' map."""
+        pool = getattr(self, "avgpool", None)
+        x = torch.flatten(x if pool is None else pool(x), 1)
+        return self.classifier[:-1](x) if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def init_conv_bn(module: nn.Module) -> None:
     """Kaiming-normal (fan_out, ReLU) convs with zero bias, BN at (1, 0): He et al. 2015."""
     for m in module.modules():

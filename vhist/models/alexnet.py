@@ -24,11 +24,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, run_features, scaled
+from vhist.models._common import SequentialClassifierNet, check_image_size, scaled
 from vhist.models._registry import register_model
 
 SMALL_BELOW = 128
@@ -39,7 +38,7 @@ def _pool(size: int) -> int:
     return (size - 3) // 2 + 1
 
 
-class AlexNet(nn.Module):
+class AlexNet(SequentialClassifierNet):
     """AlexNet.
 
     Args:
@@ -87,23 +86,6 @@ class AlexNet(nn.Module):
         for m in convs + linears:
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.constant_(m.bias, 1.0 if m in ones else 0.0)
-
-    pretrained_keys = dict(first_conv="features.0", classifier="classifier.6")
-
-    def feature_modules(self) -> list[str]:
-        """Candidate stage outputs (the layers ``run_features`` calls as modules: LRN, pools)."""
-        return [f"features.{i}" for i in range(len(self.features))]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return run_features(self.features, x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
-        x = torch.flatten(x, 1)
-        return self.classifier[:-1](x) if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model(image_size=IMAGE_SIZE, small_below=SMALL_BELOW)

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import nn
 
 from vhist import nn as vnn
-from vhist.models._common import check_image_size, deferred_pairs, init_conv_bn, run_features, scaled
+from vhist.models._common import SequentialClassifierNet, check_image_size, deferred_pairs, init_conv_bn, scaled
 from vhist.models._registry import register_model
 
 CFGS = {
@@ -60,7 +59,7 @@ def make_layers(cfg, batch_norm: bool = False, lrn: bool = False, channel_diviso
     return nn.Sequential(*layers)
 
 
-class VGG(nn.Module):
+class VGG(SequentialClassifierNet):
     """VGG with torchvision's layout.
 
     Args:
@@ -96,23 +95,6 @@ class VGG(nn.Module):
     def prologue_pairs(self) -> int:
         """The (conv, BN) pairs whose BN + ReLU run in the next conv's prologue."""
         return deferred_pairs(self.features)
-
-    pretrained_keys = dict(first_conv="features.0", classifier="classifier.6")
-
-    def feature_modules(self) -> list[str]:
-        """Candidate stage outputs (the layers ``run_features`` calls as modules: the pools)."""
-        return [f"features.{i}" for i in range(len(self.features))]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return run_features(self.features, x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pooled features (``pre_logits``) or logits from :meth:`forward_features`' map."""
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.classifier[:-1](x) if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _vgg(cfg: str, batch_norm: bool, num_classes: int, image_size: Optional[int], lrn: bool = False,
