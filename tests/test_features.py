@@ -1,6 +1,8 @@
 """Backbone features (timm's ``features_only``): per-stage maps with their channels and
 reductions for every family, ``out_indices``, FeatureInfo's methods, and
 ``forward_features`` / ``forward_head`` on every zoo model."""
+import copy
+
 import pytest
 import torch
 
@@ -76,6 +78,11 @@ def test_out_indices_and_feature_info_methods():
     with torch.no_grad():
         maps = model.eval()(torch.randn(1, 3, 96, 96))
     assert [tuple(m.shape[1:]) for m in maps] == [(16, 24, 24), (64, 6, 6)]
+    twin = copy.deepcopy(model)  # records its own maps (an EMA of a backbone, say)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+        assert not torch.equal(twin.eval()(torch.ones(1, 3, 96, 96))[0], model(torch.ones(1, 3, 96, 96))[0])
     with pytest.raises(ValueError, match=r"out_indices \(0, 5\) out of range: ResNet has 5 stages"):
         vhist.create_model("resnet18", image_size=96, channel_divisor=16, features_only=True, out_indices=(0, 5))
     with pytest.raises(ValueError, match="needs features_only=True"):

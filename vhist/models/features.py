@@ -141,18 +141,22 @@ class FeatureListNet(nn.Module):
             if dict(model.named_modules()).get(name) is not None:
                 model.set_submodule(name, nn.Identity())
         self.model = model
-        self._outputs: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        for name in set(self.feature_info.module_name()):
-            modules[name].register_forward_hook(
-                lambda m, args, out, name=name: self._outputs.__setitem__(name, out))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._outputs = {}
-        self.model.forward_features(x)
+        # Hooks live for one forward only, so that a copy of this module (deepcopy, an
+        # EMA) records into its own dict rather than into the original's.
+        outputs: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        handles = [modules[name].register_forward_hook(
+            lambda m, args, out, name=name: outputs.__setitem__(name, out))
+            for name in set(self.feature_info.module_name())]
+        try:
+            self.model.forward_features(x)
+        finally:
+            for h in handles:
+                h.remove()
         maps = []
         for name in self.feature_info.module_name():
-            out = _as_tensor(self._outputs[name])
+            out = _as_tensor(outputs[name])
             maps.append(self.model.tokens_to_map(out) if out.dim() == 3 else out)
-        self._outputs = {}
         return maps
