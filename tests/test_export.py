@@ -80,6 +80,16 @@ def test_exported_program_round_trip(tmp_path):
     assert done["checked_batches"] == [2] and done["max_abs_diff"] < 1e-4
 
 
+def test_failed_check_removes_the_file(tmp_path, monkeypatch):
+    import vhist.export as export
+
+    model = _model("resnet18", channel_divisor=16)
+    monkeypatch.setattr(export, "reference_logits", lambda m, x: m(x) + 1e-3)  # vhist's logits, shifted
+    with pytest.raises(ValueError, match="logits differ from vhist's by up to 1.0..e-03"):
+        export_model(model, "exported-program", tmp_path / "m.pt2", batch=1, image_size=32)
+    assert not (tmp_path / "m.pt2").exists()
+
+
 def test_bn_fold_in_graph():
     model = _model("resnet18", channel_divisor=16)
     program, (folded, left) = trace_eval_model(model, 1, 32)

@@ -119,7 +119,8 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, batch: int = 1, im
                  dynamic_batch: bool = False, seed: int = 0) -> dict:
     """Writes ``model`` (eval, BN folded, standard ops) to ``out`` in ``fmt`` and checks
     the written model's logits against vhist's on sample inputs (the export batch, and
-    another batch size with ``dynamic_batch``). Returns what was done.
+    another batch size with ``dynamic_batch``); a file that fails the check is removed.
+    ``model`` itself is moved to the CPU in fp32 and set to eval. Returns what was done.
 
     Raises:
         ValueError: an unknown format, a missing exporter, or logits that differ.
@@ -150,11 +151,15 @@ def export_model(model: nn.Module, fmt: str, out: str | Path, batch: int = 1, im
     generator = torch.Generator().manual_seed(seed)
     batches = [batch] + ([batch + 2] if dynamic_batch else [])
     errors = []
-    for n in batches:
-        x = torch.randn(n, 3, image_size, image_size, generator=generator)
-        theirs = reference_logits(model, x)
-        ours = run_onnx(out, x) if fmt == "onnx" else torch.export.load(str(out)).module()(x)
-        errors.append(check_logits(fmt, ours, theirs))
+    try:
+        for n in batches:
+            x = torch.randn(n, 3, image_size, image_size, generator=generator)
+            theirs = reference_logits(model, x)
+            ours = run_onnx(out, x) if fmt == "onnx" else torch.export.load(str(out)).module()(x)
+            errors.append(check_logits(fmt, ours, theirs))
+    except ValueError:
+        out.unlink()
+        raise
     return {"out": str(out), "format": fmt, "batch": batch, "dynamic_batch": dynamic_batch,
             "image_size": image_size, "bn_folded": folded, "bn_left": left, "checked_batches": batches,
             "max_abs_diff": max(errors)}
