@@ -70,9 +70,12 @@ def test_load_safetensors(tmp_path):
         read_state_dict(tmp_path / "bad.safetensors")
 
 
-def test_head_reinitialized_for_other_classes(tmp_path):
+def test_head_reinitialized_for_other_classes(tmp_path, caplog):
     source = _source(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "w.pth")
+    with caplog.at_level("INFO", logger="vhist.models._registry"):
+        vhist.create_model("resnet18", num_classes=10, pretrained=str(tmp_path / "w.pth"), **SMALL)
+    assert "classifier fc re-initialized for 10 classes" in caplog.text
     torch.manual_seed(5)
     fresh = vhist.create_model("resnet18", num_classes=10, **SMALL)
     torch.manual_seed(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,7 +105,8 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
     if pretrained is not None:
         from vhist.models.pretrained import load_pretrained
 
-        load_pretrained(model, pretrained)
+        # As timm, the load (and a re-initialized classifier) is logged; vhist train prints it.
+        logging.getLogger(__name__).info(load_pretrained(model, pretrained).message())
     if features_only:
         from vhist.models.features import FeatureListNet
 
