@@ -25,6 +25,7 @@ CASES = [
     (2, 3, 4, 5, False, 0.0, torch.float64),    # minimal, NCHW
     (1, 5, 3, 3, True, 100.0, torch.float64),   # N=1 per rank, channels_last, |mean| >> std
     (3, 4, 2, 3, False, 1.0, torch.float32),    # fp32, non-power-of-two
+    (1, 3, 1, 1, False, 0.0, torch.float64),    # one value per channel per rank: allowed with 2 ranks, as in torch
 ]
 
 

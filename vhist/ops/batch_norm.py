@@ -552,8 +552,10 @@ class BatchNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 
-def check_inputs(input, running_mean, running_var, weight, bias, training):
-    """The checks of :func:`batch_norm` (and :func:`vhist.ops.sync_batch_norm`).
+def check_inputs(input, running_mean, running_var, weight, bias, training, world_size: int = 1):
+    """The checks of :func:`batch_norm` (and :func:`vhist.ops.sync_batch_norm`, whose
+    training statistics cover ``world_size`` processes: one value per channel here is
+    then enough, as in PyTorch's SyncBatchNorm).
 
     Raises:
         ValueError / TypeError: see :func:`vhist.ops.common.check_bn_args`, plus a
@@ -566,7 +568,9 @@ def check_inputs(input, running_mean, running_var, weight, bias, training):
     if input.numel() == 0:
         raise ValueError(f"{OP}: empty input of shape {tuple(input.shape)}")
     c = input.shape[1]
-    check_bn_args(OP, c, input, weight, bias, running_mean, running_var, training, input.numel() // c)
+    values = input.numel() // c
+    check_bn_args(OP, c, input, weight, bias, running_mean, running_var, training,
+                  values if world_size < 2 else max(values, 2))
 
 
 def _batch_norm_triton(input, running_mean, running_var, weight, bias, training, momentum, eps):

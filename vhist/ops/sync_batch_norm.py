@@ -142,7 +142,9 @@ def _grad_input_torch(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, eps
 
 
 def _grad_input_triton(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, eps):
-    return bn_grad_input(dy, x, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps, count=count)[0]
+    # The global count is a device tensor (reading it would synchronize with the host):
+    # the sums are divided by it on the device, and the kernel's 1/count is then 1.
+    return bn_grad_input(dy, x, mean, rstd, weight, None, sum_dy / count, sum_dy_xhat / count, eps, count=1)[0]
 
 
 @dataclass(frozen=True)
@@ -185,15 +187,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         counts, means, m2s = gathered[:, 0], gathered[:, 1:1 + c], gathered[:, 1 + c:]
         mean, rstd = stages.finalize(counts, means, m2s, running_mean, running_var, momentum, eps)
         output = stages.apply(input, mean, rstd, weight, bias, eps)
-        ctx.save_for_backward(input, weight, mean, rstd)
-        ctx.total_count = float(counts.sum())
+        # The global count stays on the device: float() of it would synchronize with the
+        # host once per layer and step, and break a CUDA graph capture.
+        ctx.save_for_backward(input, weight, mean, rstd, counts.sum())
         ctx.eps, ctx.process_group, ctx.stages, ctx.world = eps, process_group, stages, world
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, rstd = ctx.saved_tensors
+        input, weight, mean, rstd, total_count = ctx.saved_tensors
         grad_output = like_layout(grad_output, input)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xhat = ctx.stages.grad_sums(grad_output, input, mean, rstd, ctx.eps)
@@ -208,7 +211,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 c = sum_dy.shape[0]
                 sum_dy, sum_dy_xhat = sums[:c], sums[c:]
             grad_input = ctx.stages.grad_input(grad_output, input, mean, rstd, weight, sum_dy, sum_dy_xhat,
-                                               ctx.total_count, ctx.eps)
+                                               total_count, ctx.eps)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -239,7 +242,8 @@ def sync_batch_norm(
         NotImplementedError: the active backend has no kernel (only ``triton`` and
             ``torch`` have one).
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training)
+    world = _world(process_group) if training else 1
+    check_inputs(input, running_mean, running_var, weight, bias, training, world)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     stages = dispatch(OP, STAGES, input.device)
