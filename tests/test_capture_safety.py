@@ -64,41 +64,34 @@ def test_training_steps_are_capture_safe():
     assert all(int(line.split()[2]) > 0 for line in lines)
 
 
+# SCRIPT on a model with two SyncBatchNorm layers, in one of two gloo processes (rank and
+# port from the environment).
 SYNC_BN_SCRIPT = r"""
+import os
 import sys
+sys.path.insert(0, sys.argv[1])
 import torch
 import torch.distributed as dist
+import host
 import vhist
-from vhist.tools.launches import record_launches
-from vhist.train.graph import CaptureGuard, GraphOptimizerStep, check_same_state, state_signature
 
-rank, port = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-torch.manual_seed(0)
-model = vhist.nn.convert_sync_batchnorm(torch.nn.Sequential(
-    vhist.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-    vhist.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))).to(memory_format=torch.channels_last)
-assert sum(isinstance(m, vhist.nn.SyncBatchNorm) for m in model.modules()) == 2
-x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
-y = torch.tensor([0, 2])
-opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-with record_launches() as rec, vhist.use_backend("triton"):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        update()
-    update = opt.step
-    step()
-    update = GraphOptimizerStep(opt)
-    before = state_signature(model, opt)
-    start = len(rec.records)
-    with CaptureGuard():
-        step()
-    check_same_state(before, state_signature(model, opt))
-    print("rank", rank, len(rec.records) - start, "launches: capture-safe", flush=True)
-dist.destroy_process_group()
-"""
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                        rank=int(os.environ["RANK"]), world_size=2)
+
+
+def sync_bn_net(name):
+    torch.manual_seed(0)
+    model = vhist.nn.convert_sync_batchnorm(torch.nn.Sequential(
+        vhist.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        vhist.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+    assert sum(isinstance(m, vhist.nn.SyncBatchNorm) for m in model.modules()) == 2
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last), x, torch.tensor([0, 2]), 8
+
+
+host.make_step_parts = sync_bn_net
+""" + SCRIPT
 
 
 def test_sync_batch_norm_step_is_capture_safe():
@@ -107,14 +100,15 @@ def test_sync_batch_norm_step_is_capture_safe():
     from train_helpers import free_port
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-c", SYNC_BN_SCRIPT, str(rank), port], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for rank in range(2)]
+    env["MASTER_PORT"] = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", SYNC_BN_SCRIPT, os.path.join(ROOT, "bench"), "sync_bn_net"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(rank)})
+             for rank in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, out[-2000:] + err[-4000:]
         line = out.strip().splitlines()[-1]
-        assert line.endswith("capture-safe") and int(line.split()[2]) > 0, line
+        assert line.startswith("sync_bn_net") and line.endswith("capture-safe") and int(line.split()[2]) > 0, line
 
 
 @pytest.mark.parametrize("bad, match", [
