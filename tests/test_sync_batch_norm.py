@@ -147,6 +147,55 @@ def test_sync_batch_norm_two_processes(tmp_path):
         assert (tmp_path / "ddp" / artifact).is_file(), artifact
 
 
+def _empty_rank_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
+                                                                                     dtype=torch.float64)
+    results = {}
+    for backend in ("torch", "triton"):
+        local = (x if rank == 0 else x[:0]).clone().requires_grad_()
+        w, b = torch.ones(4, dtype=x.dtype, requires_grad=True), torch.zeros(4, dtype=x.dtype, requires_grad=True)
+        rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+        with vhist.use_backend(backend):
+            y = sync_batch_norm(local, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dy if rank == 0 else dy[:0])
+        dw, db = w.grad.clone(), b.grad.clone()
+        dist.all_reduce(dw)
+        dist.all_reduce(db)
+        results[backend] = {"y": y.detach(), "dx": local.grad, "dw": dw, "db": db, "rm": rm, "rv": rv}
+    torch.save(results, os.path.join(out_dir, f"empty{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sync_batch_norm_with_an_empty_rank(tmp_path):
+    """One process with an empty batch (as DDP's uneven last batch can leave): it sends a
+    zero row, as PyTorch's SyncBatchNorm does, and the result is batch norm over the other
+    process's batch, on every rank."""
+    mp.spawn(_empty_rank_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"empty{r}.pt", weights_only=False) for r in range(WORLD)]
+    g = torch.Generator().manual_seed(5)
+    x, dy = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
+                                                                                     dtype=torch.float64)
+    x = x.requires_grad_()
+    w, b = torch.ones(4, dtype=x.dtype, requires_grad=True), torch.zeros(4, dtype=x.dtype, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    tol = dict(atol=1e-10, rtol=1e-10)
+    for backend in ("torch", "triton"):
+        for r, res in enumerate(ranks):
+            got = res[backend]
+            assert got["y"].shape == (3 if r == 0 else 0, 4, 2, 3) and got["dx"].shape == got["y"].shape
+            if r == 0:
+                assert_close(got["y"], y.detach(), name=f"{backend} output", **tol)
+                assert_close(got["dx"], dx, name=f"{backend} grad_input", **tol)
+            for name, want in (("dw", dw), ("db", db), ("rm", rm), ("rv", rv)):
+                assert_close(got[name], want, name=f"{backend} rank {r} {name}", **tol)
+
+
 def test_convert_sync_batchnorm_keeps_state_dict():
     model = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

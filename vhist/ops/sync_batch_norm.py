@@ -175,7 +175,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, process_group, stages):
         world = _world(process_group)
-        count, mean, m2 = stages.local_stats(input)
+        c = input.shape[1]
+        # A process with an empty batch (world >= 2 only) sends a zero row, as PyTorch's
+        # SyncBatchNorm does; with count 0 it adds nothing to Chan's merge, so no row has
+        # to be dropped (PyTorch drops them with a boolean mask, a host synchronization).
+        empty = input.numel() == 0
+        if empty:
+            zeros = input.new_zeros((c,), dtype=acc_dtype(input.dtype))
+            count, mean, m2 = zeros.new_zeros(()), zeros, zeros
+        else:
+            count, mean, m2 = stages.local_stats(input)
         packed = torch.cat([count.reshape(1), mean, m2])
         if world > 1:
             rows = [torch.empty_like(packed) for _ in range(world)]
@@ -183,10 +192,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gathered = torch.stack(rows)
         else:
             gathered = packed[None]
-        c = mean.shape[0]
         counts, means, m2s = gathered[:, 0], gathered[:, 1:1 + c], gathered[:, 1 + c:]
         mean, rstd = stages.finalize(counts, means, m2s, running_mean, running_var, momentum, eps)
-        output = stages.apply(input, mean, rstd, weight, bias, eps)
+        output = torch.empty_like(input) if empty else stages.apply(input, mean, rstd, weight, bias, eps)
         # The global count stays on the device: float() of it would synchronize with the
         # host once per layer and step, and break a CUDA graph capture.
         ctx.save_for_backward(input, weight, mean, rstd, counts.sum())
@@ -199,7 +207,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         input, weight, mean, rstd, total_count = ctx.saved_tensors
         grad_output = like_layout(grad_output, input)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat = ctx.stages.grad_sums(grad_output, input, mean, rstd, ctx.eps)
+        empty = input.numel() == 0
+        if empty:
+            sum_dy = sum_dy_xhat = mean.new_zeros(mean.shape)
+        else:
+            sum_dy, sum_dy_xhat = ctx.stages.grad_sums(grad_output, input, mean, rstd, ctx.eps)
         # The parameter gradients are this rank's share; DDP sums/averages them.
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_dw and weight is not None else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_db and ctx.bias_dtype is not None else None
@@ -210,8 +222,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.process_group)
                 c = sum_dy.shape[0]
                 sum_dy, sum_dy_xhat = sums[:c], sums[c:]
-            grad_input = ctx.stages.grad_input(grad_output, input, mean, rstd, weight, sum_dy, sum_dy_xhat,
-                                               total_count, ctx.eps)
+            grad_input = torch.empty_like(input) if empty else ctx.stages.grad_input(
+                grad_output, input, mean, rstd, weight, sum_dy, sum_dy_xhat, total_count, ctx.eps)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
