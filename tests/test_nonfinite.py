@@ -49,6 +49,13 @@ def _batch_norm(x, params, stats, activation, training):
     return VF.batch_norm(x, rm, rv, w, b, training=training)
 
 
+def _sync_batch_norm(x, params, stats, activation, training):
+    # One process: its own statistics stages (local partials merged by merge_stats, the
+    # finalize fed the gathered rows).
+    (w, b), (rm, rv) = params, stats[0]
+    return VF.sync_batch_norm(x, rm, rv, w, b, training=training)
+
+
 def _conv2d(x, params, stats, activation, training):
     w, b = params
     return VF.conv2d(x, w, b, padding=1, activation=activation)
@@ -80,7 +87,7 @@ def _lrn(x, params, stats, activation, training):
 
 def _make_params(op):
     """The op's parameters (leaves, fixed seed) and its running-statistic channel counts."""
-    if op == "batch_norm":
+    if op in ("batch_norm", "sync_batch_norm"):
         return [*_bn_params(4)], [4]
     if op == "conv2d":
         w, b = _tensors(1, (5, 3, 3, 3), (5,))
@@ -100,6 +107,7 @@ def _make_params(op):
 OPS = {
     # op: (input shape (commented: why), function, activations it takes)
     "batch_norm": ((2, 4, 3, 3), _batch_norm, [None]),              # plain BN, NCHW
+    "sync_batch_norm": ((2, 4, 3, 3), _sync_batch_norm, [None]),    # its own stages, one process
     "conv2d": ((2, 3, 5, 5), _conv2d, ACTIVATIONS),                 # activation epilogue
     "fused_conv_bn_act": ((2, 3, 5, 5), _fused_conv, ACTIVATIONS),
     "fused_depthwise_bn_act": ((2, 4, 5, 5), _fused_depthwise, ACTIVATIONS),

@@ -6,7 +6,7 @@ an apply stage leaves a natural place for the communication:
 forward
     1. every rank reduces its own activation to per-channel ``(count, mean, M2)``
        (Triton: the ``bn_fwd_stats`` kernel's per-chunk partials, merged locally;
-       torch: ``var_mean`` with ``correction=0``);
+       torch: the mean, then the sum of squared deviations);
     2. ``all_gather`` of the packed ``(count, mean, M2)`` of every rank;
     3. the world-size rows are merged with Chan et al.'s formula, in rank order, and
        the running statistics are updated with the global unbiased variance (Triton:
@@ -85,8 +85,13 @@ def _local_stats_torch(x: torch.Tensor):
     acc = acc_dtype(x.dtype)
     dims = _reduce_dims(x)
     count = x.numel() // x.shape[1]
-    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
-    return x.new_full((), float(count), dtype=acc), mean, var * count
+    # Two passes, sum / n then the squared deviations, as F.batch_norm computes them on
+    # CPU: a channel holding an Inf keeps an Inf mean (var_mean's Welford update makes it
+    # Inf - Inf = NaN, and the running mean with it).
+    x_acc = x.to(acc)
+    mean = x_acc.mean(dims)
+    dev = x_acc - _bcast(mean, x)
+    return x.new_full((), float(count), dtype=acc), mean, (dev * dev).sum(dims)
 
 
 def _local_stats_triton(x: torch.Tensor):
