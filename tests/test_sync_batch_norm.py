@@ -71,6 +71,7 @@ def _worker(rank, port, out_dir, data_spec, train_port):
             dist.all_reduce(dw)
             dist.all_reduce(db)
             results[(backend, i)] = {"y": y.detach(), "dx": local.grad, "dw": dw, "db": db, "rm": rm, "rv": rv}
+    results["empty_rank"] = _empty_rank_results(rank)
     # 2. convert_sync_batchnorm + DistributedDataParallel: one SGD step on half the batch
     model = convert_sync_batchnorm(_tiny_model())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -124,6 +125,7 @@ def test_sync_batch_norm_two_processes(tmp_path):
                 assert_close(got["rv"], rv, name=f"{tag} rank {r} running_var", **tol)
             # every rank holds bitwise the same statistics
             assert torch.equal(ranks[0][(backend, i)]["rv"], ranks[1][(backend, i)]["rv"])
+    _check_empty_rank(ranks)
 
     # DDP + SyncBatchNorm on 2 x 4 images == one process on the 8 images
     model = _tiny_model()
@@ -147,12 +149,16 @@ def test_sync_batch_norm_two_processes(tmp_path):
         assert (tmp_path / "ddp" / artifact).is_file(), artifact
 
 
-def _empty_rank_worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _empty_rank_case():
     g = torch.Generator().manual_seed(5)
-    x, dy = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
+    return torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
                                                                                      dtype=torch.float64)
+
+
+def _empty_rank_results(rank):
+    """Rank 1 holds an empty batch (as DDP's uneven last batch can leave), rank 0 three
+    images."""
+    x, dy = _empty_rank_case()
     results = {}
     for backend in ("torch", "triton"):
         local = (x if rank == 0 else x[:0]).clone().requires_grad_()
@@ -165,20 +171,13 @@ def _empty_rank_worker(rank, port, out_dir):
         dist.all_reduce(dw)
         dist.all_reduce(db)
         results[backend] = {"y": y.detach(), "dx": local.grad, "dw": dw, "db": db, "rm": rm, "rv": rv}
-    torch.save(results, os.path.join(out_dir, f"empty{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
-def test_sync_batch_norm_with_an_empty_rank(tmp_path):
-    """One process with an empty batch (as DDP's uneven last batch can leave): it sends a
-    zero row, as PyTorch's SyncBatchNorm does, and the result is batch norm over the other
-    process's batch, on every rank."""
-    mp.spawn(_empty_rank_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"empty{r}.pt", weights_only=False) for r in range(WORLD)]
-    g = torch.Generator().manual_seed(5)
-    x, dy = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
-                                                                                     dtype=torch.float64)
+def _check_empty_rank(ranks):
+    """The process with an empty batch sends a zero row, as PyTorch's SyncBatchNorm does:
+    the result is batch norm over the other process's batch, on every rank."""
+    x, dy = _empty_rank_case()
     x = x.requires_grad_()
     w, b = torch.ones(4, dtype=x.dtype, requires_grad=True), torch.zeros(4, dtype=x.dtype, requires_grad=True)
     rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
@@ -187,13 +186,13 @@ def test_sync_batch_norm_with_an_empty_rank(tmp_path):
     tol = dict(atol=1e-10, rtol=1e-10)
     for backend in ("torch", "triton"):
         for r, res in enumerate(ranks):
-            got = res[backend]
+            got = res["empty_rank"][backend]
             assert got["y"].shape == (3 if r == 0 else 0, 4, 2, 3) and got["dx"].shape == got["y"].shape
             if r == 0:
                 assert_close(got["y"], y.detach(), name=f"{backend} output", **tol)
                 assert_close(got["dx"], dx, name=f"{backend} grad_input", **tol)
             for name, want in (("dw", dw), ("db", db), ("rm", rm), ("rv", rv)):
-                assert_close(got[name], want, name=f"{backend} rank {r} {name}", **tol)
+                assert_close(got[name], want, name=f"{backend} empty rank: rank {r} {name}", **tol)
 
 
 def test_convert_sync_batchnorm_keeps_state_dict():
