@@ -7,8 +7,10 @@ both memory formats. The reduction space N*S is split into chunks; a chunk is a 
 of rows n and a segment [s0, s0 + SEG_LEN) of each row. Programs form a grid of
 (channel blocks, chunks), and every reduction writes per-chunk partials that a merge
 tree (channel blocks x groups of at most BN_MERGE_GROUP partials per level, then a small
-finalize) combines in an order fixed by the partial count, so results are bitwise
-reproducible.
+finalize) combines in an order fixed by the partial count. The two kernels that reduce
+the activation itself (statistics, gradient sums) run one tile per memory format, never
+tuned, so the bits of the statistics and the gradient sums depend on the shape, dtype,
+memory format and chunking (vhist.ops.heuristics.bn_chunks), never on an autotune pick.
 """
 import triton
 import triton.language as tl
@@ -25,6 +27,14 @@ def _configs(block_c_block_s_warps):
 CHANNELS_CONTIGUOUS_CONFIGS = _configs([(64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4)])
 # Spatial positions contiguous (NCHW): one or a few channels, long along S.
 SPATIAL_CONTIGUOUS_CONFIGS = _configs([(2, 512, 4), (1, 1024, 4), (4, 256, 4), (1, 2048, 8), (8, 128, 4)])
+# The reductions of the activation (statistics, gradient sums) take the first config of
+# their family and nothing else: BLOCK_S sets how many rows a tile's two-pass (mean, M2)
+# or sum covers before the running merge, and BLOCK_C and num_warps set the register
+# layout, hence the tree in which tl.sum adds a tile's rows on a GPU; any of them tuned
+# would make the bits depend on the pick. The elementwise kernels (apply, dx) tune
+# freely: no config changes what they compute per element.
+CHANNELS_CONTIGUOUS_REDUCE_CONFIGS = CHANNELS_CONTIGUOUS_CONFIGS[:1]
+SPATIAL_CONTIGUOUS_REDUCE_CONFIGS = SPATIAL_CONTIGUOUS_CONFIGS[:1]
 TUNE_KEY = ["C", "S", "N"]
 
 
@@ -396,15 +406,16 @@ def _bn_bwd_dx_kernel(
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _tuned(kernel):
+def _tuned(kernel, channels_contiguous_configs=CHANNELS_CONTIGUOUS_CONFIGS,
+           spatial_contiguous_configs=SPATIAL_CONTIGUOUS_CONFIGS):
     """The kernel autotuned once per memory-format family (their best tiles differ)."""
-    return (autotune(CHANNELS_CONTIGUOUS_CONFIGS, TUNE_KEY)(kernel),
-            autotune(SPATIAL_CONTIGUOUS_CONFIGS, TUNE_KEY)(kernel))
+    return (autotune(channels_contiguous_configs, TUNE_KEY)(kernel),
+            autotune(spatial_contiguous_configs, TUNE_KEY)(kernel))
 
 
-bn_fwd_stats = _tuned(_bn_fwd_stats_kernel)
+bn_fwd_stats = _tuned(_bn_fwd_stats_kernel, CHANNELS_CONTIGUOUS_REDUCE_CONFIGS, SPATIAL_CONTIGUOUS_REDUCE_CONFIGS)
 bn_fwd_apply = _tuned(_bn_fwd_apply_kernel)
-bn_bwd_reduce = _tuned(_bn_bwd_reduce_kernel)
+bn_bwd_reduce = _tuned(_bn_bwd_reduce_kernel, CHANNELS_CONTIGUOUS_REDUCE_CONFIGS, SPATIAL_CONTIGUOUS_REDUCE_CONFIGS)
 bn_bwd_dx = _tuned(_bn_bwd_dx_kernel)
 bn_fwd_finalize = _bn_fwd_finalize_kernel
 bn_bwd_finalize = _bn_bwd_finalize_kernel

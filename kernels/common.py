@@ -9,24 +9,28 @@ import triton.language as tl
 
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr):
-    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6)
+    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6). NaN propagates, as in
+    # torch.relu and F.hardtanh: tl.maximum's default (fmax) would turn a NaN into 0 and
+    # a diverging run into silent zeros.
     if ACTIVATION == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 2:
-        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+        z = tl.minimum(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
     return z
 
 
 @triton.jit
 def activation_grad_mask(z, ACTIVATION: tl.constexpr):
-    # Where the activation's derivative is 1 (else 0), as PyTorch's relu / hardtanh
-    # backward define it. Evaluated on the pre-activation, or equally on the output.
+    # Where the gradient passes (else 0), as PyTorch's backward kernels test it:
+    # threshold_backward zeroes it where z <= 0, hardtanh_backward where z <= 0 or
+    # z >= 6, so a NaN z passes it. Evaluated on the pre-activation, or equally on the
+    # output (the activation keeps NaN, and z <= 0 / z >= 6 exactly where its output is).
     if ACTIVATION == 1:
-        keep = z > 0.0
+        keep = (z > 0.0) | (z != z)
     elif ACTIVATION == 2:
-        keep = (z > 0.0) & (z < 6.0)
+        keep = ((z > 0.0) & (z < 6.0)) | (z != z)
     else:
-        keep = z == z
+        keep = tl.full(z.shape, 1, tl.int1)
     return keep
 
 
@@ -35,9 +39,12 @@ def chan_merge(count, mean, m2, count_b, mean_b, m2_b):
     # Chan, Golub & LeVeque (1979), the pairwise update of (count, mean, M2) with the
     # statistics of a second set b:
     #   delta = m_b - m_a,  m = m_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-    # Nothing forms E[x^2] - E[x]^2, so |mean| >> std does not cancel.
+    # Nothing forms E[x^2] - E[x]^2, so |mean| >> std does not cancel. The mean is
+    # taken as the weighted average m_a * n_a / n + m_b * n_b / n (equal in exact
+    # arithmetic): an Inf mean then stays Inf as in PyTorch's sum / n, where
+    # m_a + delta * n_b / n gives Inf - Inf = NaN.
     new_count = count + count_b
     delta = mean_b - mean
-    mean += delta * (count_b / new_count)
+    mean = mean * (count / new_count) + mean_b * (count_b / new_count)
     m2 += m2_b + delta * delta * (count * count_b / new_count)
     return new_count, mean, m2

@@ -20,7 +20,9 @@ from .common import activate, activation_grad_mask, chan_merge
 
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
-# channel tile and the warps are tuned.
+# channel tile and the warps are tuned, and not with STATS: the epilogue's tl.sum over a
+# tile's pixels adds them in a tree that the layout (BLOCK_C, warps) sets, so a launch
+# with STATS runs the first config only (kernels/_config.py: STATS_EPILOGUE_KERNELS).
 FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8))]
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]

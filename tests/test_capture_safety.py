@@ -64,6 +64,53 @@ def test_training_steps_are_capture_safe():
     assert all(int(line.split()[2]) > 0 for line in lines)
 
 
+# SCRIPT on a model with two SyncBatchNorm layers, in one of two gloo processes (rank and
+# port from the environment).
+SYNC_BN_SCRIPT = r"""
+import os
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+import host
+import vhist
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                        rank=int(os.environ["RANK"]), world_size=2)
+
+
+def sync_bn_net(name):
+    torch.manual_seed(0)
+    model = vhist.nn.convert_sync_batchnorm(torch.nn.Sequential(
+        vhist.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        vhist.nn.Conv2d(4, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+    assert sum(isinstance(m, vhist.nn.SyncBatchNorm) for m in model.modules()) == 2
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last), x, torch.tensor([0, 2]), 8
+
+
+host.make_step_parts = sync_bn_net
+""" + SCRIPT
+
+
+def test_sync_batch_norm_step_is_capture_safe():
+    """A training step of a model with two SyncBatchNorm layers on two gloo processes
+    (launches recorded, as above): no host synchronization, the statistics exchanged."""
+    from train_helpers import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MASTER_PORT"] = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", SYNC_BN_SCRIPT, os.path.join(ROOT, "bench"), "sync_bn_net"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(rank)})
+             for rank in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, out[-2000:] + err[-4000:]
+        line = out.strip().splitlines()[-1]
+        assert line.startswith("sync_bn_net") and line.endswith("capture-safe") and int(line.split()[2]) > 0, line
+
+
 @pytest.mark.parametrize("bad, match", [
     # (the step, what the guard names)
     (lambda t: t.sum().item(), "_local_scalar_dense"),

@@ -25,6 +25,7 @@ CASES = [
     (2, 3, 4, 5, False, 0.0, torch.float64),    # minimal, NCHW
     (1, 5, 3, 3, True, 100.0, torch.float64),   # N=1 per rank, channels_last, |mean| >> std
     (3, 4, 2, 3, False, 1.0, torch.float32),    # fp32, non-power-of-two
+    (1, 3, 1, 1, False, 0.0, torch.float64),    # one value per channel per rank: allowed with 2 ranks, as in torch
 ]
 
 
@@ -70,6 +71,7 @@ def _worker(rank, port, out_dir, data_spec, train_port):
             dist.all_reduce(dw)
             dist.all_reduce(db)
             results[(backend, i)] = {"y": y.detach(), "dx": local.grad, "dw": dw, "db": db, "rm": rm, "rv": rv}
+    results["empty_rank"] = _empty_rank_results(rank)
     # 2. convert_sync_batchnorm + DistributedDataParallel: one SGD step on half the batch
     model = convert_sync_batchnorm(_tiny_model())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -123,6 +125,7 @@ def test_sync_batch_norm_two_processes(tmp_path):
                 assert_close(got["rv"], rv, name=f"{tag} rank {r} running_var", **tol)
             # every rank holds bitwise the same statistics
             assert torch.equal(ranks[0][(backend, i)]["rv"], ranks[1][(backend, i)]["rv"])
+    _check_empty_rank(ranks)
 
     # DDP + SyncBatchNorm on 2 x 4 images == one process on the 8 images
     model = _tiny_model()
@@ -144,6 +147,52 @@ def test_sync_batch_norm_two_processes(tmp_path):
     assert summary["test_top1"] is not None
     for artifact in ("config.json", "metrics.jsonl", "metrics.csv", "curves.png", "best.pt", "last.pt"):
         assert (tmp_path / "ddp" / artifact).is_file(), artifact
+
+
+def _empty_rank_case():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) + 2, torch.randn(3, 4, 2, 3, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def _empty_rank_results(rank):
+    """Rank 1 holds an empty batch (as DDP's uneven last batch can leave), rank 0 three
+    images."""
+    x, dy = _empty_rank_case()
+    results = {}
+    for backend in ("torch", "triton"):
+        local = (x if rank == 0 else x[:0]).clone().requires_grad_()
+        w, b = torch.ones(4, dtype=x.dtype, requires_grad=True), torch.zeros(4, dtype=x.dtype, requires_grad=True)
+        rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+        with vhist.use_backend(backend):
+            y = sync_batch_norm(local, rm, rv, w, b, True, 0.1, 1e-5)
+        y.backward(dy if rank == 0 else dy[:0])
+        dw, db = w.grad.clone(), b.grad.clone()
+        dist.all_reduce(dw)
+        dist.all_reduce(db)
+        results[backend] = {"y": y.detach(), "dx": local.grad, "dw": dw, "db": db, "rm": rm, "rv": rv}
+    return results
+
+
+def _check_empty_rank(ranks):
+    """The process with an empty batch sends a zero row, as PyTorch's SyncBatchNorm does:
+    the result is batch norm over the other process's batch, on every rank."""
+    x, dy = _empty_rank_case()
+    x = x.requires_grad_()
+    w, b = torch.ones(4, dtype=x.dtype, requires_grad=True), torch.zeros(4, dtype=x.dtype, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=x.dtype), torch.ones(4, dtype=x.dtype)
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    tol = dict(atol=1e-10, rtol=1e-10)
+    for backend in ("torch", "triton"):
+        for r, res in enumerate(ranks):
+            got = res["empty_rank"][backend]
+            assert got["y"].shape == (3 if r == 0 else 0, 4, 2, 3) and got["dx"].shape == got["y"].shape
+            if r == 0:
+                assert_close(got["y"], y.detach(), name=f"{backend} output", **tol)
+                assert_close(got["dx"], dx, name=f"{backend} grad_input", **tol)
+            for name, want in (("dw", dw), ("db", db), ("rm", rm), ("rv", rv)):
+                assert_close(got[name], want, name=f"{backend} empty rank: rank {r} {name}", **tol)
 
 
 def test_convert_sync_batchnorm_keeps_state_dict():

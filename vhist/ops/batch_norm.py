@@ -552,8 +552,10 @@ class BatchNormFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public op
 
 
-def check_inputs(input, running_mean, running_var, weight, bias, training):
-    """The checks of :func:`batch_norm` (and :func:`vhist.ops.sync_batch_norm`).
+def check_inputs(input, running_mean, running_var, weight, bias, training, world_size: int = 1):
+    """The checks of :func:`batch_norm` (and :func:`vhist.ops.sync_batch_norm`, whose
+    training statistics cover ``world_size`` processes: one value per channel here, or an
+    empty batch, is then accepted, as in PyTorch's SyncBatchNorm).
 
     Raises:
         ValueError / TypeError: see :func:`vhist.ops.common.check_bn_args`, plus a
@@ -563,10 +565,12 @@ def check_inputs(input, running_mean, running_var, weight, bias, training):
     if not 2 <= input.dim() <= 5:
         raise ValueError(f"{OP}: expected a 2-D to 5-D input (N, C, ...), got {input.dim()}-D "
                          f"of shape {tuple(input.shape)}")
-    if input.numel() == 0:
+    if input.numel() == 0 and world_size < 2:
         raise ValueError(f"{OP}: empty input of shape {tuple(input.shape)}")
     c = input.shape[1]
-    check_bn_args(OP, c, input, weight, bias, running_mean, running_var, training, input.numel() // c)
+    values = input.numel() // c if c else 0
+    check_bn_args(OP, c, input, weight, bias, running_mean, running_var, training,
+                  values if world_size < 2 else max(values, 2))
 
 
 def _batch_norm_triton(input, running_mean, running_var, weight, bias, training, momentum, eps):

@@ -32,8 +32,9 @@ DEPTHWISE_MAX_STATS_PARTIALS = 1024
 BN_PROGRAMS_PER_SM = 8
 BN_MIN_CHUNK = 512
 BN_MAX_CHUNK = 65536
-# The channel tile the chunk count assumes per memory format. Fixed, not read from the
-# configs: the chunks set the summation order, which must not change with the tuning.
+# The channel tile of the BN reductions per memory format (kernels/batch_norm.py runs
+# them on one fixed config each, never tuned; check_kernel_configs asserts it): with the
+# chunk count below it fixes their summation order, which must not change with the tuning.
 BN_CHANNELS_CONTIGUOUS_BLOCK_C = 64
 BN_SPATIAL_CONTIGUOUS_BLOCK_C = 2
 BN_FINALIZE_MAX_BLOCK_C = 128
@@ -52,8 +53,13 @@ def check_kernel_configs() -> None:
     Raises:
         AssertionError: a config list changed in a way the launchers do not handle.
     """
-    from vhist.kernels import conv, depthwise
+    from vhist.kernels import batch_norm, conv, depthwise
 
+    for configs, block_c in ((batch_norm.CHANNELS_CONTIGUOUS_REDUCE_CONFIGS, BN_CHANNELS_CONTIGUOUS_BLOCK_C),
+                             (batch_norm.SPATIAL_CONTIGUOUS_REDUCE_CONFIGS, BN_SPATIAL_CONTIGUOUS_BLOCK_C)):
+        assert len(configs) == 1 and configs[0].kwargs["BLOCK_C"] == block_c, (
+            "batch norm: the reductions run one fixed tile (its BLOCK_C the chunk count assumes), "
+            f"got {configs}")
     for config in conv.GEMM_CONFIGS + conv.FP64_CONFIGS:
         block_k = config.kwargs["BLOCK_K"]
         assert WGRAD_POSITION_ALIGN % block_k == 0, (
@@ -90,7 +96,10 @@ def depthwise_fwd_tiling(pixels: int, stats: bool) -> tuple[int, int]:
 def bn_chunks(total: int, channels: int, channels_contiguous: bool, device: torch.device) -> int:
     """Chunks of BatchNorm's N*S reduction: enough to give every SM several programs,
     never fewer than ``BN_MIN_CHUNK`` elements per chunk and never more than
-    ``BN_MAX_CHUNK`` (which bounds one program's loop)."""
+    ``BN_MAX_CHUNK`` (which bounds one program's loop). A function of the shape, the
+    memory format and the device's SM count: the BN statistics' bits are the same for a
+    shape on GPUs with the same SM count (and Triton version), whatever was tuned."""
+    check_kernel_configs()
     block_c = BN_CHANNELS_CONTIGUOUS_BLOCK_C if channels_contiguous else BN_SPATIAL_CONTIGUOUS_BLOCK_C
     chunks = cdiv(BN_PROGRAMS_PER_SM * sm_count(device), cdiv(channels, block_c))
     return max(min(chunks, cdiv(total, BN_MIN_CHUNK)), cdiv(total, BN_MAX_CHUNK), 1)

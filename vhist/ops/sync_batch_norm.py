@@ -6,7 +6,7 @@ an apply stage leaves a natural place for the communication:
 forward
     1. every rank reduces its own activation to per-channel ``(count, mean, M2)``
        (Triton: the ``bn_fwd_stats`` kernel's per-chunk partials, merged locally;
-       torch: ``var_mean`` with ``correction=0``);
+       torch: the mean, then the sum of squared deviations);
     2. ``all_gather`` of the packed ``(count, mean, M2)`` of every rank;
     3. the world-size rows are merged with Chan et al.'s formula, in rank order, and
        the running statistics are updated with the global unbiased variance (Triton:
@@ -85,8 +85,13 @@ def _local_stats_torch(x: torch.Tensor):
     acc = acc_dtype(x.dtype)
     dims = _reduce_dims(x)
     count = x.numel() // x.shape[1]
-    var, mean = torch.var_mean(x.to(acc), dim=dims, correction=0)
-    return x.new_full((), float(count), dtype=acc), mean, var * count
+    # Two passes, sum / n then the squared deviations, as F.batch_norm computes them on
+    # CPU: a channel holding an Inf keeps an Inf mean (var_mean's Welford update makes it
+    # Inf - Inf = NaN, and the running mean with it).
+    x_acc = x.to(acc)
+    mean = x_acc.mean(dims)
+    dev = x_acc - _bcast(mean, x)
+    return x.new_full((), float(count), dtype=acc), mean, (dev * dev).sum(dims)
 
 
 def _local_stats_triton(x: torch.Tensor):
@@ -142,7 +147,9 @@ def _grad_input_torch(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, eps
 
 
 def _grad_input_triton(dy, x, mean, rstd, weight, sum_dy, sum_dy_xhat, count, eps):
-    return bn_grad_input(dy, x, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps, count=count)[0]
+    # The global count is a device tensor (reading it would synchronize with the host):
+    # the sums are divided by it on the device, and the kernel's 1/count is then 1.
+    return bn_grad_input(dy, x, mean, rstd, weight, None, sum_dy / count, sum_dy_xhat / count, eps, count=1)[0]
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, process_group, stages):
         world = _world(process_group)
-        count, mean, m2 = stages.local_stats(input)
+        c = input.shape[1]
+        # A process with an empty batch (world >= 2 only) sends a zero row, as PyTorch's
+        # SyncBatchNorm does; with count 0 it adds nothing to Chan's merge, so no row has
+        # to be dropped (PyTorch drops them with a boolean mask, a host synchronization).
+        empty = input.numel() == 0
+        if empty:
+            zeros = input.new_zeros((c,), dtype=acc_dtype(input.dtype))
+            count, mean, m2 = zeros.new_zeros(()), zeros, zeros
+        else:
+            count, mean, m2 = stages.local_stats(input)
         packed = torch.cat([count.reshape(1), mean, m2])
         if world > 1:
             rows = [torch.empty_like(packed) for _ in range(world)]
@@ -181,22 +197,26 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gathered = torch.stack(rows)
         else:
             gathered = packed[None]
-        c = mean.shape[0]
         counts, means, m2s = gathered[:, 0], gathered[:, 1:1 + c], gathered[:, 1 + c:]
         mean, rstd = stages.finalize(counts, means, m2s, running_mean, running_var, momentum, eps)
-        output = stages.apply(input, mean, rstd, weight, bias, eps)
-        ctx.save_for_backward(input, weight, mean, rstd)
-        ctx.total_count = float(counts.sum())
+        output = torch.empty_like(input) if empty else stages.apply(input, mean, rstd, weight, bias, eps)
+        # The global count stays on the device: float() of it would synchronize with the
+        # host once per layer and step, and break a CUDA graph capture.
+        ctx.save_for_backward(input, weight, mean, rstd, counts.sum())
         ctx.eps, ctx.process_group, ctx.stages, ctx.world = eps, process_group, stages, world
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, mean, rstd = ctx.saved_tensors
+        input, weight, mean, rstd, total_count = ctx.saved_tensors
         grad_output = like_layout(grad_output, input)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        sum_dy, sum_dy_xhat = ctx.stages.grad_sums(grad_output, input, mean, rstd, ctx.eps)
+        empty = input.numel() == 0
+        if empty:
+            sum_dy = sum_dy_xhat = mean.new_zeros(mean.shape)
+        else:
+            sum_dy, sum_dy_xhat = ctx.stages.grad_sums(grad_output, input, mean, rstd, ctx.eps)
         # The parameter gradients are this rank's share; DDP sums/averages them.
         grad_weight = sum_dy_xhat.to(weight.dtype) if need_dw and weight is not None else None
         grad_bias = sum_dy.to(ctx.bias_dtype) if need_db and ctx.bias_dtype is not None else None
@@ -207,8 +227,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.process_group)
                 c = sum_dy.shape[0]
                 sum_dy, sum_dy_xhat = sums[:c], sums[c:]
-            grad_input = ctx.stages.grad_input(grad_output, input, mean, rstd, weight, sum_dy, sum_dy_xhat,
-                                               ctx.total_count, ctx.eps)
+            grad_input = torch.empty_like(input) if empty else ctx.stages.grad_input(
+                grad_output, input, mean, rstd, weight, sum_dy, sum_dy_xhat, total_count, ctx.eps)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
@@ -239,7 +259,8 @@ def sync_batch_norm(
         NotImplementedError: the active backend has no kernel (only ``triton`` and
             ``torch`` have one).
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training)
+    world = _world(process_group) if training else 1
+    check_inputs(input, running_mean, running_var, weight, bias, training, world)
     if not training:
         return batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     stages = dispatch(OP, STAGES, input.device)

@@ -9,7 +9,13 @@ def activate(x: torch.Tensor, activation) -> torch.Tensor:
     if activation == "relu":
         return F.relu(x)
     if activation == "relu6":
-        return F.relu6(x)
+        if x.is_cuda:
+            return F.relu6(x)
+        # On CPU, hardtanh_backward's SIMD loop zeroes the gradient at a NaN input while
+        # its scalar remainder loop and the CUDA kernel pass it ((x <= 0 || x >= 6) ? 0
+        # : grad), so the gradient depends on the NaN's position (pytorch/pytorch#195075).
+        # This composition has the CUDA kernel's forward and backward everywhere.
+        return torch.where(x <= 0, 0.0, torch.where(x >= 6, 6.0, x))
     if activation is None:
         return x
     raise ValueError(f"unknown activation {activation!r}; valid: {ACTIVATIONS}")
