@@ -161,6 +161,17 @@ def _lrn_samples(device, prefix):
     }
 
 
+def _layer_norm_samples(device):
+    # (M, N) = (5, 6) rows; the residual form and the weight-only backward.
+    x, r = torch.randn(5, 6, device=device), torch.randn(5, 6, device=device)
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    _, mean, rstd, total = torch.ops.vhist.layer_norm_fwd(x, w, b, r, 1e-5)
+    return {
+        "layer_norm_fwd": (x, w, b, r, 1e-5),
+        "layer_norm_bwd": (torch.randn_like(x), total, w, mean, rstd, torch.randn_like(x), [True, False]),
+    }
+
+
 def _cuda_device():
     return "cuda" if torch.cuda.is_available() else "meta"
 
@@ -169,7 +180,8 @@ def samples() -> dict[str, tuple[str, tuple]]:
     """op name -> (device, args) for every op this file knows."""
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
             **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
-            **_lrn_samples(DEVICE, "local_response_norm")}
+            **_lrn_samples(DEVICE, "local_response_norm"),
+            **_layer_norm_samples(DEVICE)}
     cuda = _cuda_device()
     cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
     return {**{name: (DEVICE, args) for name, args in real.items()},
@@ -184,6 +196,7 @@ KNOWN_OPS = {
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
     "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
+    "layer_norm_fwd", "layer_norm_bwd",
 }
 
 
