@@ -18,6 +18,8 @@ and atomics, whose summation order depends on the scheduling.
 import triton
 import triton.language as tl
 
+from .common import partials_sum  # noqa: F401  (the backward's second stage)
+
 
 @triton.jit
 def _rows(pid, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -141,35 +143,5 @@ def _layer_norm_bwd_dx_kernel(
         tl.store(PartDB + part, db, mask=cols < N)
 
 
-# Second stage of the deterministic dw / db reduction: column block j sums the P
-# partials in row order, BLOCK_P at a time (a fixed tree for a given P).
-@triton.jit
-def _layer_norm_bwd_dwdb_kernel(
-    PartDW,  # (P, N) partials of dw, ACC (COMPUTE_DW)
-    PartDB,  # (P, N) partials of db, ACC (COMPUTE_DB)
-    DW,  # (N,) weight gradient, the weight's dtype
-    DB,  # (N,) bias gradient, the bias's dtype
-    P, N,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dw = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
-    db = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (p < P)[:, None] & (cols < N)[None, :]
-        offs = p.to(tl.int64)[:, None] * N + cols[None, :]
-        if COMPUTE_DW:
-            dw += tl.load(PartDW + offs, mask=mask, other=0.0)
-        if COMPUTE_DB:
-            db += tl.load(PartDB + offs, mask=mask, other=0.0)
-    if COMPUTE_DW:
-        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=cols < N)
-    if COMPUTE_DB:
-        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=cols < N)
-
-
 layer_norm_fwd = _layer_norm_fwd_kernel
 layer_norm_bwd_dx = _layer_norm_bwd_dx_kernel
-layer_norm_bwd_dwdb = _layer_norm_bwd_dwdb_kernel

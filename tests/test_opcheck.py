@@ -172,6 +172,14 @@ def _layer_norm_samples(device):
     }
 
 
+def _bias_gelu_samples(device):
+    x, b = torch.randn(5, 6, device=device), torch.randn(6, device=device)
+    return {
+        "bias_gelu_fwd": (x, b, "tanh"),
+        "bias_gelu_bwd": (torch.randn_like(x), x, b, "none", True),
+    }
+
+
 def _cuda_device():
     return "cuda" if torch.cuda.is_available() else "meta"
 
@@ -181,7 +189,7 @@ def samples() -> dict[str, tuple[str, tuple]]:
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
             **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
             **_lrn_samples(DEVICE, "local_response_norm"),
-            **_layer_norm_samples(DEVICE)}
+            **_layer_norm_samples(DEVICE), **_bias_gelu_samples(DEVICE)}
     cuda = _cuda_device()
     cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
     return {**{name: (DEVICE, args) for name, args in real.items()},
@@ -196,7 +204,7 @@ KNOWN_OPS = {
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
     "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
-    "layer_norm_fwd", "layer_norm_bwd",
+    "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 from vhist import reference
 from vhist.ops._dispatch import check_float_dtype, check_same_device, dispatch
-from vhist.ops.common import acc_dtype, cdiv, next_power_of_2, op_outputs
+from vhist.ops.common import acc_dtype, cdiv, next_power_of_2, op_outputs, partials_sum_launch
 from vhist.ops.common import tl_acc as _tl_acc
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
 from vhist.ops.op_call import custom_op
@@ -32,8 +32,6 @@ TILE = 4096
 # partials): about four per SM of an H100, fixed so that the partition, and with it the
 # sums' order, depends on the shape alone.
 MAX_PARTIALS = 512
-# Second stage tile: BLOCK_P partial rows by BLOCK_N2 columns per step.
-BLOCK_P, BLOCK_N2 = 64, 32
 
 
 def tile_width(width: int) -> int:
@@ -91,8 +89,7 @@ def _build_bwd(m, n, dy_stride, x_stride, ds_stride, has_w, has_dres, dw, db, dt
     dx = Launch(kernels.layer_norm_bwd_dx, (parts,), (m, n, dy_stride, x_stride, ds_stride, per_program),
                 HAS_W=has_w, HAS_DRES=has_dres, COMPUTE_DW=dw, COMPUTE_DB=db, ACC=acc, BLOCK_M=block_m,
                 BLOCK_N=block_n, num_warps=warps)
-    dwdb = Launch(kernels.layer_norm_bwd_dwdb, (cdiv(n, BLOCK_N2),), (parts, n), COMPUTE_DW=dw, COMPUTE_DB=db,
-                  ACC=acc, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N2, num_warps=4)
+    dwdb = partials_sum_launch(n, parts, dw, db, acc)
     return dx, dwdb, parts
 
 
