@@ -1,5 +1,6 @@
-"""``@triton.jit`` helpers shared by the BatchNorm, conv and depthwise kernels, and the
-second stage of the deterministic column sums (LayerNorm, bias + GELU).
+"""``@triton.jit`` helpers shared by the BatchNorm, conv and depthwise kernels, the tile
+product of the conv and attention kernels (``mma``) and the second stage of the
+deterministic column sums (LayerNorm, bias + GELU).
 
 Activation codes (the ``ACTIVATION`` constexpr; :class:`vhist.ops.common.Activation`):
 0 none, 1 ReLU, 2 ReLU6.
@@ -42,6 +43,17 @@ def chan_merge(count, mean, m2, count_b, mean_b, m2_b):
     mean += delta * (count_b / new_count)
     m2 += m2_b + delta * delta * (count * count_b / new_count)
     return new_count, mean, m2
+
+
+@triton.jit
+def mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    # acc += a @ b; the FMA form (fp64, which the tensor-core dot does not take on every
+    # GPU Triton targets) is a broadcast multiply and a sum over K.
+    if FMA:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 # Second stage of a deterministic per-column reduction (LayerNorm's dw / db, the bias

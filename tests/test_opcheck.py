@@ -180,6 +180,17 @@ def _bias_gelu_samples(device):
     }
 
 
+def _attention_samples(device):
+    # (B, H) = (1, 2), LQ 5, LK 3, head dim 8; q from a fused projection (non-contiguous).
+    qkv = torch.randn(1, 5, 3, 2, 8, device=device).permute(2, 0, 3, 1, 4)
+    k, v = torch.randn(1, 2, 3, 8, device=device), torch.randn(1, 2, 3, 8, device=device)
+    out, lse = torch.ops.vhist.attention_fwd(qkv[0], k, v, 0.35)
+    return {
+        "attention_fwd": (qkv[0], k, v, 0.35),
+        "attention_bwd": (torch.randn_like(out), qkv[0], k, v, out, lse, 0.35),
+    }
+
+
 def _cuda_device():
     return "cuda" if torch.cuda.is_available() else "meta"
 
@@ -189,7 +200,8 @@ def samples() -> dict[str, tuple[str, tuple]]:
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
             **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
             **_lrn_samples(DEVICE, "local_response_norm"),
-            **_layer_norm_samples(DEVICE), **_bias_gelu_samples(DEVICE)}
+            **_layer_norm_samples(DEVICE), **_bias_gelu_samples(DEVICE),
+            **_attention_samples(DEVICE)}
     cuda = _cuda_device()
     cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
     return {**{name: (DEVICE, args) for name, args in real.items()},
@@ -205,6 +217,7 @@ KNOWN_OPS = {
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
     "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
     "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
+    "attention_fwd", "attention_bwd",
 }
 
 

@@ -7,6 +7,7 @@ from vhist.ops.bn_prologue import ConvBNStatsFunction, DeferredBNAct, as_tensor,
 from vhist.ops.conv import conv2d, fused_conv_bn_act, fused_conv_bn_relu
 from vhist.ops.depthwise import DepthwiseConv2dFunction, depthwise_conv2d, fused_depthwise_bn_act
 from vhist.ops.fused_bn import FusedConvBNFunction
+from vhist.ops.attention import AttentionFunction, attention, scaled_dot_product_attention
 from vhist.ops.gelu import BiasGeluFunction, bias_gelu, gelu
 from vhist.ops.layer_norm import LayerNormFunction, add_layer_norm, layer_norm, layer_norm_2d
 from vhist.ops.local_response_norm import local_response_norm
@@ -24,3 +25,4 @@ __all__ += ["conv_bn_deferred", "DeferredBNAct", "ConvBNStatsFunction", "BNActFu
 # The fused depthwise op's autograd is the fused conv + BN scaffold's (one class for both).
 FusedDepthwiseBNActFunction = FusedConvBNFunction
 __all__ += ["BiasGeluFunction", "bias_gelu", "gelu"]
+__all__ += ["AttentionFunction", "attention", "scaled_dot_product_attention"]
