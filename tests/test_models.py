@@ -420,3 +420,15 @@ def test_timm_state_dict(name, timm_name, size):
     if name.startswith("vit"):
         state_dict = timm_to_vhist(state_dict)
     _compare(vhist.create_model(name), theirs, state_dict, size)
+
+
+def test_vit_block_launches():
+    """One ViT encoder block in training on the triton backend (launches recorded, not
+    run): forward LN, attention, add + LN, bias + GELU; backward GELU (dz, bias-gradient
+    sum), LN with the residual gradient (2), attention (preprocess, dK/dV, dQ), LN (2)."""
+    from utils import run_recording_script
+
+    counts = run_recording_script("import json; from vhist.__main__ import block_launches; "
+                                  "print(json.dumps([block_launches('vit_tiny_patch16'), "
+                                  "block_launches('resnet18')]))")
+    assert counts == [[4, 9], None]
