@@ -65,7 +65,9 @@ def _torch(form, width, weight, bias):
     return call
 
 
-def _providers(xs, fns, backward):
+def _providers(xs, fns, backward, params=()):
+    """Calls of each provider; backward: the gradients of the inputs and ``params`` (the
+    weight and bias, which require grad in that mode) for a ones upstream gradient."""
     if not backward:
         return {name: (lambda fn=fn: fn(*xs)) for name, fn in fns.items()}
     leaves = [x.detach().requires_grad_() for x in xs]
@@ -73,7 +75,7 @@ def _providers(xs, fns, backward):
     def step(fn):
         out = fn(*leaves)
         out = out if isinstance(out, tuple) else (out,)
-        return torch.autograd.grad(out, leaves, [torch.ones_like(o) for o in out])
+        return torch.autograd.grad(out, [*leaves, *params], [torch.ones_like(o) for o in out])
     return {name: (lambda fn=fn: step(fn)) for name, fn in fns.items()}
 
 
@@ -81,25 +83,25 @@ def cases(device, small=False, keep=None):
     """Benchmark cases; ``small``: tiny shapes for the interpreter's correctness pass."""
     for (name, form, rows, width), dtype, mode in case_grid(SMALL if small else LAYERS, small, keep, ("fwd", "fwd+bwd")):
         xs = _inputs(form, rows, width, dtype, device)
-        weight = torch.rand(width, device=device, dtype=dtype) + 0.5
-        bias = torch.randn(width, device=device, dtype=dtype)
+        backward = mode == "fwd+bwd"
+        weight = (torch.rand(width, device=device, dtype=dtype) + 0.5).requires_grad_(backward)
+        bias = torch.randn(width, device=device, dtype=dtype).requires_grad_(backward)
         torch_fn = _torch(form, width, weight, bias)
         fns = {"triton": _fn(form, width, weight, bias, "triton"), "torch": torch_fn,
                "torch_compile": torch.compile(torch_fn, dynamic=False)}
-        backward = mode == "fwd+bwd"
         yield Case(op=OPS[form], layer=name, shape=tuple(xs[0].shape), dtype=dtype,
                    layout="channels_last" if form == "2d" else "contiguous", mode=mode,
-                   providers=_providers(xs, fns, backward),
+                   providers=_providers(xs, fns, backward, (weight, bias) if backward else ()),
                    bytes=PASSES[form][mode] * xs[0].numel() * xs[0].element_size(),
-                   check=lambda xs=xs, f=fns, b=backward: _check(xs, f, b), tolerance=1e-4)
+                   check=lambda xs=xs, f=fns, b=backward, p=(weight, bias): _check(xs, f, b, p), tolerance=1e-4)
 
 
-def _check(xs, fns, backward):
-    """Max abs difference between the triton and torch providers (outputs, and the input
-    gradients of a ones upstream gradient when ``backward``)."""
+def _check(xs, fns, backward, params):
+    """Max abs difference between the triton and torch providers (outputs, and the input,
+    weight and bias gradients of a ones upstream gradient when ``backward``)."""
     results = []
     for name in ("triton", "torch"):
-        out = _providers([x.clone() for x in xs], {name: fns[name]}, backward)[name]()
+        out = _providers([x.clone() for x in xs], {name: fns[name]}, backward, params if backward else ())[name]()
         if not backward:
             out = out if isinstance(out, tuple) else (out,)
         results.append(out)
