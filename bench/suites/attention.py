@@ -2,9 +2,9 @@
 64) and two longer sequences, against every SDPA backend torch has on the machine
 (flash, cuDNN, memory-efficient, math), its default choice and Inductor.
 
-FLOPs per call: forward 4 B H LQ LK D (Q K^T and P V); forward+backward 2.5 times that
-(the backward's dV, dP, dQ, dK and the recomputed S: 5 more matmuls of the same size, as
-FlashAttention-2's paper counts it, Dao 2023, Section 4.1).
+FLOPs per call: forward 4 B H LQ LK D (Q K^T and P V); the backward 2.5 times that (S
+recomputed, dV, dP, dQ, dK: 5 matmuls of the same size, as FlashAttention-2's paper
+counts it, Dao 2023, Section 4.1), so forward+backward 3.5 times the forward.
 """
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ def cases(device, small=False, keep=None):
         fns = _fns(device, op)
         providers = {name: ((lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, grad_out)) if backward
                             else (lambda fn=fn: fn(q, k, v))) for name, fn in fns.items()}
-        flops = 4 * b * h * n * n * d * (2.5 if backward else 1)
+        flops = 4 * b * h * n * n * d * (3.5 if backward else 1)
         yield Case(op=op, layer=name,
                    shape=(b, h, n, d), dtype=dtype, layout="bhld-from-qkv", mode=mode, providers=providers,
                    flops=int(flops), check=lambda p=providers, bw=backward: _check(p, bw), tolerance=1e-4)
