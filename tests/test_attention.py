@@ -26,6 +26,7 @@ CASES = [
     (1, 1, 3, 5, 128),
     (1, 1, 197, 197, 8),   # ViT's 197 tokens, several blocks with masked tails
     (1, 1, 197, 197, 16),
+    (1, 1, 256, 256, 16),  # exactly two forward query blocks, four key blocks
 ]
 FWD_TOL = dict(atol=1e-5, rtol=1e-5)
 BWD_TOL = dict(atol=1e-4, rtol=1e-4)
@@ -81,6 +82,19 @@ def test_attention_3d_and_large_logits():
     """(N, L, E) inputs; logits of magnitude ~100 (the online softmax's rescaling)."""
     q, k, v = (torch.randn(2, 9, 8, device=DEVICE) * s for s in (10.0, 10.0, 1.0))
     compare([q, k, v], fwd_tol=dict(atol=1e-5, rtol=1e-4), bwd_tol=dict(atol=1e-3, rtol=1e-3))
+
+
+def test_attention_fp16(triton_backend):
+    """fp16 in and out, fp32 accumulation (P fed to the dot in fp16): within fp16
+    rounding of the fp32 math backend on the same fp16 values (the interpreter's bf16
+    tl.dot is wrong, so bf16 runs on the GPU only, below)."""
+    tensors = [t.half() for t in make_qkv(1, 2, 20, 33, 16)]
+    y, grads = run(vhist.ops.attention, tensors)
+    y_ref, grads_ref = run(reference, [t.float() for t in tensors])
+    assert y.dtype == torch.float16
+    assert_close(y.float(), y_ref, name="output", atol=2e-3, rtol=2e-3)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert_close(g.float(), g_ref, name=f"grad_{name}", atol=1e-2, rtol=1e-2)
 
 
 def test_attention_nan_propagates(triton_backend):

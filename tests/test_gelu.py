@@ -121,6 +121,17 @@ def test_bias_gelu_bad_input(case, backend):
         vhist.ops.bias_gelu(x.to(DEVICE), b.to(DEVICE) if b is not None else None, approximate)
 
 
+def test_bias_gelu_autocast(triton_backend):
+    """Under autocast the fp32 bias takes the bf16 GEMM output's dtype, as addmm's does."""
+    x, w, b = torch.randn(4, 6, device=DEVICE), torch.randn(8, 6, device=DEVICE), torch.randn(8, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        h = F.linear(x, w)
+        y = vhist.ops.bias_gelu(h, b)
+        y_ref = F.gelu(F.linear(x, w, b))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close(y.float(), y_ref.float(), name="output", atol=3e-2, rtol=2e-2)
+
+
 def test_gelu_module_drop_in(triton_backend):
     for approximate in APPROX:
         ours, theirs = GELU(approximate=approximate), torch.nn.GELU(approximate=approximate)

@@ -183,7 +183,7 @@ BAD_INPUT = [
      "weight must have shape"),
     ("integer input", lambda: vhist.ops.layer_norm(torch.ones(2, 5, dtype=torch.int32), (5,)), TypeError, "dtype"),
     ("residual shape", lambda: vhist.ops.add_layer_norm(torch.randn(2, 5), torch.randn(1, 5), (5,)), ValueError,
-     "residual must have"),
+     "residual must have the input's shape"),
     ("2d rank", lambda: vhist.ops.layer_norm_2d(torch.randn(2, 5, 3)), ValueError, "4-D"),
     ("empty shape", lambda: vhist.ops.layer_norm(torch.randn(2, 5), ()), ValueError, "at least one"),
 ]
@@ -223,6 +223,14 @@ def test_layer_norm_module_drop_in(triton_backend):
         assert_close(ours(x), theirs(x), name="module output", **FWD_TOL)
     s, y = ours.add_forward(x, x)
     assert_close(y, theirs(x + x), name="add_forward", **FWD_TOL)
+
+
+def test_add_layer_norm_promotes_dtypes(triton_backend):
+    """A bf16 branch added onto an fp32 stream: the sum and output are fp32, as x + r."""
+    x, r = torch.randn(3, 8, device=DEVICE, dtype=torch.bfloat16), torch.randn(3, 8, device=DEVICE)
+    s, y = vhist.ops.add_layer_norm(x, r, (8,))
+    assert s.dtype == y.dtype == torch.float32
+    assert_close(y, F.layer_norm(x + r, (8,)), name="output", **FWD_TOL)
 
 
 def test_layer_norm_2d_module(triton_backend):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from vhist import reference
-from vhist.ops._dispatch import check_float_dtype, check_same_device, dispatch
+from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import acc_dtype, cdiv, next_power_of_2, op_outputs, partials_sum_launch
 from vhist.ops.common import tl_acc as _tl_acc
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
@@ -159,12 +159,16 @@ def bias_gelu(input: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
 
     Args:
         input: (*, N) float tensor; copied once if not contiguous.
-        bias: (N,) in the input's dtype, or None for plain GELU.
+        bias: (N,) in the input's dtype (cast to it under autocast), or None for plain
+            GELU.
         approximate: ``'none'`` (erf) or ``'tanh'``, as ``F.gelu``.
 
     Returns:
         ``gelu(input + bias)``, contiguous, of ``input``'s shape and dtype.
     """
+    # Under autocast the bias takes the GEMM output's dtype, as addmm's would.
+    if bias is not None and bias.dtype != input.dtype:
+        input, bias = autocast_inputs(input, bias)
     _check_inputs(input, bias, approximate)
     return dispatch(OP, IMPLS, input.device)(input, bias, approximate)
 

@@ -225,9 +225,9 @@ def _check_inputs(input, normalized_shape, weight, bias, residual=None):
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{OP}: {name} must have shape {list(shape)} (normalized_shape), got {tuple(t.shape)}")
-    if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
-        raise ValueError(f"{OP}: the residual must have the input's shape and dtype, got {tuple(residual.shape)} "
-                         f"{residual.dtype} for {tuple(input.shape)} {input.dtype}")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"{OP}: the residual must have the input's shape, got {tuple(residual.shape)} for "
+                         f"{tuple(input.shape)}")
     return shape
 
 
@@ -298,9 +298,13 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape
     transformer block's residual add and the next norm: Xiong et al., 2020).
 
     Returns:
-        (s, layer_norm(s)), both of ``input``'s shape and dtype.
+        (s, layer_norm(s)), both of ``input``'s shape, in the dtype torch's ``input +
+        residual`` would give (the two are promoted as the add promotes them).
     """
     shape = _check_inputs(input, normalized_shape, weight, bias, residual)
+    if input.dtype != residual.dtype:  # type promotion, as torch's add (e.g. a bf16 branch onto an fp32 stream)
+        dtype = torch.promote_types(input.dtype, residual.dtype)
+        input, residual = input.to(dtype), residual.to(dtype)
     return dispatch(OP, ADD_IMPLS, input.device)(input, residual, shape, weight, bias, eps)
 
 
