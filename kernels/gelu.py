@@ -17,8 +17,6 @@ overflow to NaN) and needs no libdevice call.
 import triton
 import triton.language as tl
 
-from .common import partials_sum  # noqa: F401  (the backward's second stage)
-
 # The constants are written out in the kernels (sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi), and
 # the tanh form's 0.044715): module globals would have to be constexprs, which the
 # interpreter does not multiply with tensors.

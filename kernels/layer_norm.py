@@ -18,8 +18,6 @@ and atomics, whose summation order depends on the scheduling.
 import triton
 import triton.language as tl
 
-from .common import partials_sum  # noqa: F401  (the backward's second stage)
-
 
 @triton.jit
 def _rows(pid, M, N, stride_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
