@@ -172,6 +172,19 @@ def test_layer_norm_low_precision(width, dtype):
                                          (reference[0][i], reference[1]))
 
 
+@pytest.mark.gpu
+def test_layer_norm_cuda_autocast_runs_in_fp32():
+    """CUDA autocast puts layer_norm on its fp32 list: a bf16 input gives an fp32 output,
+    as F.layer_norm's under autocast."""
+    x = torch.randn(4, 197, 384, device=DEVICE, dtype=torch.bfloat16)
+    w, b = make_params((384,), True, True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), vhist.use_backend("triton"):
+        y = vhist.ops.layer_norm(x, (384,), w, b)
+        y_ref = F.layer_norm(x, (384,), w, b)
+    assert y.dtype == y_ref.dtype == torch.float32
+    assert_close(y, y_ref, name="output", **FWD_TOL)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from vhist import reference
-from vhist.ops._dispatch import check_float_dtype, check_same_device, dispatch
+from vhist.ops._dispatch import autocast_fp32_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import acc_dtype, cdiv, next_power_of_2, op_outputs, partials_sum_launch
 from vhist.ops.common import tl_acc as _tl_acc
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
@@ -283,9 +283,11 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: Optional[torch.Ten
         eps: added to the variance.
 
     Returns:
-        The normalized tensor, same shape and dtype as ``input``, contiguous.
+        The normalized tensor, same shape and dtype as ``input``, contiguous; under CUDA
+        autocast fp32, as PyTorch's autocast runs layer_norm in fp32 there.
     """
     shape = _check_inputs(input, normalized_shape, weight, bias)
+    input, weight, bias = autocast_fp32_inputs(input, weight, bias)
     return dispatch(OP, IMPLS, input.device)(input, shape, weight, bias, eps)
 
 
@@ -297,7 +299,9 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape
 
     Returns:
         (s, layer_norm(s)), both of ``input``'s shape, in the dtype torch's ``input +
-        residual`` would give (the two are promoted as the add promotes them).
+        residual`` would give (the two are promoted as the add promotes them). Under
+        CUDA autocast with two fp16/bf16 inputs both stay in that dtype, where PyTorch
+        would return layer_norm(s) in fp32.
     """
     shape = _check_inputs(input, normalized_shape, weight, bias, residual)
     if input.dtype != residual.dtype:  # type promotion, as torch's add (e.g. a bf16 branch onto an fp32 stream)
@@ -318,4 +322,5 @@ def layer_norm_2d(input: torch.Tensor, weight: Optional[torch.Tensor] = None, bi
     if input.dim() != 4:
         raise ValueError(f"{OP}: layer_norm_2d expects a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
     _check_inputs(input.permute(0, 2, 3, 1), input.shape[1], weight, bias)
+    input, weight, bias = autocast_fp32_inputs(input, weight, bias)
     return dispatch(OP, IMPLS_2D, input.device)(input, weight, bias, eps)
