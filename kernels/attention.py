@@ -107,9 +107,10 @@ def _attention_bwd_preprocess_kernel(
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_ptrs, mask = _rows_tile(O, pid_bh, H, rows, LQ, D, stride_ob, stride_oh, stride_ol, stride_od, BLOCK_D)
-    do_ptrs, _ = _rows_tile(DO, pid_bh, H, rows, LQ, D, stride_dob, stride_doh, stride_dol, stride_dod, BLOCK_D)
+    do_ptrs, do_mask = _rows_tile(DO, pid_bh, H, rows, LQ, D, stride_dob, stride_doh, stride_dol, stride_dod,
+                                  BLOCK_D)
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(ACC)
-    do = tl.load(do_ptrs, mask=mask, other=0.0).to(ACC)
+    do = tl.load(do_ptrs, mask=do_mask, other=0.0).to(ACC)
     tl.store(Delta + pid_bh.to(tl.int64) * LQ + rows, tl.sum(o * do, axis=1), mask=rows < LQ)
 
 
@@ -138,9 +139,9 @@ def _attention_bwd_dkdv_kernel(
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ptrs, kv_mask = _rows_tile(K, pid_bh, H, keys, LK, D, stride_kb, stride_kh, stride_kl, stride_kd, BLOCK_D)
-    v_ptrs, _ = _rows_tile(V, pid_bh, H, keys, LK, D, stride_vb, stride_vh, stride_vl, stride_vd, BLOCK_D)
+    v_ptrs, v_mask = _rows_tile(V, pid_bh, H, keys, LK, D, stride_vb, stride_vh, stride_vl, stride_vd, BLOCK_D)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     row_base = pid_bh.to(tl.int64) * LQ
@@ -160,10 +161,12 @@ def _attention_bwd_dkdv_kernel(
         dpt = mma(tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC), v, tl.trans(do), FMA, INPUT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = mma(dk, dst.to(qt.dtype), tl.trans(qt), FMA, INPUT_PRECISION)
-    dk_ptrs, _ = _rows_tile(DK, pid_bh, H, keys, LK, D, stride_dkb, stride_dkh, stride_dkl, stride_dkd, BLOCK_D)
-    dv_ptrs, _ = _rows_tile(DV, pid_bh, H, keys, LK, D, stride_dkb, stride_dkh, stride_dkl, stride_dkd, BLOCK_D)
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_ptrs, dk_mask = _rows_tile(DK, pid_bh, H, keys, LK, D, stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+                                  BLOCK_D)
+    dv_ptrs, dv_mask = _rows_tile(DV, pid_bh, H, keys, LK, D, stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+                                  BLOCK_D)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dv_mask)
 
 
 # dQ (Dao, 2023, Algorithm 2's dQ update, computed by its own kernel over query blocks
@@ -191,25 +194,28 @@ def _attention_bwd_dq_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < LQ
     q_ptrs, q_mask = _rows_tile(Q, pid_bh, H, rows, LQ, D, stride_qb, stride_qh, stride_ql, stride_qd, BLOCK_D)
-    do_ptrs, _ = _rows_tile(DO, pid_bh, H, rows, LQ, D, stride_dob, stride_doh, stride_dol, stride_dod, BLOCK_D)
+    # (No pointer/mask pair is unpacked into a throwaway name: a name assigned before the
+    # loop and again inside it is loop-carried, and the tiles' shapes differ.)
+    do_ptrs, do_mask = _rows_tile(DO, pid_bh, H, rows, LQ, D, stride_dob, stride_doh, stride_dol, stride_dod,
+                                  BLOCK_D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    do = tl.load(do_ptrs, mask=do_mask, other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * LQ + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         kt_ptrs, kt_mask = _cols_tile(K, pid_bh, H, cols, LK, D, stride_kb, stride_kh, stride_kl, stride_kd, BLOCK_D)
-        vt_ptrs, _ = _cols_tile(V, pid_bh, H, cols, LK, D, stride_vb, stride_vh, stride_vl, stride_vd, BLOCK_D)
+        vt_ptrs, vt_mask = _cols_tile(V, pid_bh, H, cols, LK, D, stride_vb, stride_vh, stride_vl, stride_vd, BLOCK_D)
         kt = tl.load(kt_ptrs, mask=kt_mask, other=0.0)
-        vt = tl.load(vt_ptrs, mask=kt_mask, other=0.0)
+        vt = tl.load(vt_ptrs, mask=vt_mask, other=0.0)
         s = mma(tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), q, kt, FMA, INPUT_PRECISION) * scale_log2
         p = tl.where((cols < LK)[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = mma(tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC), do, vt, FMA, INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = mma(dq, ds.to(kt.dtype), tl.trans(kt), FMA, INPUT_PRECISION)
-    dq_ptrs, _ = _rows_tile(DQ, pid_bh, H, rows, LQ, D, stride_dqb, stride_dqh, stride_dql, stride_dqd, BLOCK_D)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    dq_ptrs, dq_mask = _rows_tile(DQ, pid_bh, H, rows, LQ, D, stride_dqb, stride_dqh, stride_dql, stride_dqd, BLOCK_D)
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
 
 
 attention_fwd = _attention_fwd_kernel
