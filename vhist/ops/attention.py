@@ -39,16 +39,17 @@ def attention_blocks(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and warps of the kernels, fixed by the head dim and dtype (the online
     softmax's order, and with it the bits, must not depend on a tuned config):
     (BLOCK_M, BLOCK_N) = (128, 64) queries by keys forward, (64, 64) backward, 4 warps up
-    to head dim 64 and 8 above; fp32 half of that (64 x 32, 32 x 32); fp64's FMA path holds a BLOCK x BLOCK_D x BLOCK product
+    to head dim 64 and 8 above; fp32 smaller (64 x 32, 32 x 32 or 16 x 16 above head dim
+    64) on 8 warps; fp64's FMA path holds a BLOCK x BLOCK_D x BLOCK product
     in registers and takes 16 x 16 tiles."""
     block_d = max(16, next_power_of_2(head_dim))
     if dtype == torch.float64:
         return dict(fwd=(16, 16, 4, 1), bwd=(16, 16, 4, 1), BLOCK_D=block_d)
     warps = 4 if block_d <= 64 else 8
     if dtype == torch.float32:
-        # fp32 tiles are twice the bytes and, without TF32, FMA products: half-size tiles
-        # (the 128 x 64 / 64 x 64 ones spill; static, sm_90 compile).
-        return dict(fwd=(64, 32, warps, 2), bwd=(32, 32, warps, 2), BLOCK_D=block_d)
+        # fp32 tiles are twice the bytes and, without TF32, FMA products: smaller tiles
+        # on 8 warps (the 16-bit ones spill; static, sm_90 compile).
+        return dict(fwd=(64, 32, 8, 2), bwd=(32, 32, 8, 2) if block_d <= 64 else (16, 16, 8, 2), BLOCK_D=block_d)
     return dict(fwd=(128, 64, warps, 3), bwd=(64, 64, warps, 2), BLOCK_D=block_d)
 
 
