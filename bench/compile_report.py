@@ -42,11 +42,15 @@ from common import git_sha  # noqa: E402
 from vhist.tools import compile_report as report  # noqa: E402
 from vhist.tools.launches import record_launches  # noqa: E402
 
-SUITE_OPS = ("conv", "batch_norm", "depthwise", "local_response_norm", "bn_prologue")
+SUITE_OPS = ("conv", "batch_norm", "depthwise", "local_response_norm", "bn_prologue", "layer_norm", "bias_gelu",
+             "attention")
 MODELS = ("resnet50", "mobilenet_v2", "alexnet", "vgg16", "inception_v3")
 MODEL_BATCH = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GEMM_KERNELS = ("_conv2d_fwd_kernel", "_conv2d_bwd_dgrad_kernel", "_conv2d_bwd_wgrad_kernel")
+# FlashAttention-2's tile GEMMs: in fp16 / bf16 they should compile to wgmma (BLOCK_M of the
+# forward >= 64: one warpgroup's tile).
+ATTENTION_KERNELS = ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel")
 # Elementwise / streaming kernels whose channels_last rows should load 16 bytes per thread.
 STREAMING_KERNELS = ("_bn_fwd_stats_kernel", "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_dx_kernel",
                      "_lrn_fwd_kernel", "_lrn_bwd_kernel", "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel",
@@ -166,6 +170,8 @@ def flags(row) -> list[str]:
         out.append("spills")
     if row["kernel"] in GEMM_KERNELS and row["dtype"] in ("bf16", "fp16") and row.get("BLOCK_M", 0) >= 64 \
             and row["mma"] != "wgmma":
+        out.append(f"no-wgmma({row['mma']})")
+    if row["kernel"] in ATTENTION_KERNELS and row["dtype"] in ("bf16", "fp16") and row["mma"] != "wgmma":
         out.append(f"no-wgmma({row['mma']})")
     if is_aligned_channels_last_stream(row) and "ld.128" not in row["access"]:
         out.append("no-128-bit-loads")

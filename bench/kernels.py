@@ -24,10 +24,13 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import device_peaks, measure, metadata, print_table, report, write_results  # noqa: E402
+from suites import attention  # noqa: E402
 from suites import batch_norm  # noqa: E402
+from suites import bias_gelu  # noqa: E402
 from suites import bn_prologue  # noqa: E402
 from suites import conv  # noqa: E402
 from suites import depthwise  # noqa: E402
+from suites import layer_norm  # noqa: E402
 from suites import local_response_norm  # noqa: E402
 
 SUITES = {
@@ -36,6 +39,9 @@ SUITES = {
     "depthwise": depthwise.cases,
     "local_response_norm": local_response_norm.cases,
     "bn_prologue": bn_prologue.cases,
+    "layer_norm": layer_norm.cases,
+    "bias_gelu": bias_gelu.cases,
+    "attention": attention.cases,
 }
 # --quick: a few real layers per suite (and the first tiny layer of the correctness pass).
 QUICK = {
@@ -44,6 +50,9 @@ QUICK = {
     "depthwise": {"v2.features4", "v1.dw7-11", "tiny-s1"},
     "local_response_norm": {"alexnet.lrn1", "tiny"},
     "bn_prologue": {"resnet50.layer1.conv1+conv2", "resnet50.layer3.0.conv1+conv2", "tiny.1x1+3x3"},
+    "layer_norm": {"vit_s.add_ln", "vit_b.ln", "tiny"},
+    "bias_gelu": {"vit_s.mlp", "tiny"},
+    "attention": {"vit_s.attn", "vit_b.attn", "tiny"},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COLUMNS = ["op", "layer", "shape", "dtype", "layout", "mode", "provider", "ms", "gbps", "gbps_design",

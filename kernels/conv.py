@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .common import activate, activation_grad_mask
+from .common import activate, activation_grad_mask, mma
 
 
 def _configs(rows, stages=3):
@@ -44,16 +44,6 @@ STEM_DGRAD_CONFIGS = _configs([(128, 16, 32, 4), (64, 16, 32, 4), (128, 16, 64, 
 WGRAD_REDUCE_BLOCK = 1024
 
 FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_stride_h", "conv_stride_w", "ACTIVATION"]
-
-
-@triton.jit
-def _mma(acc, a, b, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    # acc += a @ b; the FMA form (fp64) is a broadcast multiply and a sum over K.
-    if FMA:
-        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit
@@ -148,7 +138,7 @@ def _conv2d_fwd_kernel(
                           c_ok[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
         b = tl.load(w_base[None, :] + (kh * stride_wh + kw * stride_ww) + c[:, None] * stride_wi,
                     mask=c_ok[:, None] & co_mask[None, :], other=0.0)
-        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+        acc = mma(acc, a, b, FMA, INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(Bias + co_g, mask=co_mask, other=0.0).to(ACC)[None, :]
@@ -261,7 +251,7 @@ def _conv2d_bwd_dgrad_kernel(
             a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
         b = tl.load(w_base[None, :] + (th * step_h * stride_wh + tw * step_w * stride_ww)
                     + c[:, None].to(tl.int64) * stride_wo, mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
-        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+        acc = mma(acc, a, b, FMA, INPUT_PRECISION)
 
     dx_offs = (n.to(tl.int64) * stride_dxn + h.to(tl.int64) * stride_dxh + w.to(tl.int64) * stride_dxw)[:, None] \
         + (g * CG_IN + ci).to(tl.int64)[None, :] * stride_dxc
@@ -339,7 +329,7 @@ def _conv2d_bwd_wgrad_kernel(
         if PROLOGUE:  # the forward's input recomputed from the raw X, as the forward's prologue did
             b = _prologue(b, PreMean, PreRstd, PreW, PreB, ci_g[None, :], x_ok[:, None] & ci_mask[None, :],
                           ci_mask[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
-        acc = _mma(acc, a, b, FMA, INPUT_PRECISION)
+        acc = mma(acc, a, b, FMA, INPUT_PRECISION)
 
     c_out = CG_OUT * GROUPS
     part = split.to(tl.int64) * c_out * KH * KW * CG_IN \

@@ -4,8 +4,9 @@ without a GPU: the properties every launchable variant must have (static, sm_90 
 Runs in subprocesses without TRITON_INTERPRET (the report compiles; nothing launches).
 A small subset keeps it to a couple of minutes on a cold cache: one 3x3 conv layer with
 BatchNorm (forward, dgrad, wgrad, BN kernels, eval), one depthwise layer, one LRN layer,
-one conv pair with BN + ReLU in the second conv's prologue (bench suite bn_prologue), bf16,
-the first two autotune candidates of each launch.
+one conv pair with BN + ReLU in the second conv's prologue (bench suite bn_prologue), ViT-S's
+add + LayerNorm, bias + GELU and attention (batch 256, 197 tokens), bf16, the first two
+autotune candidates of each launch.
 """
 import json
 import os
@@ -15,8 +16,10 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSET = ["--models", "none", "--ops", "conv,batch_norm,depthwise,local_response_norm,bn_prologue",
-          "--layers", "layer2.conv2,v2.features4,alexnet.lrn2,resnet50.layer1.conv1+conv2", "--dtypes", "bf16",
+SUBSET = ["--models", "none", "--ops",
+          "conv,batch_norm,depthwise,local_response_norm,bn_prologue,layer_norm,bias_gelu,attention",
+          "--layers", "layer2.conv2,v2.features4,alexnet.lrn2,resnet50.layer1.conv1+conv2,vit_s.add_ln,vit_s.mlp,"
+          "vit_s.attn", "--dtypes", "bf16",
           "--max-configs", "2", "--quiet"]
 SMEM_LIMIT = 227 * 1024
 GEMM = ("_conv2d_fwd_kernel", "_conv2d_bwd_dgrad_kernel", "_conv2d_bwd_wgrad_kernel")
@@ -67,7 +70,9 @@ def test_compile_report_covers_every_kernel_of_the_subset(report):
                  "_conv2d_bwd_wgrad_reduce_kernel", "_bn_fwd_stats_kernel", "_bn_fwd_finalize_kernel",
                  "_bn_fwd_apply_kernel", "_bn_bwd_reduce_kernel", "_bn_bwd_finalize_kernel", "_bn_bwd_dx_kernel",
                  "_depthwise_fwd_kernel", "_depthwise_bwd_input_kernel", "_depthwise_bwd_kernel", "_lrn_fwd_kernel",
-                 "_lrn_bwd_kernel"):
+                 "_lrn_bwd_kernel", "_layer_norm_fwd_kernel", "_layer_norm_bwd_dx_kernel", "_partials_sum_kernel",
+                 "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_attention_fwd_kernel",
+                 "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
         assert name in kernels, name
     assert not [r for r in report["rows"] if "error" in r], _where([r for r in report["rows"] if "error" in r])
     assert report["meta"]["kind"] == "static, sm_90 compile"
@@ -152,3 +157,23 @@ def test_launch_recorder_records_runtime_specialization(tmp_path):
     assert specs == "['*fp16:16', '*fp16', 'i32:16', '1'] {'ONE': 1, 'BLOCK': 16} 2 (4, 1, 1)", specs
     # Compiled as Triton's runtime would: divisibility on X and n only, the stride folded away.
     assert compiled == "2 False", compiled
+
+
+def test_compile_report_attention_uses_wgmma_in_one_pipelined_loop(report):
+    """FlashAttention-2 at ViT-S (bf16, head dim 64, q/k/v slices of the fused qkv): the
+    forward, dK/dV and dQ kernels run their tile GEMMs on wgmma in one pipelined loop
+    over the other sequence's blocks, with no local memory (checked above for every
+    variant) and 128-bit global loads."""
+    for kernel in ("_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"):
+        for r in _rows(report, (kernel,)):
+            assert r["mma"] == "wgmma" and r["pipelined_loops"] == 1, (kernel, r)
+            assert "ld.128" in r["access"] or "cp.async.128" in r["access"], (kernel, r)
+
+
+def test_compile_report_vit_streaming_kernels_load_16_bytes(report):
+    """LayerNorm (+ residual) and bias + GELU at ViT-S widths (384, 1536 in bf16: rows of
+    16-byte multiples) use 128-bit loads."""
+    kernels = ("_layer_norm_fwd_kernel", "_layer_norm_bwd_dx_kernel", "_bias_gelu_fwd_kernel",
+               "_bias_gelu_bwd_kernel")
+    narrow = [r for r in _rows(report, kernels) if "ld.128" not in r["access"]]
+    assert not narrow, _where(narrow)

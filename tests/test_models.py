@@ -420,3 +420,38 @@ def test_timm_state_dict(name, timm_name, size):
     if name.startswith("vit"):
         state_dict = timm_to_vhist(state_dict)
     _compare(vhist.create_model(name), theirs, state_dict, size)
+
+
+def test_vit_block_launches():
+    """One ViT encoder block in training on the triton backend (launches recorded, not
+    run): forward LN, attention, add + LN, bias + GELU; backward GELU (dz, bias-gradient
+    sum), LN with the residual gradient (2), attention (preprocess, dK/dV, dQ), LN (2)."""
+    from utils import run_recording_script
+
+    counts = run_recording_script("import json; from vhist.models.stats import block_launches; "
+                                  "print(json.dumps([block_launches('vit_tiny_patch16'), "
+                                  "block_launches('resnet18')]))")
+    assert counts == [[4, 9], None]
+
+
+def test_vit_fp16_autocast_matches_torch():
+    """A ViT training step under fp16 autocast on the triton backend (the fp32 residual
+    stream meets bf16/fp16 branches in add + LN; the fc1 bias is cast as addmm's would
+    be): the output and gradients within twice the torch backend's own error against an
+    fp32 run (the interpreter's bf16 tl.dot is wrong, so fp16 here)."""
+    torch.manual_seed(0)
+    model = vhist.create_model("vit_tiny_patch16", image_size=16, channel_divisor=8, depth=2, num_classes=5).train()
+    x = torch.randn(2, 3, 16, 16)
+    probes = (model.encoder.layers[0].mlp[0].bias, model.encoder.layers[0].ln_2.weight,
+              model.encoder.layers[1].self_attention.in_proj_weight)
+    results = []
+    for backend, autocast in (("triton", True), ("torch", True), ("torch", False)):
+        model.zero_grad()
+        with vhist.use_backend(backend), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            y = model(x)
+        y.float().sum().backward()
+        results.append([y.detach().float()] + [p.grad.clone() for p in probes])
+    ours, theirs, reference = results
+    for name, a, b, r in zip(("output", "fc1.bias", "ln_2.weight", "in_proj_weight"), ours, theirs, reference):
+        err, torch_err = (a - r).abs().max().item(), (b - r).abs().max().item()
+        assert err <= 2 * torch_err + 1e-4, f"{name}: {err:.3e} > 2 x torch's {torch_err:.3e}"

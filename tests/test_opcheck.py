@@ -161,6 +161,36 @@ def _lrn_samples(device, prefix):
     }
 
 
+def _layer_norm_samples(device):
+    # (M, N) = (5, 6) rows; the residual form and the weight-only backward.
+    x, r = torch.randn(5, 6, device=device), torch.randn(5, 6, device=device)
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    _, mean, rstd, total = torch.ops.vhist.layer_norm_fwd(x, w, b, r, 1e-5)
+    return {
+        "layer_norm_fwd": (x, w, b, r, 1e-5),
+        "layer_norm_bwd": (torch.randn_like(x), total, w, mean, rstd, torch.randn_like(x), [True, False]),
+    }
+
+
+def _bias_gelu_samples(device):
+    x, b = torch.randn(5, 6, device=device), torch.randn(6, device=device)
+    return {
+        "bias_gelu_fwd": (x, b, "tanh"),
+        "bias_gelu_bwd": (torch.randn_like(x), x, b, "none", True),
+    }
+
+
+def _attention_samples(device):
+    # (B, H) = (1, 2), LQ 5, LK 3, head dim 8; q from a fused projection (non-contiguous).
+    qkv = torch.randn(1, 5, 3, 2, 8, device=device).permute(2, 0, 3, 1, 4)
+    k, v = torch.randn(1, 2, 3, 8, device=device), torch.randn(1, 2, 3, 8, device=device)
+    out, lse = torch.ops.vhist.attention_fwd(qkv[0], k, v, 0.35)
+    return {
+        "attention_fwd": (qkv[0], k, v, 0.35),
+        "attention_bwd": (torch.randn_like(out), qkv[0], k, v, out, lse, 0.35),
+    }
+
+
 def _cuda_device():
     return "cuda" if torch.cuda.is_available() else "meta"
 
@@ -169,7 +199,9 @@ def samples() -> dict[str, tuple[str, tuple]]:
     """op name -> (device, args) for every op this file knows."""
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
             **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
-            **_lrn_samples(DEVICE, "local_response_norm")}
+            **_lrn_samples(DEVICE, "local_response_norm"),
+            **_layer_norm_samples(DEVICE), **_bias_gelu_samples(DEVICE),
+            **_attention_samples(DEVICE)}
     cuda = _cuda_device()
     cuda_ops = {**_depthwise_samples(cuda, "depthwise_conv2d_cuda"), **_lrn_samples(cuda, "local_response_norm_cuda")}
     return {**{name: (DEVICE, args) for name, args in real.items()},
@@ -184,6 +216,8 @@ KNOWN_OPS = {
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
     "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
+    "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
+    "attention_fwd", "attention_bwd",
 }
 
 

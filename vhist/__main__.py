@@ -13,7 +13,7 @@ import sys
 
 from vhist.cli_args import EXIT_USAGE, add_debug_flag
 # model_stats and default_image_size are also importable from here, where they were first.
-from vhist.models.stats import default_image_size, model_stats  # noqa: F401
+from vhist.models.stats import block_launches, default_image_size, model_stats  # noqa: F401
 
 DESCRIPTION = """\
 vhist: the history of vision architectures, run on hand-written kernels.
@@ -50,18 +50,26 @@ def _models(args) -> int:
     if args.image_size is not None and args.image_size < 16:
         raise ValueError(f"--image-size must be >= 16, got {args.image_size}")
     rows = [model_stats(name, args.image_size) for name in names]
+    if args.verbose:
+        for row in rows:
+            row["block_launches"] = block_launches(row["model"])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     header = f"{'model':<24}{'size':>6}{'params':>15}{'GMACs':>9}"
-    print(header + (f"{'BN layers':>11}{'BN in prologue':>16}" if args.verbose else ""))
+    print(header + (f"{'BN layers':>11}{'BN in prologue':>16}{'block launches':>16}" if args.verbose else ""))
     for r in rows:
         line = f"{r['model']:<24}{r['image_size']:>6}{r['params']:>15,}{r['gmacs']:>9.2f}"
-        print(line + (f"{r['bn_layers']:>11}{r['prologue_pairs']:>16}" if args.verbose else ""))
+        if args.verbose:
+            launches = r["block_launches"]
+            line += f"{r['bn_layers']:>11}{r['prologue_pairs']:>16}"
+            line += f"{f'{launches[0]} + {launches[1]}' if launches else '-':>16}"
+        print(line)
     if args.verbose:
         print("\nBN in prologue: the conv + BN pairs whose BatchNorm and activation run in the next conv's "
               "prologue when training on the triton backend (vhist.ops.conv_bn_deferred); the other BN layers run "
-              "fused with their conv (conv + BN + act), or as their own op.")
+              "fused with their conv (conv + BN + act), or as their own op.\nblock launches: Triton launches of one "
+              "transformer encoder block in training on the triton backend, forward + backward (recorded, not run).")
     return 0
 
 
@@ -81,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--image-size", type=int, default=None, help="input size instead of each model's default")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.add_argument("--verbose", action="store_true",
-                        help="also the BatchNorm layers and how many run in the next conv's prologue")
+                        help="also the BatchNorm layers, how many run in the next conv's prologue, and the "
+                             "Triton launches of one transformer block")
     models.set_defaults(run=_models)
     from vhist.train.cli import add_eval_parser, add_train_parser
 

@@ -1,5 +1,5 @@
-"""Static figures of the zoo's models (parameters, GMACs, BN layers), shared by
-``vhist models``, ``vhist report`` and the bench scripts."""
+"""Static figures of the zoo's models (parameters, GMACs, BN layers, launches per
+transformer block), shared by ``vhist models``, ``vhist report`` and the bench scripts."""
 from __future__ import annotations
 
 
@@ -29,6 +29,34 @@ def model_stats(name: str, image_size: int | None = None) -> dict:
     return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
             "gmacs": counter.get_total_flops() / 2 / 1e9, "bn_layers": bn_layers,
             "prologue_pairs": vhist.models.prologue_pairs(model)}
+
+
+def block_launches(name: str) -> tuple[int, int] | None:
+    """(forward, backward) Triton launches of one transformer encoder block of model
+    ``name`` in training on the triton backend, batch 1 at the default size, recorded
+    instead of run (:func:`vhist.tools.launches.record_launches`; no GPU needed); None
+    for a model without transformer blocks, or where launches cannot be recorded (a
+    process under Triton's interpreter)."""
+    import torch
+
+    import vhist
+    from vhist.kernels._config import INTERPRETED
+
+    with torch.device("meta"):
+        model = vhist.create_model(name)
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if layers is None or INTERPRETED:
+        return None
+    from vhist.tools.launches import record_launches
+
+    block = layers[0].to_empty(device="cpu").train()
+    tokens = model.encoder.pos_embedding.shape[1]
+    x = torch.zeros(1, tokens, model.hidden_dim, requires_grad=True)
+    with record_launches() as recorder, vhist.use_backend("triton"):
+        y = block(x)
+        forward = len(recorder.records)
+        y.sum().backward()
+    return forward, len(recorder.records) - forward
 
 
 def default_image_size(model) -> int:

@@ -13,7 +13,15 @@ torchvision's ``in_proj``); :func:`timm_to_vhist` maps a timm state_dict onto ou
 The patch embedding is a 16×16/16 conv on the vhist conv op. Attention uses
 ``nn.MultiheadAttention``'s parameters (``in_proj_weight``/``in_proj_bias``,
 ``out_proj``) but runs as one packed projection and
-``F.scaled_dot_product_attention``. The classifier head is initialized with a truncated
+``vhist.nn.functional.scaled_dot_product_attention`` (FlashAttention-2 on the triton
+backend, reading q, k and v in place from the projection). The LayerNorms are
+``vhist.nn.LayerNorm`` (same parameters), the second of each block fused with the
+attention branch's residual add (``add_forward``), and the MLP's first linear layer runs
+without its bias, which ``vhist.nn.functional.bias_gelu`` adds with the GELU in one
+kernel; the GEMMs stay on cuBLAS. Launches of one block on the triton backend, training
+(``vhist models --verbose`` counts them): forward LN, attention, add + LN, bias + GELU
+(4); backward GELU (2: dz, bias-gradient sum), LN with the residual gradient (2),
+attention (3), LN (2). The classifier head is initialized with a truncated
 normal (std 0.02, as timm) instead of torchvision's zeros, so that every parameter gets a
 gradient from the first step.
 
@@ -33,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vhist import nn as vnn
+from vhist.nn import functional as VF
 from vhist.models._common import DropPath, check_image_size, drop_path_rates, scaled
 from vhist.models._registry import register_model
 
@@ -42,26 +51,32 @@ IMAGE_SIZE = 224
 
 class SelfAttention(nn.MultiheadAttention):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s parameters, computed
-    through ``F.scaled_dot_product_attention`` (batch-first inputs)."""
+    through ``vhist.nn.functional.scaled_dot_product_attention`` (batch-first inputs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, n, d = x.shape
         h = self.num_heads
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = VF.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                              dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class MLPBlock(nn.Sequential):
-    """Linear → GELU → Dropout → Linear → Dropout (torchvision's indices 0..4)."""
+    """Linear → GELU → Dropout → Linear → Dropout (torchvision's indices 0..4); the first
+    linear layer's bias is added by the bias + GELU kernel."""
 
     def __init__(self, dim: int, mlp_dim: int, dropout: float):
-        super().__init__(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim),
+        super().__init__(nn.Linear(dim, mlp_dim), vnn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim),
                          nn.Dropout(dropout))
         for m in (self[0], self[3]):
             nn.init.xavier_uniform_(m.weight)
             nn.init.normal_(m.bias, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fc1, gelu, drop1, fc2, drop2 = self
+        h = VF.bias_gelu(F.linear(x, fc1.weight), fc1.bias, gelu.approximate)
+        return drop2(fc2(drop1(h)))
 
 
 class EncoderBlock(nn.Module):
@@ -71,16 +86,17 @@ class EncoderBlock(nn.Module):
     def __init__(self, num_heads: int, dim: int, mlp_dim: int, dropout: float, attention_dropout: float,
                  drop_path: float = 0.0):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_1 = vnn.LayerNorm(dim, eps=1e-6)
         self.self_attention = SelfAttention(dim, num_heads, dropout=attention_dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_2 = vnn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, mlp_dim, dropout)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.dropout(self.self_attention(self.ln_1(x))))
-        return x + self.drop_path(self.mlp(self.ln_2(x)))
+        # x + attention branch and ln_2 of that sum in one pass (Eq. 2 and Eq. 3's norm).
+        x, h = self.ln_2.add_forward(self.drop_path(self.dropout(self.self_attention(self.ln_1(x)))), x)
+        return x + self.drop_path(self.mlp(h))
 
 
 class Encoder(nn.Module):
@@ -93,7 +109,7 @@ class Encoder(nn.Module):
         self.layers = nn.Sequential(OrderedDict(
             (f"encoder_layer_{i}", EncoderBlock(num_heads, dim, mlp_dim, dropout, attention_dropout, rates[i]))
             for i in range(num_layers)))
-        self.ln = nn.LayerNorm(dim, eps=1e-6)
+        self.ln = vnn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln(self.layers(self.dropout(x + self.pos_embedding)))

@@ -7,6 +7,9 @@ from vhist.ops.bn_prologue import ConvBNStatsFunction, DeferredBNAct, as_tensor,
 from vhist.ops.conv import conv2d, fused_conv_bn_act, fused_conv_bn_relu
 from vhist.ops.depthwise import DepthwiseConv2dFunction, depthwise_conv2d, fused_depthwise_bn_act
 from vhist.ops.fused_bn import FusedConvBNFunction
+from vhist.ops.attention import AttentionFunction, attention, scaled_dot_product_attention
+from vhist.ops.gelu import BiasGeluFunction, bias_gelu, gelu
+from vhist.ops.layer_norm import LayerNormFunction, add_layer_norm, layer_norm, layer_norm_2d
 from vhist.ops.local_response_norm import local_response_norm
 from vhist.ops.sync_batch_norm import SyncBatchNormFunction, sync_batch_norm
 
@@ -14,9 +17,12 @@ from vhist.ops.sync_batch_norm import SyncBatchNormFunction, sync_batch_norm
 __all__ = ["BatchNormFunction", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_act", "fused_conv_bn_relu",
            "fused_depthwise_bn_act", "local_response_norm"]
 __all__ += ["SyncBatchNormFunction", "sync_batch_norm"]
+__all__ += ["LayerNormFunction", "add_layer_norm", "layer_norm", "layer_norm_2d"]
 __all__ += ["DepthwiseConv2dFunction", "FusedConvBNFunction", "FusedDepthwiseBNActFunction"]
 # BN + activation in the next conv's prologue (vhist.ops.bn_prologue).
 __all__ += ["conv_bn_deferred", "DeferredBNAct", "ConvBNStatsFunction", "BNActFunction"]
 
 # The fused depthwise op's autograd is the fused conv + BN scaffold's (one class for both).
 FusedDepthwiseBNActFunction = FusedConvBNFunction
+__all__ += ["BiasGeluFunction", "bias_gelu", "gelu"]
+__all__ += ["AttentionFunction", "attention", "scaled_dot_product_attention"]

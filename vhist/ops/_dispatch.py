@@ -87,3 +87,13 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
+
+
+def autocast_fp32_inputs(*tensors: torch.Tensor | None) -> tuple:
+    """The tensors of an op on CUDA's autocast fp32 list (``layer_norm``) in fp32 while
+    CUDA autocast is on, as PyTorch's autocast casts them (CPU autocast keeps
+    ``layer_norm`` in the input's dtype; fp64 and non-float tensors stay)."""
+    first = tensors[0]
+    if not first.is_cuda or not torch.is_autocast_enabled("cuda"):
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors)

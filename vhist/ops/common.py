@@ -18,6 +18,7 @@ import torch
 import triton  # noqa: F401
 
 from vhist.ops._dispatch import check_float_dtype, check_same_device
+from vhist.ops.launch_cache import Launch
 
 # ----------------------------------------------------------------------------- dtypes and device
 
@@ -103,6 +104,20 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` for ``n >= 1`` (0 for 0, as Triton's)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# Second stage of the deterministic column sums (kernels.common.partials_sum): BLOCK_P
+# partial rows by PARTIALS_BLOCK_N columns per step.
+PARTIALS_BLOCK_P, PARTIALS_BLOCK_N = 64, 32
+
+
+def partials_sum_launch(width: int, parts: int, has_a: bool, has_b: bool, acc) -> Launch:
+    """The launch that sums (parts, width) partial buffers by columns into (width,)
+    outputs, called with (PartA, PartB, A, B)."""
+    from vhist.kernels.common import partials_sum
+
+    return Launch(partials_sum, (cdiv(width, PARTIALS_BLOCK_N),), (parts, width), HAS_A=has_a, HAS_B=has_b, ACC=acc,
+                  BLOCK_P=PARTIALS_BLOCK_P, BLOCK_N=PARTIALS_BLOCK_N, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -182,3 +182,4 @@ class Launch:
         if resolved is not None:
             self.runner, self.runner_options = resolved
         return result
+

@@ -83,6 +83,27 @@ ROLES: dict[str, dict[str, Role]] = {
     # kernels/local_response_norm.py
     "_lrn_fwd_kernel": {"X": "r", "Y": "w"},
     "_lrn_bwd_kernel": {"X": "r", "DY": "r", "DX": "w"},
+    # kernels/common.py
+    "_partials_sum_kernel": {"PartA": ("r", _on("HAS_A")), "PartB": ("r", _on("HAS_B")), "A": ("w", _on("HAS_A")),
+                             "B": ("w", _on("HAS_B"))},
+    # kernels/layer_norm.py
+    "_layer_norm_fwd_kernel": {"X": "r", "Res": ("r", _on("HAS_RESIDUAL")), "W": ("r", _on("HAS_W")),
+                               "Bias": ("r", _on("HAS_B")), "Y": "w", "Sum": ("w", _on("HAS_RESIDUAL")),
+                               "Mean": "w", "Rstd": "w"},
+    "_layer_norm_bwd_dx_kernel": {"DY": "r", "X": "r", "W": ("r", _on("HAS_W")), "Mean": "r", "Rstd": "r",
+                                  "DRes": ("r", _on("HAS_DRES")), "DX": "w", "PartDW": ("w", _on("COMPUTE_DW")),
+                                  "PartDB": ("w", _on("COMPUTE_DB"))},
+    # kernels/gelu.py
+    "_bias_gelu_fwd_kernel": {"X": "r", "Bias": ("r", _on("HAS_BIAS")), "Y": "w"},
+    "_bias_gelu_bwd_kernel": {"DY": "r", "X": "r", "Bias": ("r", _on("HAS_BIAS")), "DX": "w",
+                              "PartDB": ("w", _on("COMPUTE_DB"))},
+    # kernels/attention.py (K and V re-read per query block, Q and dO per key block: by
+    # design from L2, counted once as every re-read here)
+    "_attention_fwd_kernel": {"Q": "r", "K": "r", "V": "r", "O": "w", "LSE": "w"},
+    "_attention_bwd_preprocess_kernel": {"O": "r", "DO": "r", "Delta": "w"},
+    "_attention_bwd_dkdv_kernel": {"Q": "r", "K": "r", "V": "r", "DO": "r", "LSE": "r", "Delta": "r", "DK": "w",
+                                   "DV": "w"},
+    "_attention_bwd_dq_kernel": {"Q": "r", "K": "r", "V": "r", "DO": "r", "LSE": "r", "Delta": "r", "DQ": "w"},
 }
 
 # The README's minimum per op and mode, in activation-sized passes (a read or a write of

@@ -16,3 +16,30 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return VF.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm` on vhist kernels (same parameters and
+    state_dict; ``elementwise_affine`` and ``bias`` as torch's).
+
+    :meth:`add_forward` folds a pre-norm block's residual add into the norm.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return VF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def add_forward(self, input: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, self(s))`` with ``s = input + residual``, in one pass."""
+        return VF.add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of (N, C, H, W) tensors, as timm's ``LayerNorm2d``
+    (ConvNeXt, Liu et al., 2022): same parameters and state_dict; the output is
+    channels_last on the triton backend."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return VF.layer_norm_2d(input, self.weight, self.bias, self.eps)
