@@ -7,8 +7,10 @@ Autotuning on a GPU has three costs this module keeps down:
   (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
   block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
   them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
-  dropped, and so are the depthwise forward tiles that spill on fp32 inputs; at most ``SHORTLIST`` remain, in the order of the config list (a preference
-  order).
+  dropped, and so are the depthwise forward tiles that spill on fp32 inputs and the
+  GEMM tiles whose pipeline exceeds a block's shared memory at the launch's dtype (fp32
+  128x128x64 s4); at most ``SHORTLIST`` remain, in the order of the config list (a
+  preference order).
 * **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
   constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
   ``~/.cache/vhist/autotune``), one JSON file per device name and torch/triton
@@ -62,6 +64,26 @@ def _fits_registers(kernel_name: str, config, args: dict) -> bool:
     return block_p * config.kwargs["BLOCK_C"] <= DEPTHWISE_FWD_MAX_ELEMENTS_WIDE * 32 * config.num_warps
 
 
+# Shared memory one block can opt into on an H100/H200 (sm_90).
+SMEM_PER_BLOCK = 227 * 1024
+
+
+def gemm_pipeline_smem(config, element_size: int) -> int:
+    """Bytes of shared memory a GEMM config's software pipeline holds: ``num_stages``
+    buffers of an A (BLOCK_M x BLOCK_K) and a B (BLOCK_K x BLOCK_N) tile. The compile
+    report (static, sm_90 compile) measures 192 KB for bf16 128x256x64 s4, as this gives;
+    fp32 (TF32) doubles it: 128x128x64 s4 takes 256 KB here and 256-330 KB compiled."""
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
+
+
+def _fits_shared_memory(config, args: dict) -> bool:
+    """False for a GEMM config whose pipeline alone exceeds a block's shared memory at
+    this launch's operand dtype (such a config cannot launch: fp32 128x128x64 s4)."""
+    operand = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
+    return operand is None or gemm_pipeline_smem(config, operand.element_size()) <= SMEM_PER_BLOCK
+
+
 def _gemm_dims(kernel_name: str, args: dict):
     """(M, N) of the GEMM one program tiles by (BLOCK_M, BLOCK_N), from the size
     arguments; None when they are not there (then no shape pruning happens)."""
@@ -96,6 +118,7 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims
+        kept = [c for c in kept if _fits_shared_memory(c, args)] or kept
         fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
                    and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
         kept = fitting or kept[:1]

@@ -268,3 +268,25 @@ def test_launch_without_tuning_runs_the_kernel_directly(tuning_on_h200, monkeypa
         torch.testing.assert_close(y, x * _D[1] + _D[2], rtol=0, atol=0)
     assert launch.runner is kernel.autotuner.fn and launch.runner_options["BLOCK_N"] == _D[1]
     assert benched == []
+
+
+def test_shortlist_drops_gemm_tiles_over_the_shared_memory_of_a_block():
+    """fp32 (TF32) 128x128x64 at 4 stages holds 256 KB of pipeline buffers (227 KB per
+    block on sm_90; the compile report measures 256-330 KB): dropped for fp32, kept for
+    bf16 (128 KB), where it is listed first."""
+    from vhist.kernels.conv import GEMM_CONFIGS
+
+    big = next(c for c in GEMM_CONFIGS if c.num_stages == 4)
+    assert config.gemm_pipeline_smem(big, 4) == 256 * 1024 and config.gemm_pipeline_smem(big, 2) == 128 * 1024
+    configs = [big] + [c for c in GEMM_CONFIGS if c is not big]
+    split_k = {"grid": lambda meta: (triton.cdiv(512, meta["BLOCK_M"]) * triton.cdiv(512, meta["BLOCK_N"]), 1, 59)}
+    for kernel, extra in (("_conv2d_fwd_kernel", {}), ("_conv2d_bwd_dgrad_kernel", {}),
+                          ("_conv2d_bwd_wgrad_kernel", split_k)):
+        def picked(dtype):
+            return config.shortlist(kernel, configs, {**_fwd_args(128, 28, 28, 512), "CG_IN": 512, **extra,
+                                                      "X": torch.empty(0, dtype=dtype)})
+
+        assert picked(torch.bfloat16)[0] is big
+        fp32 = picked(torch.float32)
+        assert big not in fp32 and len(fp32) == config.SHORTLIST
+        assert all(config.gemm_pipeline_smem(c, 4) <= config.SMEM_PER_BLOCK for c in fp32)
