@@ -28,7 +28,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = "import torch; x = torch.ones(64, device='cuda'); torch.cuda.synchronize(); print(float((x + 1).sum()))"
+PROBE = "import torch; x = torch.ones(64, device='cuda'); print('probe', float((x + 1).sum()))"
+PROBE_OUTPUT = "probe 128.0"
 OPS_DONE = "memcheck ops ran:"
 
 
@@ -55,7 +56,7 @@ def sanitizer_unavailable(sanitizer: str | None, timeout: float) -> str | None:
                                PROBE], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"probe under {sanitizer} did not finish: {e}"
-    if proc.returncode != 0 or "65.0" not in proc.stdout:
+    if proc.returncode != 0 or PROBE_OUTPUT not in proc.stdout:
         tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
         return f"probe (one torch kernel) under memcheck exited {proc.returncode}: {tail}"
     return None
