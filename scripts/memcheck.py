@@ -86,21 +86,21 @@ def run_ops() -> list[str]:
     def bn(c):  # (affine weight and bias, running mean and var)
         return [rand(c), rand(c)], [rand(c), rand(c).abs() + 0.5]
 
-    def conv_bn(c_in, c_out, groups_per_channel):
-        params, buffers = bn(c_out)
-        return [rand(c_out, c_in // groups_per_channel, 3, 3), *params], buffers
+    def conv_bn(*weight_shape):
+        params, buffers = bn(weight_shape[0])
+        return [rand(*weight_shape), *params], buffers
 
     cases = {
         # name: (fn(x, *params, *buffers), x shape, (params, buffers)); buffers are updated in place
         "conv2d": (lambda x, w, b: vhist.ops.conv2d(x, w, b, padding=1, activation="relu"),
                    (2, 8, 6, 6), ([rand(16, 8, 3, 3), rand(16)], [])),
         "fused_conv_bn_act": (lambda x, w, g, b, m, v: vhist.ops.fused_conv_bn_act(x, w, g, b, m, v, padding=1),
-                              (2, 8, 6, 6), conv_bn(8, 16, 1)),
+                              (2, 8, 6, 6), conv_bn(16, 8, 3, 3)),
         "batch_norm": (lambda x, g, b, m, v: vhist.ops.batch_norm(x, m, v, g, b, training=True),
                        (2, 8, 5, 7), bn(8)),
         "fused_depthwise_bn_act": (lambda x, w, g, b, m, v: vhist.ops.fused_depthwise_bn_act(x, w, g, b, m, v,
                                                                                              padding=1),
-                                   (2, 16, 6, 6), conv_bn(16, 16, 16)),
+                                   (2, 16, 6, 6), conv_bn(16, 1, 3, 3)),
         "local_response_norm": (lambda x: vhist.ops.local_response_norm(x, 5), (2, 8, 5, 5), ([], [])),
     }
     for name, (fn, shape, (params, buffers)) in cases.items():
@@ -111,7 +111,8 @@ def run_ops() -> list[str]:
             state = [t.clone() for t in buffers]
             with vhist.use_backend(backend):
                 out = fn(*leaves, *state)
-                grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+                grads = torch.autograd.grad(out, leaves, grad_out)
             results.append((out, *grads, *state))
         for got, want in zip(*results):
             torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3, msg=lambda m: f"{name}: {m}")
