@@ -58,6 +58,7 @@ recorder's frames left out).
 import argparse
 import cProfile
 import contextlib
+import functools
 import gc
 import os
 import pstats
@@ -206,6 +207,16 @@ class HostTimer:
         self.calls = []
 
 
+@functools.lru_cache(maxsize=None)
+def run_knob_names() -> tuple:
+    """The compilation knobs this triton's ``JITFunction.run`` adds to a launch's options
+    (triton 3.6 has no ``fpsan_homomorphic_casts``; 3.9 adds it)."""
+    from triton import knobs
+
+    return tuple(name for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
+                 if hasattr(knobs.compilation, name))
+
+
 def bind_once_ns(fn, args, kwargs, grid) -> int:
     """Host ns of Triton's launch path before the driver call for one launch of ``fn`` with
     ``args`` and the keyword arguments ``kwargs`` (:func:`vhist.tools.launches.launch_kwargs`)
@@ -214,10 +225,10 @@ def bind_once_ns(fn, args, kwargs, grid) -> int:
     from triton.runtime import driver
     from triton.runtime.jit import compute_cache_key
 
+    names = run_knob_names()
     start = time.perf_counter_ns()
     kwargs = dict(kwargs, debug=kwargs.get("debug", fn.debug) or knobs.runtime.debug,
-                  instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+                  **{name: getattr(knobs.compilation, name) for name in names})
     device = driver.active.get_current_device()
     driver.active.get_current_stream(device)
     kernel_cache, key_cache, _, _, binder = fn.device_caches[device]

@@ -7,14 +7,18 @@ Autotuning on a GPU has three costs this module keeps down:
   (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
   block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
   them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
-  dropped, and so are the depthwise forward tiles that spill on fp32 inputs; at most ``SHORTLIST`` remain, in the order of the config list (a preference
-  order).
+  dropped, and so are the depthwise forward tiles that spill on fp32 inputs and the
+  GEMM tiles whose pipeline exceeds a block's shared memory at the launch's dtype (fp32
+  128x128x64 s4); at most ``SHORTLIST`` remain, in the order of the config list (a
+  preference order).
 * **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
   constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
   ``~/.cache/vhist/autotune``), one JSON file per device name and torch/triton
   version, and reused by later processes without benchmarking.
 * **No tuning at all.** ``VHIST_AUTOTUNE=0`` launches the first shortlisted config
-  (the heuristic choice) and never benchmarks.
+  (the heuristic choice) directly and never benchmarks, on every supported triton
+  (3.6's ``Autotuner.run`` would benchmark even a one-config shortlist); neither does a
+  launch under CUDA-graph capture (:class:`TunedKernel`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -57,6 +62,26 @@ def _fits_registers(kernel_name: str, config, args: dict) -> bool:
     if x is None or block_p is None or x.element_size() < 4:
         return True
     return block_p * config.kwargs["BLOCK_C"] <= DEPTHWISE_FWD_MAX_ELEMENTS_WIDE * 32 * config.num_warps
+
+
+# Shared memory one block can opt into on an H100/H200 (sm_90).
+SMEM_PER_BLOCK = 227 * 1024
+
+
+def gemm_pipeline_smem(config, element_size: int) -> int:
+    """Bytes of shared memory a GEMM config's software pipeline holds: ``num_stages``
+    buffers of an A (BLOCK_M x BLOCK_K) and a B (BLOCK_K x BLOCK_N) tile. The compile
+    report (static, sm_90 compile) measures 192 KB for bf16 128x256x64 s4, as this gives;
+    fp32 (TF32) doubles it: 128x128x64 s4 takes 256 KB here and 256-330 KB compiled."""
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * element_size
+
+
+def _fits_shared_memory(config, args: dict) -> bool:
+    """False for a GEMM config whose pipeline alone exceeds a block's shared memory at
+    this launch's operand dtype (such a config cannot launch: fp32 128x128x64 s4)."""
+    operand = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
+    return operand is None or gemm_pipeline_smem(config, operand.element_size()) <= SMEM_PER_BLOCK
 
 
 def _gemm_dims(kernel_name: str, args: dict):
@@ -102,6 +127,7 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims
+        kept = [c for c in kept if _fits_shared_memory(c, args)] or kept
         fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
                    and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
         kept = fitting or kept[:1]
@@ -147,6 +173,14 @@ def launch_device(args):
 class TunedKernel(KernelInterface):
     """A ``triton.autotune`` kernel whose picks persist on disk across processes.
 
+    On a CUDA device vhist, not Triton's ``Autotuner.run``, decides when to benchmark:
+    never with ``VHIST_AUTOTUNE=0`` or when the shortlist holds one config (triton 3.6's
+    ``Autotuner.run`` benchmarks even then, 3.9's does not), never for a key picked
+    before (in memory or on disk), and never under CUDA-graph capture (a benchmark
+    synchronizes, which breaks the capture: an untuned key there launches the heuristic
+    config, with one warning per key, and is tuned at its first launch outside a
+    capture). In those cases the kernel runs with the chosen config directly.
+
     Attribute access falls through to the wrapped ``Autotuner`` (``best_config``,
     ``configs``, ``fn``), so launchers use it as they would the autotuner.
     """
@@ -155,7 +189,7 @@ class TunedKernel(KernelInterface):
         self.autotuner = autotuner
         self.picks = {}  # in-memory picks: _memo_key -> triton.Config
         self._key_positions = None  # positions of the tuning keys among the arguments
-        self._tunes = AUTOTUNE and len(autotuner.configs) > 1
+        self._warned = set()  # _memo_keys launched untuned under CUDA-graph capture
 
     def _memo_key(self, device, args, kwargs) -> tuple:
         """What :meth:`_key` hashes, as a cheap tuple: the device, the tuning-key
@@ -187,10 +221,10 @@ class TunedKernel(KernelInterface):
         """``(runner, options)`` such that ``runner.run(*args, **options)`` launches what
         :meth:`run` would for these arguments and for any with the same sizes, strides,
         dtypes and options (a launch plan's, :class:`vhist.ops.launch_cache.Launch`):
-        Triton's autotuner where it decides (no tuning here, or not a CUDA device), the
+        Triton's autotuner where it decides (one config, or not a CUDA device), the
         kernel with the pick's constexprs once the pick is known; None before that."""
         tuner = self.autotuner
-        device = self._tuning_device(args)
+        device = self._picking_device(args)
         if device is None:
             return tuner, kwargs
         pick = self.picks.get(self._memo_key(device, args, kwargs))
@@ -198,35 +232,74 @@ class TunedKernel(KernelInterface):
             return None
         return tuner.fn, {**kwargs, **pick.all_kwargs()}
 
-    def _tuning_device(self, args):
-        """The launch's CUDA device when this kernel tunes there; None where Triton's
-        autotuner decides (one config, tuning off, no CUDA tensor)."""
-        if not self._tunes:
+    def _picking_device(self, args):
+        """The launch's CUDA device when vhist picks this kernel's config; None where
+        Triton's autotuner decides (a single config, which it never benchmarks, or no
+        CUDA tensor: the launch recorder's entry point)."""
+        if len(self.autotuner.configs) < 2:
             return None
         device = launch_device(args)
         return device if device is not None and device.type == "cuda" else None
 
+    def shortlisted(self, args, kwargs) -> list:
+        """The configs Triton's autotuner would benchmark for this launch (its own
+        pruning: :func:`shortlist`), first the heuristic one."""
+        tuner = self.autotuner
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            return tuner.prune_configs(dict(kwargs))
+        finally:
+            tuner.nargs = None
+
     def run(self, *args, **kwargs):
         tuner = self.autotuner
-        device = self._tuning_device(args)
+        device = self._picking_device(args)
         if device is None:
             return tuner.run(*args, **kwargs)
         # The pick of a key is read from disk once per process, then kept in memory: a
         # file read per launch would cost more host time than the launch itself.
         memo_key = self._memo_key(device, args, kwargs)
         pick = self.picks.get(memo_key)
-        if pick is not None:
-            tuner.best_config = pick
-            return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
-        path = _cache_path(torch.cuda.get_device_name(device))
+        if pick is None:
+            pick = self._untuned_pick(device, memo_key, args, kwargs)
+            if pick is None:
+                return self._tune(device, memo_key, args, kwargs)
+        tuner.best_config = pick
+        return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
+
+    def _untuned_pick(self, device, memo_key, args, kwargs):
+        """The config of a key not in memory that needs no benchmark, or None (then
+        :meth:`_tune`): the first shortlisted one with tuning off or a one-config
+        shortlist, the pick stored on disk, or under CUDA-graph capture the first
+        shortlisted one, not kept (the key is tuned at its first uncaptured launch)."""
+        configs = self.shortlisted(args, kwargs)
+        if not AUTOTUNE or len(configs) == 1:
+            self.picks[memo_key] = configs[0]
+            return configs[0]
         key = self._key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
-        stored = _load(path).get(key)
+        stored = _load(_cache_path(torch.cuda.get_device_name(device))).get(key)
         if stored is not None:
             pick = triton.Config(stored["kwargs"], num_warps=stored["num_warps"], num_stages=stored["num_stages"])
-            tuner.best_config = self.picks[memo_key] = pick
-            return tuner.fn.run(*args, **kwargs, **pick.all_kwargs())
+            self.picks[memo_key] = pick
+            return pick
+        if torch.cuda.is_current_stream_capturing():
+            if memo_key not in self._warned:
+                self._warned.add(memo_key)
+                warnings.warn(f"vhist: {self.autotuner.base_fn.__name__} first launched under CUDA-graph capture with "
+                              f"an untuned key; it runs the heuristic config {configs[0]} there (a benchmark "
+                              f"would break the capture). Launch once before capturing to tune it.",
+                              stacklevel=3)
+            return configs[0]
+        return None
+
+    def _tune(self, device, memo_key, args, kwargs):
+        """Benchmarks the shortlist through Triton's autotuner (which launches the pick)
+        and stores the pick in memory and on disk."""
+        tuner = self.autotuner
         ret = tuner.run(*args, **kwargs)
         best = self.picks[memo_key] = tuner.best_config
+        path = _cache_path(torch.cuda.get_device_name(device))
+        key = self._key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
         entries = _load(path)
         entries[key] = {"kwargs": best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -235,6 +308,16 @@ class TunedKernel(KernelInterface):
             json.dump(entries, f, indent=0, sort_keys=True)
         os.replace(tmp, path)
         return ret
+
+
+def tuned_kernel(fn, configs, key, **kwargs) -> TunedKernel:
+    """``fn`` (a ``triton.jit`` function) under ``triton.autotune`` over per-launch
+    shortlists (:func:`shortlist`), wrapped in a :class:`TunedKernel`."""
+    def prune(candidates, named_args, **launch_kwargs):
+        return shortlist(fn.__name__, candidates, {**named_args, **launch_kwargs})
+
+    tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)(fn)
+    return TunedKernel(tuner)
 
 
 def autotune(configs, key, **kwargs):
@@ -254,12 +337,4 @@ def autotune(configs, key, **kwargs):
 
         return decorate_interpreted
 
-    def decorate(fn):
-        def prune(candidates, named_args, **launch_kwargs):
-            return shortlist(fn.__name__, candidates, {**named_args, **launch_kwargs})
-
-        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                                **kwargs)(fn)
-        return TunedKernel(tuner)
-
-    return decorate
+    return lambda fn: tuned_kernel(fn, configs, key, **kwargs)

@@ -8,12 +8,16 @@ budget is skipped and reported as skipped, never dropped:
 2. ``correctness``: a curated pytest subset on the GPU (every op and dtype, the
    bf16/fp16 three-way tests, real layer shapes, compiled Triton) and the nvcc build of
    every CUDA kernel (the ``cuda`` backend's own tests build and run the extension);
-3. ``kernels``: ``bench/kernels.py --quick`` (triton vs eager cuDNN channels_last and
+3. ``memcheck``: ``scripts/memcheck.py``, compute-sanitizer memcheck over a few small
+   ops (conv2d, fused conv+BN+ReLU, batch_norm, fused depthwise+BN+ReLU6, LRN, forward
+   and backward); where the sanitizer does not work on the machine's runtime it is
+   reported "unavailable" (the ops run without it) and the part still passes;
+4. ``kernels``: ``bench/kernels.py --quick`` (triton vs eager cuDNN channels_last and
    torch.compile);
-4. ``models``: ``bench/models.py`` for resnet50, mobilenet_v2 and alexnet (triton, torch
+5. ``models``: ``bench/models.py`` for resnet50, mobilenet_v2 and alexnet (triton, torch
    eager, the whole step in a CUDA graph for both (``triton+graph``, ``torch+graph``,
    issue 13's targets), torch.compile), with the first step's compile+tune time;
-5. ``train``: a short synthetic-data ``vhist train``.
+6. ``train``: a short synthetic-data ``vhist train``.
 
 After every part, ``gpu_run.json`` (device, versions, git sha, date, each part's status,
 time and results) and ``gpu_run.log`` are rewritten in the output folder, with the
@@ -63,14 +67,17 @@ def parts(dry: bool, work: str, py: str) -> list[dict]:
     return [
         dict(name="ceilings", cap=40, min=15, env=interp,
              cmds=[[py, "bench/ceilings.py", "--out", work] + (["--dry-run"] if dry else [])]),
-        dict(name="correctness", cap=150, min=40, env={**interp, **no_tune},
+        dict(name="correctness", cap=135, min=40, env={**interp, **no_tune},
              cmds=[tests] + ([] if dry else [[py, "scripts/check_csrc.py"]])),
-        dict(name="kernels", cap=120, min=40, env=interp,
+        # The probe and the ops under the sanitizer within the cap (compiles included).
+        dict(name="memcheck", cap=60, min=30, env={**interp, **no_tune},
+             cmds=[[py, "scripts/memcheck.py", "--out", work, "--probe-timeout", "20", "--timeout", "35"]]),
+        dict(name="kernels", cap=95, min=40, env=interp,
              cmds=[[py, "bench/kernels.py", "--quick", "--out", work]]),
-        dict(name="models", cap=150, min=40, env={**interp, **no_tune},
+        dict(name="models", cap=140, min=40, env={**interp, **no_tune},
              cmds=[[py, "bench/models.py", "--models", MODELS, "--batch", "128", "--providers",
                     "triton,torch,triton+graph,torch+graph,torch_compile", "--out", work]]),
-        dict(name="train", cap=60, min=20, env={**interp, **no_tune}, cmds=[train]),
+        dict(name="train", cap=50, min=20, env={**interp, **no_tune}, cmds=[train]),
     ]
 
 
@@ -122,6 +129,9 @@ def collect(name: str, work: str, out: str, summary: dict) -> None:
         if os.path.exists(f"{out}/{bench}.json"):
             with open(f"{out}/{bench}.json") as f:
                 summary[f"{bench}_rows"] = len(json.load(f)["rows"])
+    if name == "memcheck" and os.path.exists(f"{work}/memcheck.json"):
+        with open(f"{work}/memcheck.json") as f:
+            summary["memcheck"] = json.load(f)
     if name == "train":
         found = glob.glob(f"{work}/train/*/summary.json")
         if found:

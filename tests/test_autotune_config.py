@@ -1,10 +1,12 @@
 """kernels/_config.py: per-shape shortlists, on-disk tuned picks, VHIST_AUTOTUNE=0."""
 import json
 import types
+import warnings
 
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import vhist.kernels._config as config
 
@@ -81,6 +83,9 @@ class _Tuner:
         self.tuned, self.direct = 0, []
         self.fn = types.SimpleNamespace(run=lambda *a, **kw: self.direct.append(kw))
 
+    def prune_configs(self, kwargs):
+        return self.configs
+
     def run(self, *args, **kwargs):
         self.tuned += 1
         self.best_config = self.configs[1]
@@ -94,6 +99,7 @@ def tuning_on_h200(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "AUTOTUNE", True)
     monkeypatch.setattr(config, "launch_device", lambda args: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     config._cache_path.cache_clear()
     yield
     config._cache_path.cache_clear()
@@ -154,3 +160,133 @@ def test_launch_without_tuning_goes_through_the_autotuner():
     launch(x)
     assert [a for a, _ in calls] == [(x, 7, 8)] * 2
     assert all(kw == {"grid": (2, 1), "warmup": False, "HAS_BIAS": True} for _, kw in calls)
+
+
+# --- Benchmark calls of Triton's own autotuner path (triton 3.6 and 3.9 differ there) ---
+
+@triton.jit
+def _tile_kernel(X, Y, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Y = X * BLOCK_N + BLOCK_K: the output says which config ran.
+    offs = tl.arange(0, BLOCK_M)
+    mask = offs < M
+    tl.store(Y + offs, tl.load(X + offs, mask=mask) * BLOCK_N + BLOCK_K, mask=mask)
+
+
+def _tile_config(m, n, k, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): A and D are shortlisted; B and C are in EXCLUDED.
+_A, _B, _C, _D = (64, 2, 1, 4, 3), (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (64, 3, 5, 4, 2)
+
+
+def _counted_kernel(monkeypatch, specs):
+    """Triton's real Autotuner over ``_tile_kernel`` (interpreted) with vhist's shortlist,
+    as ``_config.autotune`` builds it on a GPU, wrapped in a TunedKernel; the second value
+    lists the configs Triton's ``_bench`` was called with."""
+    tuner = triton.autotune(configs=[_tile_config(*s) for s in specs], key=["M"],
+                            prune_configs_by={"early_config_prune": lambda configs, named, **kw: config.shortlist(
+                                "_tile_kernel", configs, {**named, **kw})})(_tile_kernel)
+    benched = []
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **kw: benched.append(config) or float(len(benched)))
+    return config.TunedKernel(tuner), benched
+
+
+def _ran(kernel, spec, m=40):
+    """Launches ``kernel`` and checks that the config ``spec`` computed the output."""
+    x = torch.arange(m, dtype=torch.float32)
+    y = torch.full_like(x, float("nan"))
+    kernel.run(x, y, m, grid=(1,), warmup=False)
+    torch.testing.assert_close(y, x * spec[1] + spec[2], rtol=0, atol=0)
+
+
+def test_no_autotune_never_benchmarks(tuning_on_h200, monkeypatch):
+    """VHIST_AUTOTUNE=0: the first shortlisted config runs directly; Triton's autotuner
+    is never asked to benchmark (triton 3.6's Autotuner.run would, once per key, even for
+    the single config the shortlist leaves)."""
+    monkeypatch.setattr(config, "AUTOTUNE", False)
+    kernel, benched = _counted_kernel(monkeypatch, [_B, _A, _D])
+    for m in (40, 40, 33):
+        _ran(kernel, _A, m)
+    assert benched == []
+    assert kernel.best_config.kwargs == _tile_config(*_A).kwargs
+
+
+def test_one_shortlisted_config_is_not_benchmarked(tuning_on_h200, monkeypatch):
+    kernel, benched = _counted_kernel(monkeypatch, [_B, _A, _C])
+    _ran(kernel, _A)
+    assert benched == []
+
+
+def test_tuning_benchmarks_the_shortlist_once_per_key(tuning_on_h200, monkeypatch):
+    """With tuning on and two shortlisted configs, each new key costs one benchmark of each
+    (the count both tritons give), then runs the pick (the lowest stub timing: A)."""
+    kernel, benched = _counted_kernel(monkeypatch, [_A, _B, _D])
+    _ran(kernel, _A)
+    assert [c.kwargs for c in benched] == [_tile_config(*_A).kwargs, _tile_config(*_D).kwargs]
+    _ran(kernel, _A)
+    assert len(benched) == 2
+    _ran(kernel, _A, 33)  # another key
+    assert len(benched) == 4
+
+
+def test_capture_never_benchmarks(tuning_on_h200, monkeypatch):
+    """Under CUDA-graph capture an untuned key runs the heuristic config with one warning
+    (per key) and no benchmark; its first launch outside a capture tunes it."""
+    kernel, benched = _counted_kernel(monkeypatch, [_D, _A])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.warns(UserWarning, match="CUDA-graph capture"):
+        _ran(kernel, _D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ran(kernel, _D)
+    assert benched == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    _ran(kernel, _D)
+    assert len(benched) == 2
+    # A tuned key launches its pick under capture, silently.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _ran(kernel, _D)
+    assert len(benched) == 2
+
+
+def test_launch_without_tuning_runs_the_kernel_directly(tuning_on_h200, monkeypatch):
+    """A Launch plan of an untuned kernel on a GPU resolves, after its first call, to the
+    kernel with the heuristic config's constexprs; nothing is benchmarked."""
+    from vhist.ops.launch_cache import Launch
+
+    monkeypatch.setattr(config, "AUTOTUNE", False)
+    kernel, benched = _counted_kernel(monkeypatch, [_D, _A])
+    x = torch.arange(40, dtype=torch.float32)
+    y = torch.empty_like(x)
+    launch = Launch(kernel, (1,), (40,))
+    for _ in range(3):
+        y.fill_(float("nan"))
+        launch(x, y)
+        torch.testing.assert_close(y, x * _D[1] + _D[2], rtol=0, atol=0)
+    assert launch.runner is kernel.autotuner.fn and launch.runner_options["BLOCK_N"] == _D[1]
+    assert benched == []
+
+
+def test_shortlist_drops_gemm_tiles_over_the_shared_memory_of_a_block():
+    """fp32 (TF32) 128x128x64 at 4 stages holds 256 KB of pipeline buffers (227 KB per
+    block on sm_90; the compile report measures 256-330 KB): dropped for fp32, kept for
+    bf16 (128 KB), where it is listed first."""
+    from vhist.kernels.conv import GEMM_CONFIGS
+
+    big = next(c for c in GEMM_CONFIGS if c.num_stages == 4)
+    assert config.gemm_pipeline_smem(big, 4) == 256 * 1024 and config.gemm_pipeline_smem(big, 2) == 128 * 1024
+    configs = [big] + [c for c in GEMM_CONFIGS if c is not big]
+    split_k = {"grid": lambda meta: (triton.cdiv(512, meta["BLOCK_M"]) * triton.cdiv(512, meta["BLOCK_N"]), 1, 59)}
+    for kernel, extra in (("_conv2d_fwd_kernel", {}), ("_conv2d_bwd_dgrad_kernel", {}),
+                          ("_conv2d_bwd_wgrad_kernel", split_k)):
+        def picked(dtype):
+            return config.shortlist(kernel, configs, {**_fwd_args(128, 28, 28, 512), "CG_IN": 512, **extra,
+                                                      "X": torch.empty(0, dtype=dtype)})
+
+        assert picked(torch.bfloat16)[0] is big
+        fp32 = picked(torch.float32)
+        assert big not in fp32 and len(fp32) == config.SHORTLIST
+        assert all(config.gemm_pipeline_smem(c, 4) <= config.SMEM_PER_BLOCK for c in fp32)

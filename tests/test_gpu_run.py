@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["ceilings", "correctness", "kernels", "models", "train"]
+PARTS = ["ceilings", "correctness", "memcheck", "kernels", "models", "train"]
 
 
 def test_gpu_run_dry_run(tmp_path):
@@ -24,5 +24,12 @@ def test_gpu_run_dry_run(tmp_path):
     assert " tests collected" in log  # the curated GPU test subset still exists and imports
     assert " passed, 0 failed" in log  # the kernel bench's correctness pass
     assert summary["train"]["status"] == "completed"
+    # The memcheck part: no GPU here, so the sanitizer is reported unavailable (not a
+    # failure) and the ops ran without it, matching the torch backend.
+    memcheck = summary["memcheck"]
+    assert memcheck["status"] == "unavailable" and memcheck["sanitizer"] == "unavailable", memcheck
+    assert memcheck["reason"] == "no CUDA device" and memcheck["errors"] is None
+    assert memcheck["ops"] == ["conv2d", "fused_conv_bn_act", "batch_norm", "fused_depthwise_bn_act",
+                               "local_response_norm"]
     # Everything the device tool must bring back: at most 8 plain files, no folders.
     assert len(os.listdir(tmp_path)) <= 8 and all((tmp_path / f).is_file() for f in os.listdir(tmp_path))

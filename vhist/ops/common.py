@@ -37,11 +37,30 @@ def partial_buffers(rows: int, channels: int, like: torch.Tensor, counts: bool) 
     return buffers + (like.new_empty((rows,), dtype=acc),) if counts else buffers
 
 
+# torch's newer precision API: per (backend, op) "tf32" / "ieee", or "none" to inherit
+# from the parent; ATen resolves cuDNN's conv setting through (cuda, conv), (cuda, all),
+# (generic, all), and the legacy flag torch.backends.cudnn.allow_tf32 sets the cuda levels.
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
+
+
 def cudnn_allow_tf32() -> bool:
-    """``torch.backends.cudnn.allow_tf32``, which the fp32 conv kernels follow, read through
-    the getter behind that property (the module attribute costs about 0.5 µs a read, and
+    """Whether PyTorch's cuDNN convolutions may use TF32 on fp32 inputs (the fp32 conv
+    kernels follow it): ``torch.backends.cudnn.conv.fp32_precision`` ("tf32" / "ieee"),
+    where "none" inherits from ``torch.backends.cudnn.fp32_precision`` and then
+    ``torch.backends.fp32_precision`` (nothing set anywhere: IEEE), which also reflects the
+    legacy ``torch.backends.cudnn.allow_tf32``; on a torch without that API, the legacy
+    flag. The legacy getter alone will not do: it raises once the conv and RNN
+    precisions differ (a user set ``cudnn.conv.fp32_precision``). Read through the
+    getters behind those properties (a module attribute costs about 0.5 µs a read, and
     the conv launchers read it on every call)."""
-    return torch._C._get_cudnn_allow_tf32()
+    if _FP32_PRECISION is None:
+        return torch._C._get_cudnn_allow_tf32()
+    precision = _FP32_PRECISION("cuda", "conv")
+    if precision == "none":  # (unrolled: this runs on every conv call)
+        precision = _FP32_PRECISION("cuda", "all")
+        if precision == "none":
+            precision = _FP32_PRECISION("generic", "all")
+    return precision == "tf32"
 
 
 _UNUSED_OUTPUTS: dict = {}  # (device, dtype, position) -> an empty tensor
