@@ -9,6 +9,8 @@ from typing import Callable
 
 from torch import nn
 
+from vhist.models.initialization import check_init, initialize
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -72,7 +74,8 @@ def model_config(name: str) -> ModelConfig:
     return _CONFIGS[name]
 
 
-def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, *, init: str | None = None,
+                 **kwargs) -> nn.Module:
     """Builds the registered model ``name``; the model's ``default_config`` attribute
     holds its :class:`ModelConfig`.
 
@@ -81,12 +84,19 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
         num_classes: size of the classifier output.
         image_size: input resolution; None selects the paper's default. Small sizes
             (down to 32) switch the stem to the family's documented small-input variant.
+        init: ``"paper"``, ``"modern"`` or ``"torch"`` (:mod:`vhist.models.initialization`);
+            None keeps the family's own initialization.
         **kwargs: passed to the model's entrypoint.
 
     Raises:
-        ValueError: for an unknown name (the message lists close matches).
+        ValueError: for an unknown name (the message lists close matches), an unknown
+            ``init``, or ``init="paper"`` for a model without one.
     """
     config = model_config(name)
+    if init is not None:
+        check_init(init)
     model = _MODELS[name](num_classes=num_classes, image_size=image_size or config.image_size, **kwargs)
+    if init is not None:
+        initialize(model, init)
     model.default_config = config
     return model

@@ -30,6 +30,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import check_image_size, run_features, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import generic_init
 
 SMALL_BELOW = 128
 IMAGE_SIZE = 227
@@ -79,6 +80,16 @@ class AlexNet(nn.Module):
             nn.Dropout(dropout), nn.Linear(fc, fc), nn.ReLU(inplace=True),
             nn.Linear(fc, num_classes))
         self._init_paper()
+
+    def init_weights(self, scheme: str) -> None:
+        """``paper``: section 5 (weights N(0, 0.01), biases 1 in conv2, conv4, conv5 and the
+        hidden FC layers); ``modern`` / ``torch``: :mod:`vhist.models.initialization`. With
+        the paper's scheme the net sits at chance for many epochs under Adam-type recipes
+        (bench/NOTES.md, issue 26); its own default is the paper's."""
+        if scheme == "paper":
+            self._init_paper()
+        else:
+            generic_init(self, scheme)
 
     def _init_paper(self) -> None:
         convs = [m for m in self.features if isinstance(m, nn.Conv2d)]

@@ -49,6 +49,7 @@ label_smoothing  label smoothing of the cross-entropy
 grad_clip        clip the gradient norm to this (0: off)
 augment          training augmentation: {augment}
 amp              auto (bf16 on GPU, off on CPU), bf16, fp16 or off
+init             weight initialization: paper, modern or torch (PyTorch's layer defaults)
 lr_base_batch    if > 0: --lr is per this many images, scaled by the global batch
 auto_augment     batch augmentation on the device: {auto_augment}
 random_erasing   probability of random erasing per image (0: off)

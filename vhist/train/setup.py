@@ -213,7 +213,8 @@ def _configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
 
 def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torch.device, channels_last: bool,
                 dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
+    """The seeded zoo model, initialized with the recipe's ``init``, on ``device`` and what
+    runs its forward (DDP under torchrun)."""
     import vhist
     from vhist.models import DropPath
 
@@ -224,7 +225,8 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
                               "vit_* have it)")
     try:
-        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
+        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size,
+                                   init=recipe.init, **extra)
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
