@@ -2,9 +2,12 @@
 
     python bench/recipes.py --data ~/data/digits-32 --epochs 5 --models alexnet resnet18 mobilenet_v2
 
-Writes ``DIR/recipes-<stamp>.json`` with one row per run (model, recipe, init, epochs,
-the epoch whose validation top-1 first leaves chance, best validation top-1, test top-1,
-training img/s, wall time) and ``vhist report`` of the runs into ``DIR/report``.
+Writes ``OUT/recipes-<stamp>.json`` (default OUT: bench/recipes-digits; not
+bench/results, which holds GPU measurements only) with one row per run (model, recipe,
+init, epochs, validation top-1 per epoch, the epoch whose validation top-1 first leaves
+chance, best validation top-1, test top-1, training img/s, wall time), and
+``vhist report`` of the run folders (``--runs``, default runs/recipes-digits, which git
+ignores: AlexNet's checkpoints are ~350 MB each) into ``OUT/report``.
 "Leaves chance" means a validation top-1 of at least :data:`LEFT_CHANCE` (twice the 10%
 of a uniform guess on the 10 balanced classes; the raw or the EMA weights). Each run is
 ``vhist train`` with ``--epochs`` and ``--batch-size`` overridden and nothing else; make
@@ -67,11 +70,12 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default="bench/results/recipes", help="results folder (runs under OUT/runs)")
+    p.add_argument("--out", default="bench/recipes-digits", help="results file and report folder")
+    p.add_argument("--runs", default="runs/recipes-digits", help="the run folders")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    runs = out / "runs"
+    out, runs = Path(args.out), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = out / f"recipes-{stamp}.json"
     results = []

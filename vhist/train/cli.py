@@ -18,7 +18,8 @@ data (--data):
   PATH to cifar-10-batches-py / cifar-100-python (or a folder containing one),
   PATH to an image-folder tree: ROOT/train/<class>/*.JPEG with ROOT/val/ (Imagenette:
   imagenette2, imagenette2-160, imagenette2-320) or ROOT/test/ as the test set,
-  or synthetic[:classes=10,size=32,train=512,test=128].
+  or synthetic[:classes=10,size=32,train=512,test=128]. Real data without a download:
+  vhist data make digits --root DIR writes scikit-learn's digits as DIR/digits-32 (CIFAR-10 layout).
   The validation split (--val-fraction of train, seeded, per class) selects the best
   epoch; the test set is evaluated once, at the end.
   CIFAR data keeps its 32 px and uses pad-and-crop unless --image-size / --augment say
