@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 LEFT_CHANCE = 20.0
@@ -40,6 +39,22 @@ def left_chance_epoch(rows: list[dict]) -> int | None:
     return None
 
 
+def run_row(run: Path) -> dict:
+    """The results row of a finished run folder."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((run / "config.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    recipe = config["recipe"]
+    return {"run": run.name, "model": config["model"], "recipe": config["train_config"]["recipe"],
+            "init": recipe.get("init", "(none recorded)"), "epochs": recipe["epochs"],
+            "batch_size": recipe["batch_size"], "status": summary["status"],
+            "left_chance_epoch": left_chance_epoch(rows),
+            "val_top1": [round(max(r["val_top1"], r.get("ema_val_top1", 0.0)), 2) for r in rows],
+            "best_val_top1": summary["best_val_top1"], "test_top1": summary["test_top1"],
+            "train_img_per_s": summary["train_img_per_s"], "wall_s": summary["wall_time_s"],
+            "device": config["device"], "command": config["command"]}
+
+
 def run_one(model: str, recipe: str, data: str, epochs: int, batch_size: int, out_dir: Path) -> dict:
     """One ``vhist train`` run; its row of the results file."""
     from vhist.train.setup import TrainConfig
@@ -49,16 +64,8 @@ def run_one(model: str, recipe: str, data: str, epochs: int, batch_size: int, ou
     cfg = TrainConfig(model=model, data=data, recipe=recipe, overrides={"epochs": epochs, "batch_size": batch_size},
                       out_dir=str(out_dir), run_name=name, backend="torch", device="cpu", workers=0,
                       log_every=1000)
-    start = time.perf_counter()
-    summary = train(cfg)
-    rows = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
-    config = json.loads((out_dir / name / "config.json").read_text())
-    return {"model": model, "recipe": recipe, "init": config["recipe"]["init"], "epochs": epochs,
-            "batch_size": batch_size, "status": summary["status"], "left_chance_epoch": left_chance_epoch(rows),
-            "val_top1": [round(max(r["val_top1"], r.get("ema_val_top1", 0.0)), 2) for r in rows],
-            "best_val_top1": summary["best_val_top1"], "test_top1": summary["test_top1"],
-            "train_img_per_s": summary["train_img_per_s"], "wall_s": time.perf_counter() - start,
-            "threads": config["device"]}
+    train(cfg)
+    return run_row(out_dir / name)
 
 
 def main(argv=None) -> int:
@@ -72,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="bench/recipes-digits", help="results file and report folder")
     p.add_argument("--runs", default="runs/recipes-digits", help="the run folders")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: tabulate the finished run folders already in --runs (e.g. vhist train runs "
+                        "made by hand with the same flags)")
     args = p.parse_args(argv)
     out, runs = Path(args.out), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -79,13 +89,20 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = out / f"recipes-{stamp}.json"
     results = []
-    for model in args.models:
-        for recipe in args.recipes:
-            row = run_one(model, recipe, args.data, args.epochs, args.batch_size, runs)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            path.write_text(json.dumps({"date": stamp, "data": os.path.abspath(args.data), "left_chance": LEFT_CHANCE,
-                                        "runs": results}, indent=1))
+
+    def record(row: dict) -> None:
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        path.write_text(json.dumps({"date": stamp, "data": os.path.abspath(args.data), "left_chance": LEFT_CHANCE,
+                                    "runs": results}, indent=1))
+
+    if args.collect:
+        for run in sorted(p for p in runs.iterdir() if (p / "summary.json").is_file()):
+            record(run_row(run))
+    else:
+        for model in args.models:
+            for recipe in args.recipes:
+                record(run_one(model, recipe, args.data, args.epochs, args.batch_size, runs))
     from vhist.__main__ import main as vhist_main
 
     vhist_main(["report", str(runs), "--out", str(out / "report")])

@@ -159,3 +159,21 @@ def test_run_prints_and_records_init_and_old_checkpoints_load(tmp_path, capsys):
     ckpt.save_atomic(state, run / "old.pt")
     assert main(["eval", "--checkpoint", str(run / "old.pt"), "--backend", "torch", "--workers", "0"]) == 0
     assert train_helpers.HOOKS["calls"] > 0
+
+
+def test_resume_keeps_the_checkpoints_recipe(tmp_path):
+    """A recipe redefined after a run started (issue 26 changed the imagenette warm-up)
+    does not change the run when it resumes; a checkpoint without ``init`` resumes too."""
+    data = write_cifar10(tmp_path / "data")
+    args = ["train", "--model", "tiny_train_net", "--recipe", "modern", "--epochs", "2", "--stop-after-epochs", "1",
+            "--batch-size", "8", "--backend", "torch", "--workers", "0", "--data", data, "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert main(args) == 0
+    run = tmp_path / "r"
+    state = ckpt.load(run / "last.pt")
+    state["recipe"]["warmup_epochs"] = 0.5  # what the run was started with, unlike the named recipe's 5
+    del state["recipe"]["init"]
+    ckpt.save_atomic(state, run / "last.pt")
+    assert main(["train", "--resume", str(run / "last.pt"), "--backend", "torch", "--workers", "0"]) == 0
+    recipe = json.loads((run / "config.json").read_text())["recipe"]
+    assert recipe["warmup_epochs"] == 0.5 and recipe["init"] == "modern"

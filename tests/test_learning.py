@@ -1,12 +1,17 @@
 """End-to-end learning on real data: scikit-learn's digits (`vhist data make digits`),
-torch backend, CPU, each recipe as defined except its epochs (and, to fit CI, the
-resolution: the digits are 8x8 scans, so 16 px loses nothing of them).
+torch backend, CPU, AlexNet under its Imagenette recipe and its seed recipe as defined,
+with 5 epochs at batch 64 (the command of issue 26), of which CI trains the first 2
+(``--stop-after-epochs 2``: the schedule is the 5-epoch run's; 2 epochs of AlexNet at 32 px
+take about a minute on 2 idle cores), then evaluates the weights on the test split.
 
 A run "leaves chance" when the validation top-1 of its raw or EMA weights reaches 20%,
 twice the 10% of a guess on the 10 balanced classes (143 validation images: chance's
-standard deviation is 2.5 points). The thresholds were measured (bench/NOTES.md, issue
-26); under the paper's N(0, 0.01) initialization, which every AlexNet had before, the
-``imagenette-alexnet`` case stays at chance and fails.
+standard deviation is 2.5 points); its test top-1 must be at least 20% too. Measured
+(bench/NOTES.md, issue 26): ``imagenette-alexnet`` 25.2% validation top-1 after 2 epochs
+(modern init), ``seed-alexnet`` 33.6% (PyTorch's default init); under the paper's
+N(0, 0.01) initialization, which every AlexNet had before these recipes named an init,
+AlexNet stays at chance for 11 (``seed-alexnet``) or more than 15 (``imagenette-alexnet``)
+epochs, and this test fails.
 """
 import json
 
@@ -17,10 +22,7 @@ from vhist.__main__ import main
 from train_helpers import one_thread_fresh_hooks  # noqa: F401
 
 LEFT_CHANCE = 20.0
-# (model, recipe, epochs, image size, epochs allowed to leave chance, least test top-1 %)
-CASES = [
-    ("alexnet", "imagenette-alexnet", 3, 16, 2, 60.0),
-]
+CASES = [("alexnet", "imagenette-alexnet"), ("alexnet", "seed-alexnet")]
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +32,19 @@ def digits(tmp_path_factory):
     return make_digits(tmp_path_factory.mktemp("digits"))["path"]
 
 
-def _run(digits, tmp_path, model, recipe, epochs, size):
-    name = f"{model}-{recipe}"
-    rc = main(["train", "--model", model, "--recipe", recipe, "--data", digits, "--epochs", str(epochs),
-               "--batch-size", "64", "--image-size", str(size), "--backend", "torch", "--device", "cpu",
-               "--workers", "0", "--out-dir", str(tmp_path), "--run-name", name])
+@pytest.mark.parametrize("model,recipe", CASES, ids=[c[1] for c in CASES])
+def test_recipe_leaves_chance_within_two_epochs(digits, tmp_path, capsys, model, recipe):
+    rc = main(["train", "--model", model, "--recipe", recipe, "--data", digits, "--epochs", "5",
+               "--batch-size", "64", "--stop-after-epochs", "2", "--backend", "torch", "--device", "cpu",
+               "--workers", "0", "--out-dir", str(tmp_path), "--run-name", recipe])
     assert rc == 0
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((tmp_path / name / "summary.json").read_text())
-    return [max(r["val_top1"], r.get("ema_val_top1", 0.0)) for r in rows], summary["test_top1"]
-
-
-@pytest.mark.parametrize("model,recipe,epochs,size,by,least", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_recipe_learns_on_digits(digits, tmp_path, model, recipe, epochs, size, by, least):
-    val, test = _run(digits, tmp_path, model, recipe, epochs, size)
-    assert max(val[:by]) >= LEFT_CHANCE, f"{model} under {recipe} still at chance after {by} epochs: {val}"
-    assert test >= least, f"{model} under {recipe}: test top-1 {test:.1f}% < {least}% (validation {val})"
+    run = tmp_path / recipe
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    val = [max(r["val_top1"], r.get("ema_val_top1", 0.0)) for r in rows]
+    assert max(val) >= LEFT_CHANCE, f"{model} under {recipe} still at chance after 2 epochs: {val}"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), "--backend", "torch", "--workers", "0",
+                 "--device", "cpu"]) == 0
+    test = json.loads(capsys.readouterr().out)
+    assert test["top1"] >= LEFT_CHANCE, f"{model} under {recipe}: test top-1 {test['top1']:.1f}% after 2 epochs"

@@ -101,10 +101,18 @@ def main_print(dist: D.DistInfo, *args) -> None:
         print(*args, flush=True)
 
 
-def resolve_recipe(cfg: TrainConfig, data: DataBundle) -> Recipe:
+def resolve_recipe(cfg: TrainConfig, data: DataBundle, saved: Optional[dict] = None) -> Recipe:
     """The named recipe with the overrides, adapted to the data where not overridden:
-    CIFAR-style arrays keep their native resolution and use pad-and-crop."""
+    CIFAR-style arrays keep their native resolution and use pad-and-crop. A resumed run
+    passes its checkpoint's resolved recipe (``saved``) and keeps it, even where the named
+    recipe has changed since (issue 26 changed the imagenette warm-up); a field the
+    checkpoint predates (``init``) takes the named recipe's value."""
     recipe = get_recipe(cfg.recipe, **cfg.overrides)
+    if saved is not None:
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        values = {k: v for k, v in saved.items() if k in fields}
+        values["betas"] = tuple(values.get("betas", recipe.betas))
+        return dataclasses.replace(recipe, **values)
     if data.kind in ("cifar10", "cifar100", "synthetic"):
         changes = {}
         if "image_size" not in cfg.overrides:
@@ -296,7 +304,7 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
         check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
-    recipe = resolve_recipe(cfg, data)
+    recipe = resolve_recipe(cfg, data, resume_state["recipe"] if resume_state is not None else None)
     amp = amp_dtype(recipe, device)
     if cfg.cuda_graph:
         check_cuda_graph(device, amp)
