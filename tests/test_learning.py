@@ -1,8 +1,9 @@
 """End-to-end learning on real data: scikit-learn's digits (`vhist data make digits`),
 torch backend, CPU, AlexNet under its Imagenette recipe and its seed recipe as defined,
 with 5 epochs at batch 64 (the command of issue 26), of which CI trains the first 2
-(``--stop-after-epochs 2``: the schedule is the 5-epoch run's; 2 epochs of AlexNet at 32 px
-take about a minute on 2 idle cores), then evaluates the weights on the test split.
+(``--stop-after-epochs 2``: the schedule is the 5-epoch run's), then evaluates the weights
+on the test split. Unlike the other training tests it keeps torch's intra-op threads (all
+cores): AlexNet at 32 px is the cost of this test.
 
 A run "leaves chance" when the validation top-1 of its raw or EMA weights reaches 20%,
 twice the 10% of a guess on the 10 balanced classes (143 validation images: chance's
@@ -18,8 +19,6 @@ import json
 import pytest
 
 from vhist.__main__ import main
-
-from train_helpers import one_thread_fresh_hooks  # noqa: F401
 
 LEFT_CHANCE = 20.0
 CASES = [("alexnet", "imagenette-alexnet"), ("alexnet", "seed-alexnet")]
