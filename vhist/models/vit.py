@@ -149,6 +149,7 @@ class VisionTransformer(nn.Module):
         zero biases, position embedding truncated normal 0.02, class token N(0, 1e-6),
         norms (1, 0), the patch conv at PyTorch's default. ``torch``: the layer defaults.
         The default is ``paper`` with timm's truncated-normal head (module doc)."""
+        check_init(scheme)
         enc = self.encoder
         if scheme == "torch":
             generic_init(self, scheme)
@@ -168,7 +169,6 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.heads.head.weight)
             nn.init.zeros_(self.heads.head.bias)
         else:
-            check_init(scheme)
             for m in self.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.02)
