@@ -89,10 +89,12 @@ _IMAGENETTE_SOURCE = (
 RECIPES: dict[str, Recipe] = {
     "seed-alexnet": Recipe(
         description="the seed report's AlexNet run on Imagenette (65.0% test)", batch_size=64, image_size=227,
-        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 64, 227 px, 90 epochs, lr x0.1 every 30", **_SEED),
+        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 64, 227 px, 90 epochs, lr x0.1 every 30; "
+               "init: PyTorch's layer defaults, assumed (the report states none)", **_SEED),
     "seed-vgg": Recipe(
         description="the seed report's VGG-16 run on Imagenette (68.5% test)", batch_size=128, image_size=224,
-        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 128, 224 px, 90 epochs, lr x0.1 every 30", **_SEED),
+        source="project seed report: AdamW lr 1e-4, wd 0.1, batch 128, 224 px, 90 epochs, lr x0.1 every 30; "
+               "init: PyTorch's layer defaults, assumed (the report states none)", **_SEED),
     "paper-alexnet": Recipe(
         description="Krizhevsky et al. 2012: SGD momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10 "
                     "three times, batch 128, ~90 epochs, PCA colour jitter",
@@ -146,12 +148,14 @@ RECIPES: dict[str, Recipe] = {
                "defaults of facebookresearch/deit's main.py (min lr 1e-5, EMA decay 0.99996); not reproduced: "
                "repeated augmentation and RandAugment's magnitude noise (mstd 0.5)"),
     "imagenette-alexnet": Recipe(
-        description="AlexNet on Imagenette, meant to beat the seed: AdamW 5e-4 x batch/512, 1 warm-up epoch, cosine, label smoothing "
-                    "0.1, mixup 0.2 / cutmix 1.0, TrivialAugmentWide, random erasing 0.25, EMA 0.999, 200 epochs",
+        description="AlexNet on Imagenette, meant to beat the seed: AdamW 5e-4 x batch/512, 1 warm-up epoch, cosine, "
+                    "label smoothing 0.1, mixup 0.2 / cutmix 1.0, TrivialAugmentWide, random erasing 0.25, EMA 0.999, "
+                    "200 epochs",
         image_size=227, **_IMAGENETTE, source=_IMAGENETTE_SOURCE),
     "imagenette-vgg": Recipe(
-        description="VGG on Imagenette, meant to beat the seed: AdamW 5e-4 x batch/512, 1 warm-up epoch, cosine, label smoothing "
-                    "0.1, mixup 0.2 / cutmix 1.0, TrivialAugmentWide, random erasing 0.25, EMA 0.999, 200 epochs",
+        description="VGG on Imagenette, meant to beat the seed: AdamW 5e-4 x batch/512, 1 warm-up epoch, cosine, "
+                    "label smoothing 0.1, mixup 0.2 / cutmix 1.0, TrivialAugmentWide, random erasing 0.25, EMA 0.999, "
+                    "200 epochs",
         image_size=224, **_IMAGENETTE, source=_IMAGENETTE_SOURCE),
 }
 
