@@ -146,7 +146,8 @@ class ResNet(nn.Module):
         """``paper``: section 3.4 initializes "as in [13]" (He et al. 2015, section 2.2):
         convs N(0, 2 / (k^2 c)), i.e. Kaiming-normal over fan_in; BN (1, 0); the fc layer,
         which the paper does not describe, keeps PyTorch's default. ``modern`` / ``torch``:
-        :mod:`vhist.models.initialization` (the default is torchvision's = ``modern``).
+        :mod:`vhist.models.initialization` (the default is torchvision's: ``modern`` but for
+        the fc layer, which keeps PyTorch's default).
         ``zero_init_residual`` applies under every scheme."""
         if scheme == "paper":
             for m in self.modules():
