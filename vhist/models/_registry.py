@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import nn
 
+from vhist.models.initialization import check_init, initialize
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -73,7 +75,7 @@ def model_config(name: str) -> ModelConfig:
     return _CONFIGS[name]
 
 
-def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, *,
+def create_model(name: str, num_classes: int = 1000, image_size: int | None = None, *, init: str | None = None,
                  pretrained: str | None = None, features_only: bool = False, out_indices=None,
                  **kwargs) -> nn.Module:
     """Builds the registered model ``name``; the model's ``default_config`` attribute
@@ -84,6 +86,8 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
         num_classes: size of the classifier output.
         image_size: input resolution; None selects the paper's default. Small sizes
             (down to 32) switch the stem to the family's documented small-input variant.
+        init: ``"paper"``, ``"modern"`` or ``"torch"`` (:mod:`vhist.models.initialization`);
+            None keeps the family's own initialization.
         pretrained: a torchvision or timm checkpoint file to load
             (:func:`vhist.models.pretrained.load_pretrained`: strict but for a classifier
             of another ``num_classes``, which keeps its initialization).
@@ -93,14 +97,19 @@ def create_model(name: str, num_classes: int = 1000, image_size: int | None = No
         **kwargs: passed to the model's entrypoint.
 
     Raises:
-        ValueError: for an unknown name (the message lists close matches), weights that
-            do not fit, or ``out_indices`` without ``features_only`` or out of range.
+        ValueError: for an unknown name (the message lists close matches), an unknown
+            ``init``, ``init="paper"`` for a model without one, weights that do not fit,
+            or ``out_indices`` without ``features_only`` or out of range.
         FileNotFoundError: a ``pretrained`` file that does not exist.
     """
     config = model_config(name)
     if out_indices is not None and not features_only:
         raise ValueError("out_indices selects feature maps: it needs features_only=True")
+    if init is not None:
+        check_init(init)
     model = _MODELS[name](num_classes=num_classes, image_size=image_size or config.image_size, **kwargs)
+    if init is not None:
+        initialize(model, init)
     model.default_config = config
     if pretrained is not None:
         from vhist.models.pretrained import load_pretrained

@@ -29,6 +29,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import SequentialClassifierNet, check_image_size, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import generic_init
 
 SMALL_BELOW = 128
 IMAGE_SIZE = 227
@@ -78,6 +79,23 @@ class AlexNet(SequentialClassifierNet):
             nn.Dropout(dropout), nn.Linear(fc, fc), nn.ReLU(inplace=True),
             nn.Linear(fc, num_classes))
         self._init_paper()
+
+    def init_weights(self, scheme: str) -> None:
+        """``paper``: section 5 (weights N(0, 0.01), biases 1 in conv2, conv4, conv5 and the
+        hidden FC layers). ``modern``: Kaiming-normal convs (fan_out, ReLU, as
+        torchvision's CNNs), Kaiming-normal (fan_in, ReLU) hidden FC layers, whose
+        N(0, 0.01) in the generic scheme would shrink the signal about 14x over fc6 and
+        fc7 (0.01 * sqrt(fan_in / 2) per layer), the output layer N(0, 0.01), zero biases.
+        ``torch``: PyTorch's layer defaults. With the paper's scheme the net sits at
+        chance for many epochs under Adam-type recipes (bench/NOTES.md, issue 26); the
+        default is the paper's."""
+        if scheme == "paper":
+            self._init_paper()
+            return
+        generic_init(self, scheme)
+        if scheme == "modern":
+            for m in [m for m in self.classifier if isinstance(m, nn.Linear)][:-1]:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def _init_paper(self) -> None:
         convs = [m for m in self.features if isinstance(m, nn.Conv2d)]

@@ -29,6 +29,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import check_image_size, init_conv_bn, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import inception_init
 
 SMALL_BELOW = 64
 IMAGE_SIZE = 224
@@ -135,6 +136,8 @@ class BNInception(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(cin, num_classes)
         init_conv_bn(self)
+
+    init_weights = inception_init  # paper: the TF-slim reference code (no paper states one)
 
     pretrained_keys = dict(first_conv="conv1.conv", classifier="fc")
 

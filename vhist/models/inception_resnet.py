@@ -40,6 +40,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import DropPath, check_image_size, drop_path_rates, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import inception_init
 
 SMALL_BELOW = 75
 IMAGE_SIZE = 299
@@ -243,6 +244,8 @@ class InceptionResNet(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(dropout)
         self.classif = nn.Linear(num_features, num_classes)
+
+    init_weights = inception_init  # paper: the TF-slim reference code (no paper states one)
 
     pretrained_keys = dict(first_conv="conv2d_1a.conv", classifier="classif")
 

@@ -35,6 +35,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import check_image_size, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import inception_init
 
 InceptionOutputs = namedtuple("InceptionOutputs", ["logits", "aux_logits"])
 SMALL_BELOW = 75
@@ -224,6 +225,8 @@ class Inception3(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    init_weights = inception_init  # paper: the TF-slim reference code (no paper states one)
 
     # The auxiliary head's classifier is re-initialized with the main one.
     pretrained_keys = dict(first_conv="Conv2d_1a_3x3.conv", classifier=("fc", "AuxLogits.fc"))

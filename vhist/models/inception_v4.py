@@ -25,6 +25,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import check_image_size, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import inception_init
 
 SMALL_BELOW = 75
 IMAGE_SIZE = 299
@@ -181,6 +182,8 @@ class InceptionV4(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.head_drop = nn.Dropout(dropout)
         self.last_linear = nn.Linear(scaled(1536, d), num_classes)
+
+    init_weights = inception_init  # paper: the TF-slim reference code (no paper states one)
 
     pretrained_keys = dict(first_conv="features.0.conv", classifier="last_linear")
 

@@ -31,6 +31,20 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import ConvNormAct, check_image_size, init_conv_bn
 from vhist.models._registry import register_model
+from vhist.models.initialization import gaussian_, generic_init
+
+
+def mobilenet_init(model: nn.Module, scheme: str) -> None:
+    """``init_weights`` of both MobileNets. ``paper``: the papers state no initialization;
+    their released TF-slim code (tensorflow/models ``research/slim/nets/mobilenet_v1.py``
+    ``mobilenet_v1_arg_scope`` and ``nets/mobilenet/mobilenet.py`` ``training_scope``)
+    draws every conv, the 1x1 logits conv included, from a normal truncated at 2 std with
+    std 0.09; BN (1, 0). ``modern`` / ``torch``: :mod:`vhist.models.initialization` (the
+    default is torchvision's = ``modern``)."""
+    if scheme == "paper":
+        gaussian_(model, 0.09, truncated=True)
+    else:
+        generic_init(model, scheme)
 
 SMALL_BELOW = 64
 IMAGE_SIZE = 224
@@ -80,6 +94,8 @@ class MobileNetV1(nn.Module):
         init_conv_bn(self)
         nn.init.normal_(self.classifier.weight, 0, 0.01)
         nn.init.zeros_(self.classifier.bias)
+
+    init_weights = mobilenet_init
 
     pretrained_keys = dict(first_conv="features.0.conv", classifier="classifier")
 
@@ -169,6 +185,8 @@ class MobileNetV2(nn.Module):
         init_conv_bn(self)
         nn.init.normal_(self.classifier[1].weight, 0, 0.01)
         nn.init.zeros_(self.classifier[1].bias)
+
+    init_weights = mobilenet_init
 
     pretrained_keys = dict(first_conv="features.0.0", classifier="classifier.1")
 

@@ -23,6 +23,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import DropPath, check_image_size, drop_path_rates, init_conv_bn, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import generic_init, norms_
 
 SMALL_MAX = 64  # image sizes up to this use the CIFAR stem
 IMAGE_SIZE = 224
@@ -140,13 +141,35 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, widths[3], layers[3], 2, rates)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3] * block.expansion, num_classes)
+        self.zero_init_residual = zero_init_residual
         init_conv_bn(self)
-        if zero_init_residual:
+        self._zero_residual_gammas()
+
+    def init_weights(self, scheme: str) -> None:
+        """``paper``: section 3.4 initializes "as in [13]" (He et al. 2015, section 2.2):
+        convs N(0, 2 / (k^2 c)), i.e. Kaiming-normal over fan_in; BN (1, 0); the fc layer,
+        which the paper does not describe, keeps PyTorch's default. ``modern`` / ``torch``:
+        :mod:`vhist.models.initialization` (the default is torchvision's: ``modern`` but for
+        the fc layer, which keeps PyTorch's default).
+        ``zero_init_residual`` applies under every scheme."""
+        if scheme == "paper":
             for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            norms_(self)
+            self.fc.reset_parameters()
+        else:
+            generic_init(self, scheme)
+        self._zero_residual_gammas()
+
+    def _zero_residual_gammas(self) -> None:
+        if not self.zero_init_residual:
+            return
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int, rates) -> nn.Sequential:
         downsample = None

@@ -28,6 +28,7 @@ from torch import nn
 from vhist import nn as vnn
 from vhist.models._common import SequentialClassifierNet, check_image_size, deferred_pairs, init_conv_bn, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import gaussian_, generic_init
 
 CFGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -91,6 +92,18 @@ class VGG(SequentialClassifierNet):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.zeros_(m.bias)
+
+    def init_weights(self, scheme: str) -> None:
+        """``paper``: section 3.1, "weights from a normal distribution with the zero mean and
+        10^-2 variance", biases 0, read as std 0.01 (the N(0, 0.01) of AlexNet's
+        Caffe-era training that the paper builds on; a literal std of 0.1 multiplies the
+        activations' scale by 0.1 * sqrt(fan_in / 2), 1.7 to 4.8, at every conv); the paper initialized
+        its deeper nets from net A's layers, which this does not do; BN (1, 0) in the
+        ``_bn`` variants. The default is torchvision's (= ``modern``)."""
+        if scheme == "paper":
+            gaussian_(self, 0.01)
+        else:
+            generic_init(self, scheme)
 
     def prologue_pairs(self) -> int:
         """The (conv, BN) pairs whose BN + ReLU run in the next conv's prologue."""

@@ -44,6 +44,7 @@ from vhist import nn as vnn
 from vhist.nn import functional as VF
 from vhist.models._common import DropPath, check_image_size, drop_path_rates, scaled
 from vhist.models._registry import register_model
+from vhist.models.initialization import check_init, generic_init, torch_defaults_
 
 SMALL_BELOW = 64
 IMAGE_SIZE = 224
@@ -153,6 +154,46 @@ class VisionTransformer(nn.Module):
         self.heads = nn.Sequential(OrderedDict(head=nn.Linear(hidden_dim, num_classes)))
         nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
         nn.init.zeros_(self.heads.head.bias)
+
+    def init_weights(self, scheme: str) -> None:
+        """``paper``: the ViT reference code (google-research/vision_transformer, which
+        torchvision's ``vision_transformer.py`` follows): patch conv truncated normal with
+        std sqrt(1 / fan_in) (LeCun), MLP Xavier-uniform with N(0, 1e-6) biases, position
+        embedding N(0, 0.02), class token 0, zero-initialized head, attention and norms at
+        PyTorch's defaults. ``modern``: timm's ``init_weights_vit_timm``: every linear
+        layer (the packed attention projection included) truncated normal std 0.02 with
+        zero biases, position embedding truncated normal 0.02, class token N(0, 1e-6),
+        norms (1, 0), the patch conv at PyTorch's default. ``torch``: the layer defaults.
+        The default is ``paper`` with timm's truncated-normal head (module doc)."""
+        check_init(scheme)
+        enc = self.encoder
+        if scheme == "torch":
+            generic_init(self, scheme)
+            return
+        torch_defaults_(self)
+        if scheme == "paper":
+            fan_in = self.conv_proj.weight[0].numel()
+            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
+            nn.init.zeros_(self.conv_proj.bias)
+            for m in self.modules():
+                if isinstance(m, MLPBlock):
+                    for lin in (m[0], m[3]):
+                        nn.init.xavier_uniform_(lin.weight)
+                        nn.init.normal_(lin.bias, std=1e-6)
+            nn.init.normal_(enc.pos_embedding, std=0.02)
+            nn.init.zeros_(self.class_token)
+            nn.init.zeros_(self.heads.head.weight)
+            nn.init.zeros_(self.heads.head.bias)
+        else:
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.MultiheadAttention):
+                    nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+                    nn.init.zeros_(m.in_proj_bias)
+            nn.init.trunc_normal_(enc.pos_embedding, std=0.02)
+            nn.init.normal_(self.class_token, std=1e-6)
 
     pretrained_keys = dict(first_conv="conv_proj", classifier="heads.head")
 

@@ -18,7 +18,8 @@ data (--data):
   PATH to cifar-10-batches-py / cifar-100-python (or a folder containing one),
   PATH to an image-folder tree: ROOT/train/<class>/*.JPEG with ROOT/val/ (Imagenette:
   imagenette2, imagenette2-160, imagenette2-320) or ROOT/test/ as the test set,
-  or synthetic[:classes=10,size=32,train=512,test=128].
+  or synthetic[:classes=10,size=32,train=512,test=128]. Real data without a download:
+  vhist data make digits --root DIR writes scikit-learn's digits as DIR/digits-32 (CIFAR-10 layout).
   The validation split (--val-fraction of train, seeded, per class) selects the best
   epoch; the test set is evaluated once, at the end.
   CIFAR data keeps its 32 px and uses pad-and-crop unless --image-size / --augment say
@@ -50,6 +51,7 @@ label_smoothing  label smoothing of the cross-entropy
 grad_clip        clip the gradient norm to this (0: off)
 augment          training augmentation: {augment}
 amp              auto (bf16 on GPU, off on CPU), bf16, fp16 or off
+init             weight initialization: paper, modern or torch (PyTorch's layer defaults)
 lr_base_batch    if > 0: --lr is per this many images, scaled by the global batch
 auto_augment     batch augmentation on the device: {auto_augment}
 random_erasing   probability of random erasing per image (0: off)

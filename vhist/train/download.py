@@ -331,8 +331,8 @@ def _run_download(args) -> int:
 
 
 def add_data_parser(commands) -> argparse.ArgumentParser:
-    """``vhist data download NAME --root DIR``."""
-    p = commands.add_parser("data", help="fetch a data set (Imagenette, CIFAR)",
+    """``vhist data download NAME --root DIR`` and ``vhist data make digits --root DIR``."""
+    p = commands.add_parser("data", help="fetch a data set (Imagenette, CIFAR) or make one (digits)",
                             description="Data sets from their publishers' URLs.")
     sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     d = sub.add_parser("download", help="download, verify and extract a data set",
@@ -347,6 +347,16 @@ def add_data_parser(commands) -> argparse.ArgumentParser:
     d.add_argument("--mirror", default=None, help=argparse.SUPPRESS)
     d.set_defaults(run=_run_download)
     from vhist.cli_args import add_debug_flag
+    from vhist.train.digits import DATASETS as MADE, run_make
 
     add_debug_flag(d)
+    m = sub.add_parser("make", help="write a small data set that ships with a package (digits: scikit-learn's)",
+                       description="Write scikit-learn's handwritten digits (1,797 8x8 scans upsampled to 32 px, "
+                                   "a fixed seeded 1,438 / 359 train / test split) as a CIFAR-10 folder "
+                                   "ROOT/digits-32, which every command that takes CIFAR data takes. Needs "
+                                   "scikit-learn (pip install 'vhist[data]').")
+    m.add_argument("name", metavar="NAME", help=", ".join(MADE))
+    m.add_argument("--root", default="~/data", help="folder that receives digits-32/ (default: ~/data)")
+    m.set_defaults(run=run_make)
+    add_debug_flag(m)
     return p

@@ -102,10 +102,18 @@ def main_print(dist: D.DistInfo, *args) -> None:
         print(*args, flush=True)
 
 
-def resolve_recipe(cfg: TrainConfig, data: DataBundle) -> Recipe:
+def resolve_recipe(cfg: TrainConfig, data: DataBundle, saved: Optional[dict] = None) -> Recipe:
     """The named recipe with the overrides, adapted to the data where not overridden:
-    CIFAR-style arrays keep their native resolution and use pad-and-crop."""
+    CIFAR-style arrays keep their native resolution and use pad-and-crop. A resumed run
+    passes its checkpoint's resolved recipe (``saved``) and keeps it, even where the named
+    recipe has changed since (issue 26 changed the imagenette warm-up); a field the
+    checkpoint predates (``init``) takes the named recipe's value."""
     recipe = get_recipe(cfg.recipe, **cfg.overrides)
+    if saved is not None:
+        fields = {f.name for f in dataclasses.fields(Recipe)}
+        values = {k: v for k, v in saved.items() if k in fields}
+        values["betas"] = tuple(values.get("betas", recipe.betas))
+        return dataclasses.replace(recipe, **values)
     if data.kind in ("cifar10", "cifar100", "synthetic"):
         changes = {}
         if "image_size" not in cfg.overrides:
@@ -219,7 +227,8 @@ def _configure_determinism(cfg: TrainConfig, device: torch.device) -> None:
 
 def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torch.device, channels_last: bool,
                 dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
+    """The seeded zoo model, initialized with the recipe's ``init``, on ``device`` and what
+    runs its forward (DDP under torchrun)."""
     import vhist
     from vhist.models import DropPath
 
@@ -230,7 +239,8 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
                               "vit_* have it)")
     try:
-        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
+        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size,
+                                   init=recipe.init, **extra)
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
@@ -304,7 +314,7 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
         check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
-    recipe = resolve_recipe(cfg, data)
+    recipe = resolve_recipe(cfg, data, resume_state["recipe"] if resume_state is not None else None)
     amp = amp_dtype(recipe, device)
     if cfg.cuda_graph:
         check_cuda_graph(device, amp)
