@@ -147,7 +147,7 @@ def is_stem(g: ConvGeometry, dtype: torch.dtype) -> bool:
     return g.c_in <= 4 and g.groups == 1 and dtype != torch.float64
 
 
-def _pad_launch(shape, strides, channels: int) -> Launch:
+def _pad_launch(shape, strides, channels: int, device) -> Launch:
     from vhist.kernels import conv as kernels
 
     n, c, h, w = shape
@@ -164,7 +164,7 @@ _PAD_LAUNCHES = new_cache()
 def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     """``t`` (N, C, H, W) zero-padded to ``channels`` channels (a power of two >= C),
     channels_last, in one kernel launch (the stem path's input and weight)."""
-    key = (t.shape, t.stride(), channels)
+    key = (t.shape, t.stride(), channels, t.device)
     launch = lookup(_PAD_LAUNCHES, key, _pad_launch, *key)
     padded_shape = (t.shape[0], channels, t.shape[2], t.shape[3])
     padded = torch.empty_strided(padded_shape, channels_last_strides(padded_shape), dtype=t.dtype, device=t.device)
@@ -297,7 +297,7 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
     return out, (part_mean, part_m2, part_count, plan.tiles)
 
 
-def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32) -> Launch:
+def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32, device) -> Launch:
     from vhist.kernels import conv as kernels
 
     cg_in = g.c_in // g.groups
@@ -320,7 +320,7 @@ def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: t
     """The input gradient, channels_last in ``like``'s dtype; ``output`` (the forward
     output with ``grad``'s strides) masks ``grad`` by the activation's derivative."""
     weight = to_channels_last(weight)
-    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32())
+    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32(), grad.device)
     launch = lookup(_DGRAD_LAUNCHES, key, _dgrad_launch, *key)
     dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     launch(grad, or_placeholder(output, grad), weight, dx)

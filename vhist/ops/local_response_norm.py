@@ -58,7 +58,7 @@ def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return n, c, s, c * s, s, 1
 
 
-def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, like) -> Launch:
+def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, device, like) -> Launch:
     from vhist.kernels.local_response_norm import block_s
 
     n, c, s, stride_n, stride_c, stride_s = lrn_geometry(like)
@@ -77,7 +77,7 @@ _LAUNCHES = new_cache()
 
 
 def _launch(kernel, tensors, size, alpha, beta, k, like):
-    key = (kernel, like.shape, like.stride(), like.dtype, size, alpha, beta, k)
+    key = (kernel, like.shape, like.stride(), like.dtype, size, alpha, beta, k, like.device)
     lookup(_LAUNCHES, key, _build_launch, *key, like)(*tensors)
 
 
