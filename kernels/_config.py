@@ -93,7 +93,9 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims
-        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
+        # A 64-row tile stays for M <= 32 (the weight gradient of a 24- or 32-channel conv,
+        # M = C_out): it is the smallest wgmma tile (a warpgroup's 64 rows).
+        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
                    and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
         kept = fitting or kept[:1]
         # Drop tilings that leave more than half the SMs idle when another fills them;
