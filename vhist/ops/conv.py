@@ -196,6 +196,26 @@ def _stats_config(g: ConvGeometry, dtype: torch.dtype, device: torch.device) -> 
     return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
 
 
+def channel_align(dtype: torch.dtype, counts: tuple, strides: tuple) -> int:
+    """The kernels' CH_ALIGN (:func:`vhist.kernels.conv._aligned`): the number of elements
+    (a power of two, 16 bytes at most) that divides every channel count in ``counts`` and
+    every row stride of the tensors whose ``strides`` (N, C, H, W) are given, when each
+    has its channels innermost; 1 where Triton already sees the alignment (everything a
+    multiple of 16 elements) or there is none to assert.
+
+    Args:
+        counts: the channel counts bounding the channel masks (CG_IN, CG_OUT).
+        strides: the (N, C, H, W) element strides of the tensors loaded along channels.
+    """
+    values = (*counts, *(v for st in strides for v in (st[0], st[2], st[3])))
+    if any(st[1] != 1 for st in strides) or all(v % 16 == 0 for v in values):
+        return 1
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
+
+
 def _geom_args(g: ConvGeometry) -> tuple:
     return (g.n, g.h, g.w, g.oh, g.ow, g.c_in // g.groups, g.c_out // g.groups, g.kh, g.kw,
             g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
@@ -255,6 +275,8 @@ def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residu
         constexprs.update(config.all_kwargs())
     else:
         kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, dtype)
+    if not stem:
+        constexprs["CH_ALIGN"] = channel_align(dtype, (g.c_in // g.groups,), (x_strides, w_strides))
     if stem:
         g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
         x_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
@@ -309,8 +331,9 @@ def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, a
 
     kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad, dtype)
     dx_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
+    align = 1 if is_stem(g, dtype) else channel_align(dtype, (g.c_out // g.groups,), (grad_strides,))
     return Launch(kernel, grid, (*_geom_args(g), *grad_strides, *w_strides, *dx_strides), ACTIVATION=activation,
-                  **_precision_of(dtype, allow_tf32))
+                  CH_ALIGN=align, **_precision_of(dtype, allow_tf32))
 
 
 _DGRAD_LAUNCHES = new_cache()
@@ -361,7 +384,8 @@ def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db,
 
     gemm = Launch(_pick_gemm(kernels.conv2d_bwd_wgrad, dtype), grid,
                   (*_geom_args(g), *grad_strides, *x_strides, per_split, g.groups), HAS_DBIAS=want_db,
-                  ACTIVATION=activation, **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
+                  ACTIVATION=activation, CH_ALIGN=channel_align(dtype, (cg_out, cg_in), (grad_strides, x_strides)),
+                  **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
     block, acc = kernels.WGRAD_REDUCE_BLOCK, tl_acc(dtype)
     reduce_dw = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(numel, block),), (numel, split), ACC=acc, BLOCK=block)
     reduce_db = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(g.c_out, block),), (g.c_out, split), ACC=acc,
