@@ -331,8 +331,8 @@ def write_summary_md(data: dict, out_dir: str) -> str:
 def print_summary(summary) -> None:
     print(f"\n{summary['variants']} variants of {len(summary['kernels'])} kernels (static, sm_90 compile)")
     if not summary["flags"]:
-        print("no flags: every launchable variant is free of local memory, fits shared memory, uses wgmma where required "
-              "and 128-bit loads on aligned channels_last rows")
+        print("no flags: every launchable variant is free of local memory, fits shared memory, uses wgmma where "
+              "required and 128-bit loads on aligned channels_last rows")
     for flag, entry in sorted(summary["flags"].items()):
         print(f"  {flag}: {entry['count']} variants, e.g.")
         for example in entry["examples"][:6]:

@@ -141,15 +141,11 @@ def test_conv_24_channel_layers_load_with_cp_async_in_a_pipelined_loop():
     (bf16) and the kernels assert it, so the 24-channel operand loads 16 bytes per
     cp.async and the K loop is pipelined (before: 2-byte loads in the expand's forward,
     no pipelined loop; 2-byte dY loads in the project's dgrad and wgrad)."""
-    import subprocess
-
     try:
         rows = run_recording_script(STATIC_SCRIPT)
-    except AssertionError as err:
+    except AssertionError as err:  # as tests/test_compile_report.py: no ptxas, no static compile
         if "ptxas" in str(err).lower() and "not found" in str(err).lower():
             pytest.skip("Triton cannot compile for CUDA here")
-        raise
-    except subprocess.TimeoutExpired:
         raise
     assert {(r["layer"], r["kernel"]) for r in rows} == {
         ("24->144", "_conv2d_fwd_kernel"), ("144->24", "_conv2d_bwd_dgrad_kernel"),
