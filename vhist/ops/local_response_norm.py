@@ -70,7 +70,8 @@ def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, device, l
 
     # Shifts beyond the tile's width add only zeros: clip them (huge sizes stay cheap).
     return Launch(kernel, grid, (n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k),
-                  LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(dtype), BLOCK_C=block_c)
+                  LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(dtype), BLOCK_C=block_c,
+                  FULL_C=block_c == c)
 
 
 _LAUNCHES = new_cache()
