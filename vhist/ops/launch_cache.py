@@ -153,8 +153,9 @@ def cuda_index(t: torch.Tensor) -> int:
 
 
 def current_cuda_index() -> int:
-    """The current CUDA device's index (only called once a CUDA tensor has been seen)."""
-    return torch.cuda.current_device()
+    """The current CUDA device's index. Only called with a CUDA tensor in hand, so CUDA is
+    initialized: torch.cuda.current_device() without its lazy-init check."""
+    return torch._C._cuda_getDevice()
 
 
 def cuda_device(index: int):
