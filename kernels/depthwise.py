@@ -431,7 +431,7 @@ def input_weight_grad_tiling(kh: int, kw: int, multiplier: int, channels_last: b
     at once; at 4 warps (32 accumulator elements per thread) it sat at 128 registers and
     triton 3.6's ptxas spilled two values to an 8-byte stack frame at MobileNetV2's
     32x112x112 and 144x56x56 stride-2 layers (static, sm_90 compile); at 8 warps it takes
-    101-106 registers and no local memory under triton 3.6 and 3.9, the same 16 warps per
+    101-109 registers and no local memory under triton 3.6 and 3.9, the same 16 warps per
     SM."""
     block_j = triton.next_power_of_2(multiplier * kh * kw)
     return (block_j, *_tap_tile(block_j, channels_last), 8)
