@@ -7,9 +7,10 @@ Autotuning on a GPU has three costs this module keeps down:
   (bench/compile_report.py, static, sm_90 compile) found at the register cap with one
   block per SM (``EXCLUDED``), tilings that leave most SMs idle while another fills
   them, and BLOCK_M < 64 (mma.sync, not wgmma) where a wider tile fills the SMs are
-  dropped, and so are the depthwise forward tiles that spill on fp32 inputs and the
-  GEMM tiles whose pipeline exceeds a block's shared memory at the launch's dtype (fp32
-  128x128x64 s4); at most ``SHORTLIST`` remain, in the order of the config list (a
+  dropped, and so are the depthwise forward tiles that spill on fp32 inputs or with the
+  statistics epilogue and the GEMM tiles whose pipeline exceeds a block's shared memory
+  at the launch's dtype (fp32 128x128x64 s4); at most ``SHORTLIST`` remain, in the order
+  of the config list (a
   preference order).
 * **Tuned choices on disk.** The config picked for a (kernel, tuning key, dtypes,
   constexprs) is stored in ``$VHIST_AUTOTUNE_CACHE`` (default
@@ -50,17 +51,25 @@ EXCLUDED = {(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 256, 64, 8, 4)}
 # 4- and 8-byte inputs (static, sm_90 compile, fp32, MobileNetV2's 144-channel 56x56
 # layer: BLOCK_C=64 at 4 warps and BLOCK_C=128 at 8 warps, 32 elements per thread, reach
 # 255 registers with 23-44 local stores; 16 per thread stay at 106-250 with none). 2-byte
-# inputs halve the x registers and do not spill at 32.
+# inputs halve the x registers and do not spill at 32, except with the BN-statistics
+# epilogue, which holds the output tile and its deviations as well: BLOCK_C=128 at 8
+# warps (32 per thread) reaches 255 registers with a 32-byte stack frame under triton
+# 3.6, and BLOCK_C=16 at 2 warps (16 per thread) 168 registers with an 8-byte frame
+# under triton 3.9 (static, sm_90 compile, bf16, MobileNetV1/V2's 32-channel 112x112
+# layer): with the epilogue, 16 per thread and at least 4 warps.
 DEPTHWISE_FWD_MAX_ELEMENTS_WIDE = 16
+DEPTHWISE_FWD_STATS_MIN_WARPS = 4
 
 
 def _fits_registers(kernel_name: str, config, args: dict) -> bool:
-    """False for the configs known to spill at this launch's dtype (see above)."""
+    """False for the configs known to spill at this launch's dtype and epilogue (see above)."""
     if kernel_name != "_depthwise_fwd_kernel":
         return True
     x, block_p = args.get("X"), args.get("BLOCK_P")
-    if x is None or block_p is None or x.element_size() < 4:
+    if x is None or block_p is None or (x.element_size() < 4 and not args.get("STATS")):
         return True
+    if args.get("STATS") and config.num_warps < DEPTHWISE_FWD_STATS_MIN_WARPS:
+        return False
     return block_p * config.kwargs["BLOCK_C"] <= DEPTHWISE_FWD_MAX_ELEMENTS_WIDE * 32 * config.num_warps
 
 
@@ -128,7 +137,9 @@ def shortlist(kernel_name: str, configs: list, args: dict) -> list:
     if dims is not None:
         m, n = dims
         kept = [c for c in kept if _fits_shared_memory(c, args)] or kept
-        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(m))
+        # A 64-row tile stays for M <= 32 (the weight gradient of a 24- or 32-channel conv,
+        # M = C_out): it is the smallest wgmma tile (a warpgroup's 64 rows).
+        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(m))
                    and c.kwargs["BLOCK_N"] <= max(32, triton.next_power_of_2(n))]
         kept = fitting or kept[:1]
         # Drop tilings that leave more than half the SMs idle when another fills them;

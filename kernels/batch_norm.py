@@ -294,7 +294,10 @@ def _bn_bwd_reduce_kernel(
             dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
             if WRITE_DZ:
                 tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
-            x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+            # No mask on x_hat: dy is 0 outside the tile, so are its products. (The
+            # tl.where cost triton 3.6's ptxas the register it then kept in a stack
+            # frame at BLOCK_C=64 with 16 elements per thread.)
+            x_hat = (x - mean[None, :]) * rstd[None, :]
             sum_dy += tl.sum(dy, axis=0)
             sum_dy_xhat += tl.sum(dy * x_hat, axis=0)
     tl.store(PartSumDy + chunk * C + c, sum_dy, mask=c_mask)

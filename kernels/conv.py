@@ -66,6 +66,17 @@ def _prologue(x, Mean, Rstd, Weight, Bias, channel, valid, channel_ok, HAS_W: tl
     return tl.where(valid, y, 0.0).to(x.dtype)
 
 
+@triton.jit
+def _aligned(x, ALIGN: tl.constexpr):
+    # ``x``, which the launcher checked is a multiple of ALIGN, written so that Triton's
+    # alignment analysis sees it: the runtime specialization only marks integers
+    # divisible by 16, so a channel count or row stride of 24 (MobileNetV2's 24-channel
+    # layers: 48-byte rows, 16-byte aligned) left the channel loads 2 bytes wide, too
+    # narrow for cp.async, and the K loop unpipelined. CH_ALIGN (elements, 16 bytes at
+    # most) is the launcher's :func:`vhist.ops.conv.channel_align`; 1 adds nothing.
+    return x // ALIGN * ALIGN
+
+
 # Forward, implicit GEMM (Chetlur et al., "cuDNN", 2014, section 3.1):
 #   Y[m, co] = sum_{kh, kw, ci} X[n, oh*s - p + kh*d, ow*s - p + kw*d, ci] * W[co, ci, kh, kw]
 # with m = (n, oh, ow) and K walked as one flat loop over (tap, channel block), so that
@@ -100,7 +111,14 @@ def _conv2d_fwd_kernel(
     PROLOGUE: tl.constexpr, PRE_HAS_W: tl.constexpr, PRE_HAS_B: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CH_ALIGN: tl.constexpr = 1,
 ):
+    if CH_ALIGN > 1:  # see _aligned: the input's rows and the weight's K axis
+        CG_IN = _aligned(CG_IN, CH_ALIGN)
+        stride_xn = _aligned(stride_xn, CH_ALIGN)
+        stride_xh = _aligned(stride_xh, CH_ALIGN)
+        stride_xw = _aligned(stride_xw, CH_ALIGN)
+        stride_wo = _aligned(stride_wo, CH_ALIGN)
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = m < N * OH * OW
@@ -185,7 +203,13 @@ def _conv2d_bwd_dgrad_kernel(
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     ACTIVATION: tl.constexpr, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CH_ALIGN: tl.constexpr = 1,
 ):
+    if CH_ALIGN > 1:  # see _aligned: dY's rows (the K axis)
+        CG_OUT = _aligned(CG_OUT, CH_ALIGN)
+        stride_dyn = _aligned(stride_dyn, CH_ALIGN)
+        stride_dyh = _aligned(stride_dyh, CH_ALIGN)
+        stride_dyw = _aligned(stride_dyw, CH_ALIGN)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     phases = conv_stride_h * conv_stride_w
     g, phase = tl.program_id(2) // phases, tl.program_id(2) % phases
@@ -286,7 +310,17 @@ def _conv2d_bwd_wgrad_kernel(
     FMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CH_ALIGN: tl.constexpr = 1,
 ):
+    if CH_ALIGN > 1:  # see _aligned: dY's and X's rows (M and N)
+        CG_OUT = _aligned(CG_OUT, CH_ALIGN)
+        CG_IN = _aligned(CG_IN, CH_ALIGN)
+        stride_dyn = _aligned(stride_dyn, CH_ALIGN)
+        stride_dyh = _aligned(stride_dyh, CH_ALIGN)
+        stride_dyw = _aligned(stride_dyw, CH_ALIGN)
+        stride_xn = _aligned(stride_xn, CH_ALIGN)
+        stride_xh = _aligned(stride_xh, CH_ALIGN)
+        stride_xw = _aligned(stride_xw, CH_ALIGN)
     num_ci_blocks = tl.cdiv(CG_IN, BLOCK_N)
     pid_co, pid_ci = tl.program_id(0) // num_ci_blocks, tl.program_id(0) % num_ci_blocks
     tap = tl.program_id(1)

@@ -254,12 +254,46 @@ def _tap_tile(taps: int, channels_last: bool) -> tuple[int, int]:
     return max(1, WGRAD_TILE // (taps * block_c)), block_c
 
 
-# Weight gradient, stage 2: sums the partials of every (tap, channel) over the chunks in
-# chunk order (BLOCK_K chunks per step), so the result is bitwise reproducible, and
-# writes dw (and db) in the parameter dtype.
+@triton.jit
+def _sum_chunks(Part, j, j_mask, J, k_start, k_end, ACC: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # Sums rows k_start..k_end-1 of Part (rows of J values) at the columns j, BLOCK_K
+    # rows per step in row order: the order is fixed by the bounds, so the bits are too.
+    acc = tl.zeros([BLOCK_J], dtype=ACC)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = (k < k_end)[:, None] & j_mask[None, :]
+        acc += tl.sum(tl.load(Part + k.to(tl.int64)[:, None] * J + j[None, :], mask=mask, other=0.0), axis=0)
+    return acc
+
+
+# Weight gradient, merge level (as kernels/batch_norm.py's _bn_bwd_merge_kernel): program
+# (block of flat (tap, channel) indices, group g) sums the partials of chunks
+# [g * GROUP, (g + 1) * GROUP) in chunk order into Group[g]. The launcher repeats the
+# level until at most GROUP partials remain (vhist.ops.heuristics.merge_levels), so no
+# program walks more than GROUP partials in sequence however many chunks the first
+# stage wrote; the tree is a function of the chunk count alone.
+@triton.jit
+def _depthwise_bwd_weight_merge_kernel(
+    Part,   # (num_chunks, KH*KW + HAS_BIAS, C_out) partial sums from the first stage or a level
+    Group,  # (cdiv(num_chunks, GROUP), KH*KW + HAS_BIAS, C_out) group sums
+    J, num_chunks, GROUP,
+    ACC: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    g = tl.program_id(1)
+    j_mask = j < J
+    k_start = g * GROUP
+    acc = _sum_chunks(Part, j, j_mask, J, k_start, tl.minimum(k_start + GROUP, num_chunks), ACC, BLOCK_J, BLOCK_K)
+    tl.store(Group + g.to(tl.int64) * J + j, acc, mask=j_mask)
+
+
+# Weight gradient, stage 2: sums the (at most a group of) partials of every (tap,
+# channel) in chunk order (BLOCK_K chunks per step), so the result is bitwise
+# reproducible, and writes dw (and db) in the parameter dtype.
 @triton.jit
 def _depthwise_bwd_weight_finalize_kernel(
-    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_out) from the reduce stage
+    Part,  # (num_chunks, KH*KW + HAS_BIAS, C_out) from the reduce stage or the last merge level
     DW,    # (C_out, 1, KH, KW) weight gradient
     DB,    # (C_out,) bias gradient (unused unless HAS_BIAS)
     C_out, num_chunks,
@@ -270,12 +304,7 @@ def _depthwise_bwd_weight_finalize_kernel(
     TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # flat (tap, channel) index
     j_mask = j < TAPS * C_out
-    acc = tl.zeros([BLOCK_J], dtype=ACC)
-    for k0 in range(0, num_chunks, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = (k < num_chunks)[:, None] & j_mask[None, :]
-        acc += tl.sum(tl.load(Part + k.to(tl.int64)[:, None] * (TAPS * C_out) + j[None, :], mask=mask, other=0.0),
-                      axis=0)
+    acc = _sum_chunks(Part, j, j_mask, TAPS * C_out, 0, num_chunks, ACC, BLOCK_J, BLOCK_K)
     tap = j // C_out
     co = j - tap * C_out
     is_w = j_mask & (tap < KH * KW)
@@ -398,9 +427,16 @@ def input_weight_grad_tiling(kh: int, kw: int, multiplier: int, channels_last: b
     """(BLOCK_J, BLOCK_P, BLOCK_C, num_warps) of :func:`_depthwise_bwd_kernel`: the
     (multiplier, tap) axis padded to a power of two, and a [BLOCK_J, BLOCK_P, BLOCK_C]
     accumulator of WGRAD_TILE elements, wide along the contiguous axis (channels for
-    NHWC, pixels for NCHW), as :func:`weight_grad_tiling`. Fixed by the shape alone."""
+    NHWC, pixels for NCHW), as :func:`weight_grad_tiling`. Fixed by the shape alone.
+
+    8 warps: the kernel holds the accumulator, the gathered dy and their 64-bit offsets
+    at once; at 4 warps (32 accumulator elements per thread) it sat at 128 registers and
+    triton 3.6's ptxas spilled two values to an 8-byte stack frame at MobileNetV2's
+    32x112x112 and 144x56x56 stride-2 layers (static, sm_90 compile); at 8 warps it takes
+    101-109 registers and no local memory under triton 3.6 and 3.9, the same 16 warps per
+    SM."""
     block_j = triton.next_power_of_2(multiplier * kh * kw)
-    return (block_j, *_tap_tile(block_j, channels_last), 4)
+    return (block_j, *_tap_tile(block_j, channels_last), 8)
 
 
 depthwise_fwd = autotune(FWD_CONFIGS, FWD_KEY)(_depthwise_fwd_kernel)
@@ -409,6 +445,7 @@ BWD_INPUT_KEY = ["N", "C_IN", "C_OUT", "H", "W", "OH", "OW", "KH", "KW", "conv_s
 depthwise_bwd_input = autotune(BWD_CONFIGS, BWD_INPUT_KEY)(_depthwise_bwd_input_kernel)
 # The weight gradient's tiling is fixed by the shape (weight_grad_tiling), not tuned.
 depthwise_bwd_weight_reduce = _depthwise_bwd_weight_reduce_kernel
+depthwise_bwd_weight_merge = _depthwise_bwd_weight_merge_kernel
 depthwise_bwd_weight_finalize = _depthwise_bwd_weight_finalize_kernel
 # Its tiling is fixed by the shape too (input_weight_grad_tiling).
 depthwise_bwd = _depthwise_bwd_kernel

@@ -117,7 +117,7 @@ def lrn_launches(check: bool = False):
                 config = lrn.CONFIGS[0]
                 base = dict(N=n, C=c, S=s, stride_xn=sn, stride_xc=sc, stride_xs=ss, alpha_over_n=1e-4, beta=0.75,
                             k=2.0)
-                consts = dict(LO=lo, HI=hi, ACC=tl.float32, BLOCK_C=block_c, **config.kwargs)
+                consts = dict(LO=lo, HI=hi, ACC=tl.float32, BLOCK_C=block_c, FULL_C=block_c == c, **config.kwargs)
                 tag = f"{shape} {layout} {str(dtype)[6:]} TILE={config.kwargs['TILE']}"
                 yield (f"lrn_fwd {tag}", lrn._lrn_fwd_kernel, dict(base, X=dtype, Y=dtype), consts,
                        config.num_warps)

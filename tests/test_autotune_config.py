@@ -58,6 +58,13 @@ def test_shortlist_drops_depthwise_forward_tiles_that_spill_on_fp32():
     assert picked(torch.float32) == [k for k in per_thread if per_thread[k] <= 16][:config.SHORTLIST]
     assert (64, 4) not in picked(torch.float32) and (128, 8) not in picked(torch.float64)
     assert picked(torch.bfloat16) == list(per_thread)[:config.SHORTLIST]
+    # With the BN-statistics epilogue 32 per thread spill on bf16 too (triton 3.6: BLOCK_C=128
+    # at 8 warps, a 32-byte stack frame), and so does BLOCK_C=16 at 2 warps (triton 3.9, an
+    # 8-byte frame; issue 22 item 3).
+    args = {"X": torch.empty(0, dtype=torch.bfloat16), "BLOCK_P": 64, "STATS": True}
+    stats = [(c.kwargs["BLOCK_C"], c.num_warps) for c in config.shortlist("_depthwise_fwd_kernel", FWD_CONFIGS, args)]
+    assert stats == [k for k in per_thread if per_thread[k] <= 16 and k[1] >= 4][:config.SHORTLIST]
+    assert (128, 8) not in stats and (16, 2) not in stats
 
 
 def test_shortlist_counts_programs_off_the_launch_grid():

@@ -100,9 +100,19 @@ def test_compile_report_covers_every_kernel_of_the_subset(report):
     assert report["meta"]["kind"] == "static, sm_90 compile"
 
 
-def test_compile_report_no_launchable_variant_spills(any_report):
-    spilling = [r for r in _rows(any_report) if r["fits_smem"] and (r["spill_bytes"] or r["ldl"] or r["stl"])]
-    assert not spilling, _where(spilling)
+def test_compile_report_no_launchable_variant_uses_local_memory(any_report):
+    """No spill, no stack frame, no local load or store, under every supported triton
+    (issue 22 item 3: triton 3.6's ptxas gave _bn_bwd_reduce_kernel at BLOCK_C=64 and
+    _depthwise_bwd_kernel at MobileNetV2's 144-channel stride-2 layer an 8-byte frame)."""
+    local = [r for r in _rows(any_report) if r["fits_smem"] and (r["spill_bytes"] or r["stack_bytes"] or r["ldl"]
+                                                                 or r["stl"])]
+    assert not local, _where(local)
+
+
+def test_compile_report_subset_holds_the_variants_that_had_a_stack_frame(report):
+    """The variants that had one under triton 3.6 are in the bf16 subset."""
+    assert [r for r in _rows(report, ("_bn_bwd_reduce_kernel",)) if r["config"].startswith("BLOCK_C=64,BLOCK_S=32")]
+    assert [r for r in _rows(report, ("_depthwise_bwd_kernel",)) if r["layer"] == "v2.features4"]
 
 
 def test_compile_report_every_variant_fits_shared_memory(any_report):

@@ -66,6 +66,41 @@ def run_both(x, w, b, kwargs, activation=None, residual=None, backends=("triton"
     return results
 
 
+@pytest.mark.parametrize("case", [((2, 24, 3, 4), (12, 24, 1, 1), 1, 0, 1, 1),   # 24 -> 12: CH_ALIGN 4 (fp32)
+                                  ((1, 12, 4, 3), (24, 12, 3, 3), 1, 1, 1, 1)],  # 12 -> 24, 3x3
+                         ids=case_id)
+def test_conv2d_channel_aligned(case):
+    """Channel counts that are multiples of 4 but not of 16 (MobileNetV2's 24): the
+    launchers pass CH_ALIGN > 1 and the kernels assert it (issue 22 item 10); forward
+    and every gradient against torch, channels_last."""
+    from vhist.ops.conv import channel_align
+
+    x, w, b, kwargs = make(case, channels_last=True)
+    cg_in, cg_out = case[1][1], case[1][0]
+    x_strides, w_strides = x.stride(), w.to(memory_format=torch.channels_last).stride()
+    assert channel_align(torch.float32, (cg_in,), (x_strides, w_strides)) == 4
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, b, kwargs, activation="relu")
+    assert_close(y, y_ref, name="output", **FWD_TOL)
+    for name, g, g_ref in zip(("grad_input", "grad_weight", "grad_bias"), grads, grads_ref):
+        assert_close(g, g_ref, name=name, **BWD_TOL)
+
+
+def test_conv2d_channel_align_rule():
+    """CH_ALIGN: the largest power of two up to 16 bytes dividing every channel count and
+    row stride of channels-innermost operands; 1 when Triton already sees 16 or when a
+    tensor is not channels-innermost."""
+    from vhist.ops.conv import channel_align
+
+    cl = lambda c, h, w: (h * w * c, 1, w * c, c)  # noqa: E731  (channels_last strides)
+    assert channel_align(torch.bfloat16, (24,), (cl(24, 56, 56),)) == 8
+    assert channel_align(torch.float32, (24,), (cl(24, 56, 56),)) == 4
+    assert channel_align(torch.bfloat16, (12,), (cl(12, 56, 56),)) == 4
+    assert channel_align(torch.bfloat16, (64,), (cl(64, 56, 56),)) == 1   # already visible
+    assert channel_align(torch.bfloat16, (24,), (cl(24, 55, 55),)) == 8
+    assert channel_align(torch.bfloat16, (3,), (cl(3, 8, 8),)) == 1
+    assert channel_align(torch.bfloat16, (24,), ((24 * 9, 9, 3, 1),)) == 1   # NCHW: channels not innermost
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_conv2d_fwd(case):
     x, w, b, kwargs = make(case, channels_last=case[0][0] == 2)

@@ -190,3 +190,93 @@ def test_depthwise_input_and_weight_grad_deterministic_and_used_by_autograd():
         y = vhist.ops.depthwise_conv2d(*leaves, stride=geom.stride, padding=CASES[-1][7], dilation=geom.dilation)
     grads = torch.autograd.grad(y, leaves, dy)
     assert all(torch.equal(g, f) for g, f in zip(grads, first))
+
+
+@pytest.mark.parametrize("combined", [False, True], ids=["weight_only", "with_input"])
+def test_depthwise_weight_grad_merge_tree(monkeypatch, combined):
+    """The chunk partials summed in a tree (issue 22 item 10): with the fan-in cut to 2 and
+    the SM count to 4 (5 chunks on 1152 pixels), two merge levels (5 -> 3 -> 2) then the
+    finalize; against fp64, and bitwise equal between runs."""
+    import vhist.ops.depthwise as dw_ops
+    from vhist.ops import heuristics, launch_cache
+
+    monkeypatch.setattr(heuristics, "DEPTHWISE_WGRAD_MERGE_GROUP", 2)
+    monkeypatch.setattr(dw_ops, "_sm_count", lambda device: 4)
+    launch_cache.clear()
+    try:
+        x, weight, dy, geom = _inputs(CASES[-1], "channels_last")
+        args = list(geom.stride), list(geom.padding), list(geom.dilation), 0, True
+        if combined:
+            run = lambda: torch.ops.vhist.depthwise_conv2d_bwd(dy, None, x, weight, *args)[1:]  # noqa: E731
+            cache = dw_ops._INPUT_WEIGHT_GRAD_PLANS
+        else:
+            run = lambda: _run(x, weight, dy, geom)  # noqa: E731
+            cache = dw_ops._WEIGHT_GRAD_PLANS
+        first, second = run(), run()
+        (plan,) = cache.values()
+        assert plan.chunks == 5 and [groups for _, groups in plan.merges] == [3, 2], (plan.chunks, plan.merges)
+    finally:
+        launch_cache.clear()
+    dw_ref, db_ref = _reference(x, weight, dy, geom)
+    assert_close(first[0].double(), dw_ref, name="grad_weight", **TOL)
+    assert_close(first[1].double(), db_ref, name="grad_bias", **TOL)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_depthwise_weight_grad_merge_levels():
+    """The tree's shape is a function of the chunk count: MobileNetV2's 32x112x112 layer at
+    batch 128 writes 523 chunk partials on 132 SMs, merged 523 -> 9 -> finalize."""
+    from vhist.ops import heuristics
+    from vhist.ops.depthwise import weight_chunks
+
+    with pytest.MonkeyPatch.context() as mp:
+        import vhist.ops.depthwise as dw_ops
+
+        mp.setattr(dw_ops, "_sm_count", lambda device: 132)
+        _, chunks = weight_chunks(128 * 112 * 112, 32, torch.device("cpu"))
+    assert chunks == 523
+    assert heuristics.merge_levels(chunks, heuristics.DEPTHWISE_WGRAD_MERGE_GROUP) == [523]
+    assert heuristics.merge_levels(64, 64) == [] and heuristics.merge_levels(4097, 64) == [4097, 65]
+
+
+MERGE_RECORD_SCRIPT = r"""
+import importlib, json, torch
+from vhist.tools.launches import record_launches
+dw_ops = importlib.import_module("vhist.ops.depthwise")
+out = []
+with record_launches() as rec:
+    # MobileNetV2's depthwise layers at batch 128 (channels, size, stride), both backward paths.
+    for c, hw, s in ((32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1), (960, 7, 1)):
+        x = torch.empty(128, c, hw, hw, device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+        w = torch.empty(c, 1, 3, 3, device="meta", dtype=torch.bfloat16)
+        geom = dw_ops.depthwise_geometry(x.shape, w.shape, s, 1, 1)
+        dy = torch.empty(128, c, geom.oh, geom.ow, device="meta", dtype=torch.bfloat16).to(
+            memory_format=torch.channels_last)
+        start = len(rec.records)
+        dw_ops.FUSED_PASSES.grad_input_and_weight(dy, x, w, geom)
+        dw_ops.FUSED_PASSES.grad_weight(dy, x, w, geom)
+        for r in rec.records[start:]:
+            if r.kernel in ("_depthwise_bwd_weight_merge_kernel", "_depthwise_bwd_weight_finalize_kernel"):
+                args = {a.name: a.value for a in r.args if a.kind == "int"}
+                grid = r.candidates[0][1]
+                out.append(dict(layer=[c, hw, s], kernel=r.kernel, programs=grid[0] * grid[1] * grid[2],
+                                partials=args["num_chunks"], walk=min(args.get("GROUP", args["num_chunks"]),
+                                                                      args["num_chunks"])))
+print(json.dumps(out))
+"""
+
+
+def test_depthwise_weight_grad_no_serial_merge_at_model_layers():
+    """Recorded launches (nothing run) at MobileNetV2's depthwise layers, batch 128, 132
+    SMs: every merge or finalize launch walks at most 64 partials per program (the BN
+    merge's bound); the 32x112x112 layer's 523 partials take one level (3 x 9 programs)."""
+    from utils import run_recording_script
+
+    launches = run_recording_script(MERGE_RECORD_SCRIPT)
+    assert {r["kernel"] for r in launches} == {"_depthwise_bwd_weight_merge_kernel",
+                                              "_depthwise_bwd_weight_finalize_kernel"}
+    serial = [r for r in launches if r["walk"] > 64]
+    assert not serial, serial[:5]
+    first = [r for r in launches if r["layer"] == [32, 112, 1]]
+    assert [(r["kernel"][22:27], r["programs"], r["partials"]) for r in first[:2]] == [
+        ("merge", 27, 523), ("final", 3, 9)], first

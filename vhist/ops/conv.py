@@ -147,7 +147,7 @@ def is_stem(g: ConvGeometry, dtype: torch.dtype) -> bool:
     return g.c_in <= 4 and g.groups == 1 and dtype != torch.float64
 
 
-def _pad_launch(shape, strides, channels: int) -> Launch:
+def _pad_launch(shape, strides, channels: int, device) -> Launch:
     from vhist.kernels import conv as kernels
 
     n, c, h, w = shape
@@ -164,7 +164,7 @@ _PAD_LAUNCHES = new_cache()
 def pad_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     """``t`` (N, C, H, W) zero-padded to ``channels`` channels (a power of two >= C),
     channels_last, in one kernel launch (the stem path's input and weight)."""
-    key = (t.shape, t.stride(), channels)
+    key = (t.shape, t.stride(), channels, t.device)
     launch = lookup(_PAD_LAUNCHES, key, _pad_launch, *key)
     padded_shape = (t.shape[0], channels, t.shape[2], t.shape[3])
     padded = torch.empty_strided(padded_shape, channels_last_strides(padded_shape), dtype=t.dtype, device=t.device)
@@ -194,6 +194,26 @@ def _stats_config(g: ConvGeometry, dtype: torch.dtype, device: torch.device) -> 
     x = torch.empty(0, dtype=dtype, device=device)
     args = {"X": x, "N": g.n, "OH": g.oh, "OW": g.ow, "CG_OUT": g.c_out // g.groups, "grid": _fwd_grid(g)}
     return shortlist(kernels.conv2d_fwd_stats.__name__, configs, args)[0]
+
+
+def channel_align(dtype: torch.dtype, counts: tuple, strides: tuple) -> int:
+    """The kernels' CH_ALIGN (:func:`vhist.kernels.conv._aligned`): the number of elements
+    (a power of two, 16 bytes at most) that divides every channel count in ``counts`` and
+    every row stride of the tensors whose ``strides`` (N, C, H, W) are given, when each
+    has its channels innermost; 1 where Triton already sees the alignment (everything a
+    multiple of 16 elements) or there is none to assert.
+
+    Args:
+        counts: the channel counts bounding the channel masks (CG_IN, CG_OUT).
+        strides: the (N, C, H, W) element strides of the tensors loaded along channels.
+    """
+    values = (*counts, *(v for st in strides for v in (st[0], st[2], st[3])))
+    if any(st[1] != 1 for st in strides) or all(v % 16 == 0 for v in values):
+        return 1
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    while align > 1 and any(v % align for v in values):
+        align //= 2
+    return align
 
 
 def _geom_args(g: ConvGeometry) -> tuple:
@@ -255,6 +275,8 @@ def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residu
         constexprs.update(config.all_kwargs())
     else:
         kernel = kernels.conv2d_fwd_stem if stem else _pick_gemm(kernels.conv2d_fwd, dtype)
+    if not stem:
+        constexprs["CH_ALIGN"] = channel_align(dtype, (g.c_in // g.groups,), (x_strides, w_strides))
     if stem:
         g = dataclasses.replace(g, c_in=kernels.STEM_CHANNELS)
         x_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
@@ -297,7 +319,7 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
     return out, (part_mean, part_m2, part_count, plan.tiles)
 
 
-def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32) -> Launch:
+def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32, device) -> Launch:
     from vhist.kernels import conv as kernels
 
     cg_in = g.c_in // g.groups
@@ -309,8 +331,9 @@ def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, a
 
     kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad, dtype)
     dx_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
+    align = 1 if is_stem(g, dtype) else channel_align(dtype, (g.c_out // g.groups,), (grad_strides,))
     return Launch(kernel, grid, (*_geom_args(g), *grad_strides, *w_strides, *dx_strides), ACTIVATION=activation,
-                  **_precision_of(dtype, allow_tf32))
+                  CH_ALIGN=align, **_precision_of(dtype, allow_tf32))
 
 
 _DGRAD_LAUNCHES = new_cache()
@@ -320,7 +343,7 @@ def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: t
     """The input gradient, channels_last in ``like``'s dtype; ``output`` (the forward
     output with ``grad``'s strides) masks ``grad`` by the activation's derivative."""
     weight = to_channels_last(weight)
-    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32())
+    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32(), grad.device)
     launch = lookup(_DGRAD_LAUNCHES, key, _dgrad_launch, *key)
     dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     launch(grad, or_placeholder(output, grad), weight, dx)
@@ -361,7 +384,8 @@ def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db,
 
     gemm = Launch(_pick_gemm(kernels.conv2d_bwd_wgrad, dtype), grid,
                   (*_geom_args(g), *grad_strides, *x_strides, per_split, g.groups), HAS_DBIAS=want_db,
-                  ACTIVATION=activation, **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
+                  ACTIVATION=activation, CH_ALIGN=channel_align(dtype, (cg_out, cg_in), (grad_strides, x_strides)),
+                  **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
     block, acc = kernels.WGRAD_REDUCE_BLOCK, tl_acc(dtype)
     reduce_dw = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(numel, block),), (numel, split), ACC=acc, BLOCK=block)
     reduce_db = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(g.c_out, block),), (g.c_out, split), ACC=acc,

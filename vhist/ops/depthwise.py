@@ -132,7 +132,7 @@ def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, i
 
 
 def _fwd_launch(geom: DepthwiseGeometry, dtype, x_strides, out_strides, has_bias, has_residual, activation,
-                stats) -> tuple[Launch, int]:
+                stats, device) -> tuple[Launch, int]:
     """The forward launch and its programs along the pixel axis (with ``stats``, the
     number of BN partials it writes)."""
     from vhist.kernels import depthwise as kernels
@@ -156,7 +156,7 @@ def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activati
     :func:`vhist.ops.launch_cache.scratch`: merged before the next call of the same shape),
     else None."""
     key = (geom, input.dtype, input.stride(), output.stride(), bias is not None, residual is not None, activation,
-           stats)
+           stats, input.device)
     launch, programs = lookup(_FWD_LAUNCHES, key, _fwd_launch, *key)
     if stats:
         part = scratch(launch.scratch, input, lambda: partial_buffers(programs, geom.c_out, input, counts=True))
@@ -220,7 +220,7 @@ def depthwise_conv2d_bwd_input(
                            activation)
 
 
-def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_last, activation) -> Launch:
+def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_last, activation, device) -> Launch:
     from vhist.kernels import depthwise as kernels
 
     grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
@@ -241,7 +241,7 @@ def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stri
     geom = _geometry_from_lists(input_size, weight.shape, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
-    key = (geom, weight.dtype, grad_output.stride(), channels_last, activation)
+    key = (geom, weight.dtype, grad_output.stride(), channels_last, activation, grad_output.device)
     launch = lookup(_BWD_INPUT_LAUNCHES, key, _bwd_input_launch, *key)
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
     launch(grad_output, output if activation else grad_output, taps_major(weight, geom), grad_input)
@@ -272,29 +272,51 @@ def depthwise_conv2d_bwd_weight(
 @dataclass(frozen=True)
 class _WeightGradPlan:
     """The launches of a weight gradient (:func:`_bwd_weight_impl`, :func:`_bwd_impl`):
-    the pass writing (chunks, taps, C_out) partials and the ordered reduction of them."""
+    the pass writing (chunks, taps, C_out) partials, the merge levels of the tree that
+    sums them (:func:`vhist.ops.heuristics.merge_levels`) and its finalize."""
 
     chunks: int
     taps: int
     grad: Launch
+    merges: tuple  # (Launch, groups) per merge level
     finalize: Launch
     scratch: dict = field(default_factory=dict, compare=False, repr=False)  # the partials (launch_cache.scratch)
 
-    def partials(self, input: torch.Tensor, c_out: int) -> torch.Tensor:
-        """The (chunks, taps, C_out) partials buffer, in the accumulation dtype."""
-        return scratch(self.scratch, input, lambda: (
-            input.new_empty((self.chunks, self.taps, c_out), dtype=acc_dtype(input.dtype)),))[0]
+    def partials(self, input: torch.Tensor, c_out: int) -> tuple:
+        """The (chunks, taps, C_out) partials buffer and one (groups, taps, C_out) buffer
+        per merge level, in the accumulation dtype."""
+        acc = acc_dtype(input.dtype)
+        return scratch(self.scratch, input, lambda: tuple(
+            input.new_empty((rows, self.taps, c_out), dtype=acc)
+            for rows in (self.chunks, *(groups for _, groups in self.merges))))
+
+    def reduce(self, parts: tuple, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+        """Sums the first stage's partials (``parts[0]``) level by level, then writes the
+        weight (and bias) gradient."""
+        for (merge, _), src, dst in zip(self.merges, parts, parts[1:]):
+            merge(src, dst)
+        self.finalize(parts[-1], grad_weight, grad_bias)
 
 
-def _finalize_launch(geom: DepthwiseGeometry, chunks: int, has_bias: bool, tl_acc) -> Launch:
-    """Stage 2 of the weight gradient: the (chunks, taps, C_out) partials summed in chunk
-    order into the weight (and bias) gradient, (C_out, 1, KH, KW) contiguous."""
+def _reduce_launches(geom: DepthwiseGeometry, chunks: int, has_bias: bool, tl_acc) -> tuple[tuple, Launch]:
+    """Stage 2 of the weight gradient: the (chunks, taps, C_out) partials summed in a tree
+    of fan-in ``DEPTHWISE_WGRAD_MERGE_GROUP`` (the merge levels, each ordered by chunk),
+    then into the weight (and bias) gradient, (C_out, 1, KH, KW) contiguous."""
     from vhist.kernels import depthwise as kernels
 
-    taps, block_j = geom.kh * geom.kw + int(has_bias), 128
-    return Launch(kernels.depthwise_bwd_weight_finalize, (cdiv(taps * geom.c_out, block_j),),
-                  (geom.c_out, chunks, geom.kh * geom.kw, geom.kw, 1), KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias,
-                  ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=16)
+    taps = geom.kh * geom.kw + int(has_bias)
+    block_j, block_k = heuristics.DEPTHWISE_WGRAD_MERGE_BLOCK_J, heuristics.DEPTHWISE_WGRAD_MERGE_BLOCK_K
+    group, j_blocks = heuristics.DEPTHWISE_WGRAD_MERGE_GROUP, cdiv(taps * geom.c_out, block_j)
+    merges = []
+    for num in heuristics.merge_levels(chunks, group):
+        groups = cdiv(num, group)
+        merges.append((Launch(kernels.depthwise_bwd_weight_merge, (j_blocks, groups), (taps * geom.c_out, num, group),
+                              ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=block_k), groups))
+        chunks = groups
+    finalize = Launch(kernels.depthwise_bwd_weight_finalize, (j_blocks,),
+                      (geom.c_out, chunks, geom.kh * geom.kw, geom.kw, 1), KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias,
+                      ACC=tl_acc, BLOCK_J=block_j, BLOCK_K=block_k)
+    return tuple(merges), finalize
 
 
 def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
@@ -310,7 +332,7 @@ def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, c
                   KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc, BLOCK_P=block_p,
                   BLOCK_C=block_c, num_warps=num_warps)
     return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
-                           _finalize_launch(geom, chunks, has_bias, tl_acc))
+                           *_reduce_launches(geom, chunks, has_bias, tl_acc))
 
 
 _WEIGHT_GRAD_PLANS = new_cache()
@@ -323,11 +345,11 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
     key = (geom, input.dtype, grad_output.stride(), input.stride(), _channels_last(input), activation, has_bias,
            input.device)
     plan = lookup(_WEIGHT_GRAD_PLANS, key, _weight_grad_plan, *key)
-    part = plan.partials(input, geom.c_out)
+    parts = plan.partials(input, geom.c_out)
     grad_weight = input.new_empty(weight_size)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
-    plan.grad(grad_output, output if activation else grad_output, input, part)
-    plan.finalize(part, grad_weight, grad_bias if has_bias else grad_weight)
+    plan.grad(grad_output, output if activation else grad_output, input, parts[0])
+    plan.reduce(parts, grad_weight, grad_bias if has_bias else grad_weight)
     return grad_weight, grad_bias
 
 
@@ -367,7 +389,7 @@ def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_stri
                   KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
                   ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
-                           _finalize_launch(geom, chunks, has_bias, tl_acc))
+                           *_reduce_launches(geom, chunks, has_bias, tl_acc))
 
 
 _INPUT_WEIGHT_GRAD_PLANS = new_cache()
@@ -381,14 +403,14 @@ def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, act
     key = (geom, input.dtype, grad_output.stride(), input.stride(), channels_last, activation, has_bias,
            input.device)
     plan = lookup(_INPUT_WEIGHT_GRAD_PLANS, key, _input_weight_grad_plan, *key)
-    part = plan.partials(input, geom.c_out)
+    parts = plan.partials(input, geom.c_out)
     grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
     grad_weight = input.new_empty(weight.shape)
     grad_bias = input.new_empty((geom.c_out,) if has_bias else (0,))
     # One [taps, channels] weight tile load per program.
     plan.grad(grad_output, output if activation else grad_output, grad_output, input, taps_major(weight, geom),
-              grad_input, part)
-    plan.finalize(part, grad_weight, grad_bias if has_bias else grad_weight)
+              grad_input, parts[0])
+    plan.reduce(parts, grad_weight, grad_bias if has_bias else grad_weight)
     return grad_input, grad_weight, grad_bias
 
 

@@ -27,6 +27,12 @@ WGRAD_PROGRAMS_PER_SM = 4
 # so that the BN merge tree over them stays two levels deep at most.
 DEPTHWISE_FWD_BLOCK_P = 64
 DEPTHWISE_MAX_STATS_PARTIALS = 1024
+# Depthwise weight gradient: the per-chunk partials are summed in a tree of this fan-in
+# (merge_levels), as BatchNorm's are: no program walks more than this many in sequence
+# (523 chunks at MobileNetV2's 32x112x112 layer, batch 128: 9 groups, then 9 partials).
+DEPTHWISE_WGRAD_MERGE_GROUP = 64
+DEPTHWISE_WGRAD_MERGE_BLOCK_J = 128  # flat (tap, channel) values per merge program
+DEPTHWISE_WGRAD_MERGE_BLOCK_K = 16   # partials summed per step
 
 # BatchNorm reductions: programs per SM, and the bounds of one chunk's length.
 BN_PROGRAMS_PER_SM = 8
@@ -110,12 +116,17 @@ def bn_finalize_block_c(channels: int) -> int:
     return min(next_power_of_2(channels), BN_FINALIZE_MAX_BLOCK_C)
 
 
-def bn_merge_levels(num_partials: int) -> list[int]:
-    """Partial counts entering each first-level merge launch before the finalize: empty
-    when ``num_partials <= BN_MERGE_GROUP``; each level groups ``BN_MERGE_GROUP`` partials
-    into one."""
+def merge_levels(num_partials: int, group: int) -> list[int]:
+    """Partial counts entering each merge level of a tree of fan-in ``group`` before its
+    finalize: empty when ``num_partials <= group``; each level groups ``group`` partials
+    into one. A function of the partial count only, so the order (and the bits) is too."""
     levels = []
-    while num_partials > BN_MERGE_GROUP:
+    while num_partials > group:
         levels.append(num_partials)
-        num_partials = cdiv(num_partials, BN_MERGE_GROUP)
+        num_partials = cdiv(num_partials, group)
     return levels
+
+
+def bn_merge_levels(num_partials: int) -> list[int]:
+    """The BN merge tree's levels (:func:`merge_levels` of fan-in ``BN_MERGE_GROUP``)."""
+    return merge_levels(num_partials, BN_MERGE_GROUP)

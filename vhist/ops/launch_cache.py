@@ -129,9 +129,11 @@ def scratch(store: dict, like: torch.Tensor, make: Callable[[], tuple]) -> tuple
     if like.is_cuda:  # (cheaper than like.device.type)
         if torch.cuda.is_current_stream_capturing():
             return make()
-        slot = (threading.get_ident(), torch._C._cuda_getCurrentRawStream(like.get_device()))
+        # The device index too: the default stream's handle is 0 on every device.
+        index = like.get_device()
+        slot = (threading.get_ident(), index, torch._C._cuda_getCurrentRawStream(index))
     else:
-        slot = threading.get_ident()
+        slot = (threading.get_ident(), like.device)
     tensors = store.get(slot)
     if tensors is None:
         tensors = make()
@@ -145,6 +147,22 @@ def _nbytes(tensors: tuple) -> int:
     return sum(_nbytes(t) if isinstance(t, tuple) else t.numel() * t.element_size() for t in tensors)
 
 
+def cuda_index(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t``, -1 when it is not a CUDA tensor."""
+    return t.get_device() if t.is_cuda else -1
+
+
+def current_cuda_index() -> int:
+    """The current CUDA device's index. Only called with a CUDA tensor in hand, so CUDA is
+    initialized: torch.cuda.current_device() without its lazy-init check."""
+    return torch._C._cuda_getDevice()
+
+
+def cuda_device(index: int):
+    """A context making CUDA device ``index`` current."""
+    return torch.cuda.device(index)
+
+
 class Launch:
     """One kernel launch with everything but its tensors fixed: the kernel, the grid
     (a tuple, or a function of the config for an autotuned kernel), the trailing scalar
@@ -155,6 +173,8 @@ class Launch:
         launch = Launch(kernels.bn_fwd_apply, grid, (*geom.args(), eps), HAS_W=True, ...)
         launch(x, out, mean, rstd, weight, bias, residual)
 
+    A launch runs with its first tensor's CUDA device current (a guard entered only
+    when another device is current: one device check per call on the host otherwise).
     The first call goes through the kernel's ``run``; later calls go straight to what it
     resolved to (:meth:`vhist.kernels._config.TunedKernel.resolve`: on a GPU, the kernel
     with the tuned pick's constexprs, without the per-call tuning-key lookup). Calls look
@@ -173,6 +193,15 @@ class Launch:
         self.scratch: dict = {}  # the launch's scratch sets (:func:`scratch`), when it has any
 
     def __call__(self, *tensors):
+        # Triton launches on the current device: make the first tensor's current (the
+        # launchers pass tensors of one device, checked at the op boundary).
+        index = cuda_index(tensors[0])
+        if index >= 0 and index != current_cuda_index():
+            with cuda_device(index):
+                return self._launch(tensors)
+        return self._launch(tensors)
+
+    def _launch(self, tensors):
         if self.runner is not None:
             return self.runner.run(*tensors, *self.tail, **self.runner_options)
         args = (*tensors, *self.tail)

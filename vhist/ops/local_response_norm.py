@@ -58,7 +58,7 @@ def lrn_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     return n, c, s, c * s, s, 1
 
 
-def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, like) -> Launch:
+def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, device, like) -> Launch:
     from vhist.kernels.local_response_norm import block_s
 
     n, c, s, stride_n, stride_c, stride_s = lrn_geometry(like)
@@ -70,14 +70,15 @@ def _build_launch(kernel, shape, strides, dtype, size, alpha, beta, k, like) -> 
 
     # Shifts beyond the tile's width add only zeros: clip them (huge sizes stay cheap).
     return Launch(kernel, grid, (n, c, s, stride_n, stride_c, stride_s, alpha / size, beta, k),
-                  LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(dtype), BLOCK_C=block_c)
+                  LO=min(lo, block_c - 1), HI=min(hi, block_c - 1), ACC=_tl_acc(dtype), BLOCK_C=block_c,
+                  FULL_C=block_c == c)
 
 
 _LAUNCHES = new_cache()
 
 
 def _launch(kernel, tensors, size, alpha, beta, k, like):
-    key = (kernel, like.shape, like.stride(), like.dtype, size, alpha, beta, k)
+    key = (kernel, like.shape, like.stride(), like.dtype, size, alpha, beta, k, like.device)
     lookup(_LAUNCHES, key, _build_launch, *key, like)(*tensors)
 
 

@@ -47,8 +47,8 @@ class ArgRecord:
 
     ``kind`` is ``"pointer"`` (a tensor), ``"int"``, ``"float"``, ``"bool"`` or
     ``"none"``. Pointers carry ``shape``, ``strides`` (elements), ``dtype``,
-    ``itemsize``, ``storage_offset`` and ``aligned16`` (data pointer divisible by 16);
-    ints carry ``value``, ``div16`` and ``eq1``.
+    ``itemsize``, ``storage_offset``, ``aligned16`` (data pointer divisible by 16) and
+    ``device`` (e.g. ``"cuda:1"``); ints carry ``value``, ``div16`` and ``eq1``.
     """
 
     name: str
@@ -60,6 +60,7 @@ class ArgRecord:
     itemsize: int = 0
     storage_offset: int = 0
     aligned16: bool = False
+    device: Optional[str] = None
     div16: bool = False
     eq1: bool = False
 
@@ -80,7 +81,8 @@ class ArgRecord:
         out = {"name": self.name, "kind": self.kind, "spec": self.specialization}
         if self.kind == "pointer":
             out.update(shape=list(self.shape), strides=list(self.strides), dtype=self.dtype,
-                       itemsize=self.itemsize, storage_offset=self.storage_offset, aligned16=self.aligned16)
+                       itemsize=self.itemsize, storage_offset=self.storage_offset, aligned16=self.aligned16,
+                       device=self.device)
         elif self.value is not None:
             out["value"] = self.value
         return out
@@ -154,7 +156,8 @@ def describe_arg(name: str, value) -> ArgRecord:
     if isinstance(value, torch.Tensor):
         return ArgRecord(name, "pointer", shape=tuple(value.shape), strides=tuple(value.stride()),
                          dtype=_torch_dtype_name(value.dtype), itemsize=value.element_size(),
-                         storage_offset=value.storage_offset(), aligned16=value.data_ptr() % 16 == 0)
+                         storage_offset=value.storage_offset(), aligned16=value.data_ptr() % 16 == 0,
+                         device=str(value.device))
     if isinstance(value, bool):
         return ArgRecord(name, "bool", value=value)
     if isinstance(value, int):

@@ -77,6 +77,7 @@ ROLES: dict[str, dict[str, Role]] = {
                               "PartM2": ("w", _on("STATS")), "PartCount": ("w", _on("STATS"))},
     "_depthwise_bwd_input_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_depthwise_bwd_weight_reduce_kernel": {"DY": "r", "Out": ("r", _ACT), "X": "r", "Part": "w"},
+    "_depthwise_bwd_weight_merge_kernel": {"Part": "r", "Group": "w"},
     "_depthwise_bwd_weight_finalize_kernel": {"Part": "r", "DW": "w", "DB": ("w", _on("HAS_BIAS"))},
     "_depthwise_bwd_kernel": {"DY": "r", "Y": ("r", _ACT), "DYB": ("r", _on("HAS_BIAS")), "X": "r", "Wt": "r",
                               "DX": "w", "Part": "w"},
