@@ -124,15 +124,15 @@ STATS_EPILOGUE_KERNELS = {"_depthwise_fwd_kernel"}
 def shortlist(kernel_name: str, configs: list, args: dict) -> list:
     """The configs worth tuning for this launch (see the module docstring), at most
     ``SHORTLIST``, in the order given; never empty."""
-    if kernel_name in STATS_EPILOGUE_KERNELS and args.get("STATS"):
-        return list(configs[:1])
-
     def spec(c):
         return (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.kwargs.get("BLOCK_K"), c.num_warps,
                 c.num_stages)
 
     kept = [c for c in configs if spec(c) not in EXCLUDED and _fits_registers(kernel_name, c, args)] \
         or list(configs)
+    if kernel_name in STATS_EPILOGUE_KERNELS and args.get("STATS"):
+        # The first config that fits the epilogue's registers: fixed by the dtype alone.
+        return kept[:1]
     dims = _gemm_dims(kernel_name, args)
     if dims is not None:
         m, n = dims

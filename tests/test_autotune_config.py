@@ -63,7 +63,8 @@ def test_shortlist_drops_depthwise_forward_tiles_that_spill_on_fp32():
     # 8-byte frame; issue 22 item 3).
     args = {"X": torch.empty(0, dtype=torch.bfloat16), "BLOCK_P": 64, "STATS": True}
     stats = [(c.kwargs["BLOCK_C"], c.num_warps) for c in config.shortlist("_depthwise_fwd_kernel", FWD_CONFIGS, args)]
-    assert stats == [k for k in per_thread if per_thread[k] <= 16 and k[1] >= 4][:config.SHORTLIST]
+    # and the statistics' bits must not depend on a pick: the first fitting config alone.
+    assert stats == [k for k in per_thread if per_thread[k] <= 16 and k[1] >= 4][:1]
     assert (128, 8) not in stats and (16, 2) not in stats
 
 
