@@ -1,0 +1,30 @@
+"""The ``vhist`` backend of ``torch.compile``: the rewrite of :mod:`vhist.convert.rewrite`
+on each graph Dynamo captures (every piece between graph breaks is its own graph), the
+rest compiled by Inductor.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
+``torch.compile(model, backend="vhist")`` finds it without importing vhist first and
+without registering anything in torch at import.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+
+def backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    """Rewrites the captured graph ``gm`` onto vhist's ops, then compiles it with Inductor.
+
+    Dynamo hands nn modules inlined: convs are ``torch.conv2d`` calls and BatchNorms
+    ``F.batch_norm`` calls whose parameters and buffers are graph inputs, so the
+    functional side of the rewrite matches them.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    from vhist.convert.rewrite import rewrite
+
+    rewrite(gm.graph, dict(gm.named_modules()))
+    gm.recompile()
+    return compile_fx(gm, example_inputs, **kwargs)
+
+
+__all__ = ["backend"]

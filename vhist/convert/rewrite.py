@@ -1,0 +1,279 @@
+"""The graph rewrite: conv -> BatchNorm -> residual add -> activation chains (and convs,
+LRN) of a torch.fx graph, matched by dataflow, replaced by calls of
+:mod:`vhist.convert.calls`.
+
+One rewrite serves both entry points: the graphs :func:`vhist.convert` traces (modules
+appear as ``call_module`` nodes) and the graphs Dynamo captures for the ``vhist``
+compile backend (modules inlined: ``torch.conv2d`` / ``F.batch_norm`` calls whose
+parameters are graph inputs). A chain is what the nodes compute, wherever the code that
+wrote them lives: a pair split across modules, a residual added in a block's forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from vhist.convert import calls
+from vhist.convert.activations import Activation, activation_of, is_add
+from vhist.nn.modules.batchnorm import BatchNorm2d as VBatchNorm2d
+from vhist.nn.modules.conv import Conv2d as VConv2d
+
+_CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+_BN_FUNCTIONS = (F.batch_norm,)
+_LRN_FUNCTIONS = (F.local_response_norm,)
+_CALL_LABELS = {calls.conv: "conv", calls.conv_bn: "conv+BN", calls.conv_bn_module: "conv+BN"}
+
+
+@dataclass
+class ConvRecord:
+    """What became of one conv of the model.
+
+    Attributes:
+        name: the conv module's qualified name, or the graph node of a functional conv.
+        macs: its multiply-adds at the report's input size (None: not measured).
+        on_vhist: whether its conv runs on vhist's kernels.
+        fused: what runs with it in one op ("BN+relu+residual"), empty for none.
+        notes: why a neighbour was not fused, or why the conv was not converted.
+        node: the name of its node in the traced graph.
+    """
+
+    name: str
+    macs: Optional[int] = None
+    on_vhist: bool = False
+    fused: str = ""
+    notes: list = field(default_factory=list)
+    node: str = ""
+
+
+def _conv_module(m) -> bool:
+    # A subclass with a forward of its own (timm's StdConv2d, Conv2dSame) is traced through.
+    return isinstance(m, nn.Conv2d) and type(m).forward in (nn.Conv2d.forward, VConv2d.forward)
+
+
+_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, calls.SyncBatchNorm.forward,
+                VBatchNorm2d.forward)
+
+
+def _bn_module(m) -> bool:
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, calls.SyncBatchNorm)) and type(m).forward in _BN_FORWARDS
+
+
+def is_leaf_module(m: nn.Module) -> bool:
+    """Modules the rewrite treats as one node: convs and BatchNorms it may fuse, LRN."""
+    return _conv_module(m) or _bn_module(m) or type(m) is nn.LocalResponseNorm
+
+
+def _args(node: fx.Node, names: tuple, defaults: tuple) -> list:
+    """``node``'s arguments by position or keyword, with ``defaults`` for the trailing ones."""
+    values = list(node.args) + [None] * (len(names) - len(node.args))
+    first_default = len(names) - len(defaults)
+    for i, name in enumerate(names):
+        if i >= len(node.args):
+            values[i] = node.kwargs.get(name, defaults[i - first_default] if i >= first_default else None)
+    return values
+
+
+@dataclass
+class _Conv:
+    """A matched conv: its input node, weight and bias (nodes, or module attributes),
+    geometry constants, and where it came from."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: object
+    bias: object
+    geometry: tuple  # (stride, padding, dilation, groups)
+    module: Optional[nn.Module]
+    name: str
+
+
+def _const(x) -> bool:
+    return not isinstance(x, fx.Node) and not (isinstance(x, (tuple, list)) and any(isinstance(v, fx.Node) for v in x))
+
+
+def _match_conv(node: fx.Node, modules: dict, records: dict) -> Optional[_Conv]:
+    if node.op == "call_module" and _conv_module(modules.get(node.target)):
+        m = modules[node.target]
+        record = records.setdefault(node, ConvRecord(node.target, node=node.name))
+        if len(node.args) != 1 or node.kwargs:
+            record.notes.append("not converted: called with extra arguments")
+            return None
+        if m.padding_mode != "zeros":
+            record.notes.append(f"not converted: padding_mode={m.padding_mode!r}")
+            return None
+        return _Conv(node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                     (m.stride, m.padding, m.dilation, m.groups), m, node.target)
+    if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        x, w, b, stride, padding, dilation, groups = _args(
+            node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"), (None, 1, 0, 1, 1))
+        record = records.setdefault(node, ConvRecord(_functional_name(node), node=node.name))
+        geometry = (stride, padding, dilation, groups)
+        if not all(_const(v) for v in geometry) or not isinstance(x, fx.Node) or not isinstance(w, fx.Node):
+            record.notes.append("not converted: geometry computed at run time")
+            return None
+        return _Conv(node, x, w, b, geometry, None, record.name)
+    return None
+
+
+def _functional_name(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    where = next(reversed(stack.values()))[0] if stack else ""
+    return f"{where + ':' if where else ''}{node.name}"
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+@dataclass
+class _BN:
+    node: fx.Node
+    module: Optional[nn.Module]
+    args: tuple  # functional: (running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _match_bn(node: Optional[fx.Node], producer: fx.Node, modules: dict) -> Optional[_BN]:
+    if node is None:
+        return None
+    if node.op == "call_module" and _bn_module(modules.get(node.target)):
+        if node.args == (producer,) and not node.kwargs:
+            return _BN(node, modules[node.target], ())
+        return None
+    if node.op == "call_function" and node.target in _BN_FUNCTIONS:
+        x, rm, rv, w, b, training, momentum, eps = _args(
+            node, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+            (None, None, False, 0.1, 1e-5))
+        if x is producer and all(_const(v) for v in (training, momentum, eps)) and momentum is not None:
+            return _BN(node, None, (rm, rv, w, b, bool(training), float(momentum), float(eps)))
+    return None
+
+
+def _match_act(node: Optional[fx.Node], producer: fx.Node, modules: dict, record: ConvRecord) -> Optional[Activation]:
+    if node is None or not node.args or node.args[0] is not producer:
+        return None
+    act = activation_of(node, modules)
+    if act is not None and not act.supported:
+        record.notes.append(f"activation {act.label()} unsupported by vhist's kernels (runs as PyTorch's)")
+        return None
+    return act
+
+
+def _attr(graph: fx.Graph, value):
+    return graph.get_attr(value) if isinstance(value, str) else value
+
+
+def rewrite(graph: fx.Graph, modules: dict) -> list[ConvRecord]:
+    """Rewrites ``graph`` in place; returns a record per conv, in graph order.
+
+    Args:
+        graph: a traced graph; ``call_module`` targets are looked up in ``modules``.
+        modules: qualified name -> module of the traced root (``named_modules()``).
+    """
+    records: dict = {}
+    for node in list(graph.nodes):
+        if node.graph is not graph or node.op == "output":
+            continue
+        if node.op == "call_function" and node.target in _CALL_LABELS:
+            _record_converted(node, records)
+            continue
+        if (node.op == "call_module" and type(modules.get(node.target)) is nn.LocalResponseNorm) or (
+                node.op == "call_function" and node.target in _LRN_FUNCTIONS):
+            _rewrite_lrn(graph, node, modules)
+            continue
+        conv = _match_conv(node, modules, records)
+        if conv is not None:
+            _rewrite_chain(graph, conv, modules, records[node])
+    return list(records.values())
+
+
+def _record_converted(node: fx.Node, records: dict) -> None:
+    """A call a previous conversion wrote (converting twice changes nothing more)."""
+    record = records.setdefault(node, ConvRecord(_functional_name(node), on_vhist=True, node=node.name))
+    label = [_CALL_LABELS[node.target].replace("conv+", "").replace("conv", "")]
+    act = node.kwargs.get("activation")
+    label += [act] if act else []
+    label += ["residual"] if node.kwargs.get("residual") is not None else []
+    record.fused = "+".join(v for v in label if v)
+
+
+def _rewrite_lrn(graph: fx.Graph, node: fx.Node, modules: dict) -> None:
+    if node.op == "call_module":
+        m = modules[node.target]
+        if node.kwargs or len(node.args) != 1:
+            return
+        x, size, alpha, beta, k = node.args[0], m.size, m.alpha, m.beta, m.k
+    else:
+        x, size, alpha, beta, k = _args(node, ("input", "size", "alpha", "beta", "k"), (1e-4, 0.75, 1.0))
+    if not all(_const(v) for v in (size, alpha, beta, k)) or not (k > 0 and alpha >= 0):
+        return  # the kernels need a positive base (see vhist.ops.local_response_norm)
+    with graph.inserting_before(node):
+        new = graph.call_function(calls.local_response_norm, (x, size, alpha, beta, k))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvRecord) -> None:
+    """conv [-> BN] [-> + residual] [-> activation], each step taken when the previous
+    node's only user is it."""
+    chain, last = [conv.node], conv.node
+    bn = _match_bn(_only_user(last), last, modules)
+    sync = bn is not None and bn.module is not None and isinstance(bn.module, calls.SYNC_BATCH_NORMS)
+    if bn is not None:
+        if conv.bias is not None and _depthwise_module(conv):
+            record.notes.append("BN not fused: a depthwise conv with a bias before BatchNorm")
+            bn = None
+        else:
+            chain.append(bn.node)
+            last = bn.node
+    residual = None
+    add = _only_user(last)
+    can_add = not sync and not (bn is not None and conv.bias is not None)
+    if can_add and add is not None and is_add(add) and last in add.args:
+        other = add.args[1] if add.args[0] is last else add.args[0]
+        if other is not last:
+            residual = other
+            chain.append(add)
+            last = add
+    act = None if sync else _match_act(_only_user(last), last, modules, record)
+    if act is not None:
+        chain.append(_only_user(last))
+        last = chain[-1]
+    if sync:
+        record.notes.append("SyncBatchNorm runs unfused (its statistics are exchanged between processes)")
+    kwargs = {}
+    if act is not None:
+        kwargs["activation"] = act.name
+        if act.kwargs:
+            kwargs["act_kwargs"] = dict(act.kwargs)
+    if residual is not None:
+        kwargs["residual"] = residual
+    with graph.inserting_before(last):
+        weight, bias = _attr(graph, conv.weight), _attr(graph, conv.bias)
+        head = (conv.input, weight, bias, *conv.geometry)
+        if bn is None:
+            new = graph.call_function(calls.conv, head, kwargs)
+        elif bn.module is not None:
+            new = graph.call_function(calls.conv_bn_module, head + (graph.get_attr(bn.node.target),), kwargs)
+        else:
+            new = graph.call_function(calls.conv_bn, head + bn.args, kwargs)
+    new.meta = dict(conv.node.meta)
+    last.replace_all_uses_with(new)
+    for node in reversed(chain):
+        graph.erase_node(node)
+    record.on_vhist = True
+    record.fused = "+".join((["BN"] if bn is not None else []) + ([act.label()] if act else [])
+                            + (["residual"] if residual is not None else []))
+
+
+def _depthwise_module(conv: _Conv) -> bool:
+    m = conv.module
+    return m is not None and m.groups > 1 and m.groups == m.in_channels and m.out_channels % m.in_channels == 0
+
+
+__all__ = ["ConvRecord", "is_leaf_module", "rewrite"]
