@@ -203,6 +203,9 @@ def _count_macs(module: nn.Module, graph: fx.Graph, example) -> None:
 
 def _convert_module(module: nn.Module, qualname: str, report: ConversionReport, examples: dict) -> None:
     if _is_vhist_own(module):
+        for name, m in module.named_modules(prefix=qualname):
+            if isinstance(m, nn.Conv2d):
+                report.convs.append(ConvRecord(name, on_vhist=True, notes=["a vhist.nn model: already on vhist"]))
         return
     try:
         train_graph, eval_graph = _trace_both_modes(module)

@@ -134,7 +134,7 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
 class _BN:
     node: fx.Node
     module: Optional[nn.Module]
-    args: tuple  # functional: (running_mean, running_var, weight, bias, training, momentum, eps)
+    args: tuple  # functional: (weight, bias, running_mean, running_var, training, momentum, eps)
 
 
 def _match_bn(node: Optional[fx.Node], producer: fx.Node, modules: dict) -> Optional[_BN]:
@@ -149,7 +149,7 @@ def _match_bn(node: Optional[fx.Node], producer: fx.Node, modules: dict) -> Opti
             node, ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
             (None, None, False, 0.1, 1e-5))
         if x is producer and all(_const(v) for v in (training, momentum, eps)) and momentum is not None:
-            return _BN(node, None, (rm, rv, w, b, bool(training), float(momentum), float(eps)))
+            return _BN(node, None, (w, b, rm, rv, bool(training), float(momentum), float(eps)))
     return None
 
 

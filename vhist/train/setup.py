@@ -54,6 +54,7 @@ class TrainConfig:
     eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
     cuda_graph: bool = False                       # --cuda-graph: replay the captured training step
     pretrained: Optional[str] = None               # --pretrained: torchvision/timm weights file to start from
+    compile: bool = False                          # --compile: torch.compile(backend="vhist") the model
 
 
 @dataclass
@@ -180,7 +181,9 @@ def load_resume(cfg: TrainConfig) -> Optional[dict]:
         if not cfg.model or not cfg.data:
             missing = " and ".join(f for f, v in (("--model", cfg.model), ("--data", cfg.data)) if not v)
             raise ValueError(f"vhist train needs {missing} (or --resume CHECKPOINT)")
-        vhist.models.model_config(cfg.model)
+        from vhist.convert.external import check_model
+
+        check_model(cfg.model)
         if cfg.pretrained and not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"pretrained weights {cfg.pretrained} do not exist")
         return None
@@ -221,6 +224,7 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
                 dist: D.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The seeded zoo model on ``device`` and what runs its forward (DDP under torchrun)."""
     import vhist
+    from vhist.convert.external import build
     from vhist.models import DropPath
 
     torch.manual_seed(cfg.seed)
@@ -230,7 +234,7 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
                               "vit_* have it)")
     try:
-        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
+        model = build(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **extra)
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
@@ -250,6 +254,9 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        # vhist.convert's rewrite on each captured graph, the rest by Inductor (vhist.convert.dynamo).
+        net = torch.compile(net, backend="vhist")
     return model, net
 
 
@@ -301,6 +308,8 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
     """Validates the backend and recipe, loads the data and builds the model, loaders and
     optimizer. The run folder is not created here."""
     if cfg.cuda_graph:
+        if cfg.compile:
+            raise ValueError("--compile and --cuda-graph: give one of them")
         check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
@@ -369,7 +378,7 @@ def create_run_dir(run: Run) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve().parent
     else:
-        name = cfg.run_name or f"{cfg.model}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run_name or f"{cfg.model.replace(':', '-')}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         if dist.enabled:
             box = [name]
             torch.distributed.broadcast_object_list(box, src=0)
