@@ -11,7 +11,9 @@ weights. Providers, in the same run and on the same batch:
 * ``torch_compile``: ``torch.compile`` of the torch-backend model;
 * ``triton+graph`` and ``torch+graph``: the triton and torch providers with the whole
   step captured in one CUDA graph and replayed (vhist.train.graph, as
-  ``vhist train --cuda-graph`` runs it), so that the host's Python is out of the step.
+  ``vhist train --cuda-graph`` runs it), so that the host's Python is out of the step;
+* ``triton+compile``: ``torch.compile(model, backend="vhist")`` on the triton backend
+  (vhist.convert's rewrite on each captured graph, Inductor for the rest).
 
 For each it reports the wall time of the first step (compilation and autotuning: Triton
 kernels are tuned over per-shape shortlists, or not at all with ``VHIST_AUTOTUNE=0``, and
@@ -57,8 +59,13 @@ def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_
         model = model.to(memory_format=torch.channels_last)
     model.train()
     graphed = provider.endswith("+graph")
-    backend = "torch" if provider == "torch_compile" else provider.removesuffix("+graph")
-    forward = torch.compile(model) if provider == "torch_compile" else model
+    backend = "torch" if provider == "torch_compile" else provider.removesuffix("+graph").removesuffix("+compile")
+    if provider == "torch_compile":
+        forward = torch.compile(model)
+    elif provider.endswith("+compile"):
+        forward = torch.compile(model, backend="vhist")
+    else:
+        forward = model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
