@@ -176,6 +176,11 @@ def rewrite(graph: fx.Graph, modules: dict) -> list[ConvRecord]:
     """
     records: dict = {}
     for node in list(graph.nodes):
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1:
+            # timm's BatchNormAct2d has an nn.Identity (its dropout) between BN and activation.
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    for node in list(graph.nodes):
         if node.graph is not graph or node.op == "output":
             continue
         if node.op == "call_function" and node.target in _CALL_LABELS:
