@@ -11,20 +11,32 @@ from __future__ import annotations
 from torch import fx
 
 
-def backend(gm: fx.GraphModule, example_inputs, **kwargs):
+def backend(gm: fx.GraphModule, example_inputs, *, inner=None):
     """Rewrites the captured graph ``gm`` onto vhist's ops, then compiles it with Inductor.
 
     Dynamo hands nn modules inlined: convs are ``torch.conv2d`` calls and BatchNorms
     ``F.batch_norm`` calls whose parameters and buffers are graph inputs, so the
     functional side of the rewrite matches them.
-    """
-    from torch._inductor.compile_fx import compile_fx
 
+    Args:
+        gm, example_inputs: what Dynamo gives a backend.
+        inner: the backend that compiles the rewritten graph (a name or a callable;
+            default Inductor). The tests pass "aot_eager", which runs the same graph
+            through AOTAutograd without Inductor's code generation.
+    """
     from vhist.convert.rewrite import rewrite
 
     rewrite(gm.graph, dict(gm.named_modules()))
     gm.recompile()
-    return compile_fx(gm, example_inputs, **kwargs)
+    if inner is None:
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+    if isinstance(inner, str):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(inner)
+    return inner(gm, example_inputs)
 
 
 __all__ = ["backend"]

@@ -40,6 +40,9 @@ class _Tracer(fx.Tracer):
 
     def __init__(self):
         super().__init__(autowrap_functions=calls.CALLS)
+        # Buffers as graph values: forward code that updates one (timm's BatchNormAct2d
+        # counts num_batches_tracked itself) must do so at run time, not once while tracing.
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_leaf_module(m) or _is_vhist_own(m) or super().is_leaf_module(m, qualname)
@@ -288,8 +291,16 @@ def convert_with_report(model: nn.Module, *, inplace: bool = False, input_size=N
         model = copy.deepcopy(model)
     size = _input_size(model, input_size)
     result = ConversionReport(input_size=size if count_macs else None)
-    examples = _example_inputs(model, size) if count_macs else {}
-    _convert_module(model, "", result, examples)
+    # Counting runs the model and the training graphs (no grad): their buffer updates
+    # (running statistics, num_batches_tracked written in forward code) are undone.
+    saved = [(b, b.clone()) for b in model.buffers()] if count_macs else []
+    try:
+        examples = _example_inputs(model, size) if count_macs else {}
+        _convert_module(model, "", result, examples)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
     return model, result
 
 
