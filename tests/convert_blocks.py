@@ -8,7 +8,7 @@ steps joined by ``+``, with an unsupported activation dropped (see ``expected_la
 """
 from __future__ import annotations
 
-from functools import partial
+import math
 from typing import Callable, Optional
 
 import torch
@@ -316,6 +316,29 @@ class TFSameStem(nn.Module):
         return self._swish(self._bn0(self._conv_stem(x)))
 
 
+def _get_same_padding(x: int, kernel_size: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+
+def pad_same(x, kernel_size, stride, dilation=(1, 1), value=0):
+    """timm.layers.padding.pad_same: TF-'same' padding from the input's size."""
+    ih, iw = x.size()[-2:]
+    pad_h = _get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = _get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.Conv2dSame: dynamic TF-'same' padding (not traceable by torch.fx)."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1):
+        super().__init__(cin, cout, kernel_size, stride, 0, bias=False)
+
+    def forward(self, x):
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class Residual(nn.Module):
     """ConvMixer's Residual: fn(x) + x."""
 
@@ -442,5 +465,4 @@ def expected_label(steps: tuple) -> tuple[str, Optional[str]]:
     return "+".join(kept), missing
 
 
-__all__ = ["BLOCKS", "expected_label", "classifier"]
-_ = partial
+__all__ = ["BLOCKS", "Conv2dSame", "expected_label", "classifier"]

@@ -12,7 +12,7 @@ from torch import nn
 
 import vhist
 from vhist.convert import calls
-from convert_blocks import BLOCKS, Bottleneck, ConvNormAct, classifier, expected_label
+from convert_blocks import BLOCKS, Bottleneck, Conv2dSame, ConvNormAct, classifier, expected_label
 
 NAMES = list(BLOCKS)
 TIGHT = dict(rtol=1e-9, atol=1e-12)  # float64: the converted ops compute the same sums
@@ -268,6 +268,30 @@ def test_convert_never_raises_on_unsupported_parts():
     assert "padding_mode='reflect'" in report.convs[0].notes[0]
     x = _inputs((2, 3, 6, 6), 1)[0]
     torch.testing.assert_close(converted(x), model(x), **TIGHT)
+
+
+def test_dynamic_same_padding_conv_is_reported_and_compiles():
+    """timm's Conv2dSame computes its padding from the input size (math.ceil): torch.fx cannot
+    trace it, so the report lists it as PyTorch's with its multiply-adds; Dynamo traces it,
+    so the compile backend runs it on vhist."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1)).double()
+    converted, report = vhist.convert.convert_with_report(model, input_size=7)
+    same, pointwise = report.convs
+    assert (same.name, same.on_vhist, same.macs) == ("0", False, 4 * 4 * 4 * 27)
+    assert "does not trace" in same.notes[0] and pointwise.on_vhist
+    assert report.share == pytest.approx(16 * 4 * 4 / (16 * 4 * 4 + 4 * 4 * 4 * 27))
+    graphs = []
+
+    def spy(gm, example_inputs):
+        graphs.append(gm)
+        return vhist.convert.backend(gm, example_inputs, inner="aot_eager")
+
+    torch._dynamo.reset()
+    x = _inputs((2, 3, 7, 7), 1)[0]
+    compiled_model = copy.deepcopy(model)
+    torch.testing.assert_close(torch.compile(compiled_model, backend=spy)(x), model(x), **TIGHT)
+    assert [n.target for g in graphs for n in g.graph.nodes if n.target in calls.CALLS] == [calls.conv_bn, calls.conv]
 
 
 @pytest.mark.parametrize("spec,package", [("torchvision:resnet18", "torchvision"), ("timm:resnet18", "timm")])

@@ -81,10 +81,12 @@ class ConversionReport:
         lines = [f"{'conv':<{width}}  {'MMACs':>9}  on vhist  fused / why not"]
         for r in self.convs:
             macs = f"{r.macs / 1e6:9.2f}" if r.macs is not None else f"{'n/a':>9}"
-            what = ("conv" + (f"+{r.fused}" if r.fused else "")) if r.on_vhist else "no"
             why = "; ".join(r.notes)
-            lines.append(f"{r.name:<{width}}  {macs}  {'yes' if r.on_vhist else 'no ':<8}  "
-                         f"{what}{' (' + why + ')' if why and r.on_vhist else why if why else ''}".rstrip())
+            if r.on_vhist:
+                what = "conv" + (f"+{r.fused}" if r.fused else "") + (f" ({why})" if why else "")
+            else:
+                what = why or "not converted"
+            lines.append(f"{r.name:<{width}}  {macs}  {'yes' if r.on_vhist else 'no':<8}  {what}")
         for name, reason in self.untraced:
             lines.append(f"module {name} does not trace whole (converted child by child): {reason}")
         size = "x".join(map(str, self.input_size)) if self.input_size else "?"
@@ -144,7 +146,9 @@ def _trace_both_modes(module: nn.Module) -> tuple[fx.Graph, fx.Graph]:
 
 def _example_inputs(model: nn.Module, input_size: tuple) -> dict:
     """The arguments each submodule is called with on one zero image of ``input_size``
-    (eval, no grad: nothing is updated), or {} if the model does not run on it."""
+    (eval, no grad), or {} if the model does not run on it. A conv module's
+    multiply-adds per image are stored under ``(conv, "macs")`` (for convs that stay
+    PyTorch's, which no traced graph counts)."""
     seen: dict = {}
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     x = torch.zeros((1, *input_size), dtype=first.dtype if first is not None and first.is_floating_point()
@@ -153,7 +157,12 @@ def _example_inputs(model: nn.Module, input_size: tuple) -> dict:
     def hook(m, args, kwargs):
         seen.setdefault(m, (args, kwargs))
 
+    def conv_hook(m, args, output):
+        w = m.weight.shape
+        seen.setdefault((m, "macs"), int(output[0].numel() * w[1] * w[2] * w[3]))
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
@@ -213,8 +222,12 @@ def _convert_module(module: nn.Module, qualname: str, report: ConversionReport, 
     try:
         train_graph, eval_graph = _trace_both_modes(module)
     except Exception as exc:  # noqa: BLE001  (the children are tried one by one)
-        if any(True for _ in module.children()):
-            report.untraced.append((qualname or type(module).__name__, " ".join(str(exc).split())[:160]))
+        reason = " ".join(str(exc).split())[:160]
+        if isinstance(module, nn.Conv2d):
+            report.convs.append(ConvRecord(qualname or type(module).__name__, examples.get((module, "macs")),
+                                           notes=[f"not converted: its forward does not trace ({reason})"]))
+        elif any(True for _ in module.children()):
+            report.untraced.append((qualname or type(module).__name__, reason))
         for name, child in module.named_children():
             _convert_module(child, f"{qualname}.{name}" if qualname else name, report, examples)
         return
@@ -227,7 +240,10 @@ def _convert_module(module: nn.Module, qualname: str, report: ConversionReport, 
     rewrite(eval_graph, modules)
     for record in records:
         record.macs = macs.get(record.node)
-        record.name = f"{qualname}.{record.name}" if qualname else record.name
+        if isinstance(module, nn.Conv2d) and len(records) == 1:
+            record.name = qualname or type(module).__name__  # a conv module converted on its own
+        else:
+            record.name = f"{qualname}.{record.name}" if qualname else record.name
     report.convs.extend(records)
     after = (train_graph.python_code("self").src, eval_graph.python_code("self").src)
     if after == before:
