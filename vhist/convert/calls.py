@@ -28,6 +28,29 @@ def _is_depthwise(input: torch.Tensor, weight: torch.Tensor, groups: int) -> boo
     return groups > 1 and groups == channels and weight.shape[0] % channels == 0
 
 
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _fits(residual: Optional[torch.Tensor], input: torch.Tensor, weight: torch.Tensor, stride, padding,
+          dilation) -> bool:
+    """Whether ``residual`` has exactly the conv output's shape and dtype, as the fused
+    epilogues need (the matcher sees dataflow, not shapes: an add that broadcasts, or
+    promotes the dtype, runs as PyTorch's after the conv)."""
+    if residual is None:
+        return True
+    if residual.dtype != input.dtype or residual.dim() != input.dim():
+        return False
+    size = []
+    for x, k, s, p, d in zip(input.shape[-2:], weight.shape[-2:], _pair(stride), _pair(padding), _pair(dilation)):
+        if p == "same":
+            size.append(x)
+            continue
+        p = 0 if p == "valid" else p
+        size.append((x + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(residual.shape) == (*input.shape[:-3], weight.shape[0], *size)
+
+
 def conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
          groups: int, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
          act_kwargs: Optional[dict] = None) -> torch.Tensor:
@@ -36,6 +59,9 @@ def conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     :func:`vhist.nn.functional.depthwise_conv2d` (its residual and activation as PyTorch's,
     since that op has no epilogue argument)."""
     act_kwargs = act_kwargs or {}
+    if not _fits(residual, input, weight, stride, padding, dilation):
+        out = conv(input, weight, bias, stride, padding, dilation, groups)
+        return torch_activation(out + residual, activation, act_kwargs)
     if not _is_depthwise(input, weight, groups):
         return VF.conv2d(input, weight, bias, stride, padding, dilation, groups, activation=activation,
                          residual=residual, **act_kwargs)
@@ -59,6 +85,10 @@ def conv_bn(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     mean, and the running mean with it). The converter passes a residual only without a
     conv bias, and a conv bias only to a dense conv."""
     act_kwargs = act_kwargs or {}
+    if not _fits(residual, input, weight, stride, padding, dilation):
+        out = conv_bn(input, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean,
+                      running_var, training, momentum, eps)
+        return torch_activation(out + residual, activation, act_kwargs)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
                   activation=activation, **act_kwargs)
     if bias is not None:

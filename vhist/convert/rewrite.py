@@ -225,9 +225,13 @@ def _rewrite_lrn(graph: fx.Graph, node: fx.Node, modules: dict) -> None:
 
 def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvRecord) -> None:
     """conv [-> BN] [-> + residual] [-> activation], each step taken when the previous
-    node's only user is it."""
+    node's only user is it. The fused call takes the place of the chain's last node, so
+    the chain stops before a node that would move the conv past an in-place write to
+    its input."""
     chain, last = [conv.node], conv.node
     bn = _match_bn(_only_user(last), last, modules)
+    if bn is not None and _written_between(conv.node, bn.node, conv.input, modules):
+        bn = None
     sync = bn is not None and bn.module is not None and isinstance(bn.module, calls.SYNC_BATCH_NORMS)
     if bn is not None:
         if conv.bias is not None and _depthwise_module(conv):
@@ -239,13 +243,17 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
     residual = None
     add = _only_user(last)
     can_add = not sync and not (bn is not None and conv.bias is not None)
+    if add is not None and _written_between(conv.node, add, conv.input, modules):
+        can_add = False
     if can_add and add is not None and is_add(add) and last in add.args:
         other = add.args[1] if add.args[0] is last else add.args[0]
         if other is not last:
             residual = other
             chain.append(add)
             last = add
-    act = None if sync else _match_act(_only_user(last), last, modules, record)
+    act_node = _only_user(last)
+    act = None if sync or (act_node is not None and _written_between(conv.node, act_node, conv.input, modules)) \
+        else _match_act(act_node, last, modules, record)
     if act is not None:
         chain.append(_only_user(last))
         last = chain[-1]
@@ -274,6 +282,25 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
     record.on_vhist = True
     record.fused = "+".join((["BN"] if bn is not None else []) + ([act.label()] if act else [])
                             + (["residual"] if residual is not None else []))
+
+
+def _in_place(node: fx.Node, modules: dict) -> bool:
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or (name.startswith("__i") and name.endswith("__"))
+
+
+def _written_between(start: fx.Node, end: fx.Node, value: fx.Node, modules: dict) -> bool:
+    """Whether a node after ``start`` and before ``end`` writes ``value`` in place."""
+    node = start.next
+    while node is not end and node.op != "root":
+        if node.args and node.args[0] is value and _in_place(node, modules):
+            return True
+        node = node.next
+    return False
 
 
 def _depthwise_module(conv: _Conv) -> bool:
