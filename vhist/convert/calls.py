@@ -10,7 +10,7 @@ own forward, which synchronizes the statistics across processes.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from vhist.convert.activations import torch_activation
 from vhist.nn import functional as VF
 from vhist.nn.modules.batchnorm import bn_forward_args, count_batch
 from vhist.nn.modules.sync_batchnorm import SyncBatchNorm
+from vhist.ops.bn_prologue import DeferredBNAct
 
 SYNC_BATCH_NORMS = (SyncBatchNorm, nn.SyncBatchNorm)
 
@@ -39,6 +40,7 @@ def _fits(residual: Optional[torch.Tensor], input: torch.Tensor, weight: torch.T
     promotes the dtype, runs as PyTorch's after the conv)."""
     if residual is None:
         return True
+    input = input.conv_output if isinstance(input, DeferredBNAct) else input
     if residual.dtype != input.dtype or residual.dim() != input.dim():
         return False
     size = []
@@ -77,13 +79,19 @@ def conv_bn(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             groups: int, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
             momentum: float, eps: float, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
-            act_kwargs: Optional[dict] = None) -> torch.Tensor:
+            act_kwargs: Optional[dict] = None, defer: bool = False) -> Union[torch.Tensor, DeferredBNAct]:
     """``act(batch_norm(conv2d(input, weight, bias)) + residual)`` on the fused op with
     ``F.batch_norm``'s arguments: :func:`vhist.nn.functional.fused_conv_bn_act` (dense) or
     :func:`vhist.nn.functional.fused_depthwise_bn_act`; a conv bias before BatchNorm goes
     through :func:`vhist.nn.functional.conv_bn_deferred` (the bias only moves the batch
     mean, and the running mean with it). The converter passes a residual only without a
-    conv bias, and a conv bias only to a dense conv."""
+    conv bias, and a conv bias only to a dense conv.
+
+    With ``defer`` (a dense conv whose output only dense fused convs consume), the result
+    is :func:`vhist.nn.functional.conv_bn_deferred`'s: in training on the triton backend a
+    :class:`~vhist.ops.DeferredBNAct` whose BN + activation the consuming convs apply in
+    their prologue (the zoo's hand-off, CUTLASS's mainloop fusion), else the tensor.
+    ``input`` may be such a :class:`~vhist.ops.DeferredBNAct`."""
     act_kwargs = act_kwargs or {}
     if not _fits(residual, input, weight, stride, padding, dilation):
         out = conv_bn(input, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, running_mean,
@@ -91,9 +99,10 @@ def conv_bn(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return torch_activation(out + residual, activation, act_kwargs)
     kwargs = dict(stride=stride, padding=padding, dilation=dilation, training=training, momentum=momentum, eps=eps,
                   activation=activation, **act_kwargs)
-    if bias is not None:
-        return VF.as_tensor(VF.conv_bn_deferred(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                                                bias=bias, groups=groups, **kwargs))
+    if bias is not None or defer:
+        out = VF.conv_bn_deferred(input, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias,
+                                  groups=groups, **kwargs)
+        return out if defer else VF.as_tensor(out)
     if _is_depthwise(input, weight, groups):
         return VF.fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var,
                                          residual=residual, **kwargs)
@@ -103,7 +112,8 @@ def conv_bn(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def conv_bn_module(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
                    dilation, groups: int, bn: nn.Module, activation: Optional[str] = None,
-                   residual: Optional[torch.Tensor] = None, act_kwargs: Optional[dict] = None) -> torch.Tensor:
+                   residual: Optional[torch.Tensor] = None, act_kwargs: Optional[dict] = None,
+                   defer: bool = False) -> Union[torch.Tensor, DeferredBNAct]:
     """:func:`conv_bn` for the BatchNorm module ``bn``, with its module semantics (see the
     module docstring). A SyncBatchNorm runs as its own module after the conv (the fused
     op cannot exchange statistics mid-kernel); the converter gives it no activation or
@@ -112,7 +122,7 @@ def conv_bn_module(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         return bn(conv(input, weight, bias, stride, padding, dilation, groups))
     running_mean, running_var, training, momentum = bn_forward_args(bn)
     out = conv_bn(input, weight, bias, stride, padding, dilation, groups, bn.weight, bn.bias, running_mean,
-                  running_var, training, momentum, bn.eps, activation, residual, act_kwargs)
+                  running_var, training, momentum, bn.eps, activation, residual, act_kwargs, defer)
     count_batch(bn)
     return out
 

@@ -236,8 +236,8 @@ def _convert_module(module: nn.Module, qualname: str, report: ConversionReport, 
     modules = dict(module.named_modules())
     before = (train_graph.python_code("self").src, eval_graph.python_code("self").src)
     macs = {n.name: n.meta.get("vhist_macs") for n in train_graph.nodes}
-    records = rewrite(train_graph, modules)
-    rewrite(eval_graph, modules)
+    records = rewrite(train_graph, modules, defer=True)
+    rewrite(eval_graph, modules, defer=True)
     for record in records:
         record.macs = macs.get(record.node)
         if isinstance(module, nn.Conv2d) and len(records) == 1:

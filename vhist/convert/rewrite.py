@@ -167,12 +167,16 @@ def _attr(graph: fx.Graph, value):
     return graph.get_attr(value) if isinstance(value, str) else value
 
 
-def rewrite(graph: fx.Graph, modules: dict) -> list[ConvRecord]:
+def rewrite(graph: fx.Graph, modules: dict, *, defer: bool = False) -> list[ConvRecord]:
     """Rewrites ``graph`` in place; returns a record per conv, in graph order.
 
     Args:
         graph: a traced graph; ``call_module`` targets are looked up in ``modules``.
         modules: qualified name -> module of the traced root (``named_modules()``).
+        defer: hand a conv + BN + activation whose output only dense fused convs consume
+            to their prologue (:func:`vhist.convert.calls.conv_bn`'s ``defer``). Eager
+            graphs only: a :class:`~vhist.ops.DeferredBNAct` is no graph value Dynamo's
+            backends can carry.
     """
     records: dict = {}
     for node in list(graph.nodes):
@@ -193,7 +197,51 @@ def rewrite(graph: fx.Graph, modules: dict) -> list[ConvRecord]:
         conv = _match_conv(node, modules, records)
         if conv is not None:
             _rewrite_chain(graph, conv, modules, records[node])
+    if defer:
+        _defer_to_prologues(graph, modules, records)
     return list(records.values())
+
+
+_FUSED = (calls.conv_bn, calls.conv_bn_module)
+_DEFERRED = " (BN+act in the next conv's prologue)"
+
+
+def _dense_fused_consumer(node: fx.Node, producer: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` is a fused dense conv + BN taking ``producer`` as its input only."""
+    if node.op != "call_function" or node.target not in _FUSED or node.args[0] is not producer:
+        return False
+    if any(a is producer for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return False
+    if node.args[6] != 1:  # groups: a depthwise or grouped conv's path has no prologue
+        return False
+    if node.target is calls.conv_bn_module:
+        bn = _target_module(node.args[7], modules)
+        return bn is not None and not isinstance(bn, calls.SYNC_BATCH_NORMS)
+    return True
+
+
+def _target_module(node, modules: dict):
+    return modules.get(node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _defer_to_prologues(graph: fx.Graph, modules: dict, records: dict) -> None:
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _FUSED or node.args[6] != 1:
+            continue
+        if node.kwargs.get("residual") is not None or not node.users:
+            continue
+        if node.target is calls.conv_bn_module and not _dense_fused_consumer_bn(node, modules):
+            continue
+        if all(_dense_fused_consumer(user, node, modules) for user in node.users):
+            node.kwargs = {**node.kwargs, "defer": True}
+            record = records.get(node.meta.get("vhist_conv"))
+            if record is not None:
+                record.fused += _DEFERRED
+
+
+def _dense_fused_consumer_bn(node: fx.Node, modules: dict) -> bool:
+    bn = _target_module(node.args[7], modules)
+    return bn is not None and not isinstance(bn, calls.SYNC_BATCH_NORMS)
 
 
 def _record_converted(node: fx.Node, records: dict) -> None:
@@ -203,7 +251,7 @@ def _record_converted(node: fx.Node, records: dict) -> None:
     act = node.kwargs.get("activation")
     label += [act] if act else []
     label += ["residual"] if node.kwargs.get("residual") is not None else []
-    record.fused = "+".join(v for v in label if v)
+    record.fused = "+".join(v for v in label if v) + (_DEFERRED if node.kwargs.get("defer") else "")
 
 
 def _rewrite_lrn(graph: fx.Graph, node: fx.Node, modules: dict) -> None:
@@ -276,6 +324,7 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
         else:
             new = graph.call_function(calls.conv_bn, head + bn.args, kwargs)
     new.meta = dict(conv.node.meta)
+    new.meta["vhist_conv"] = conv.node
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         graph.erase_node(node)
