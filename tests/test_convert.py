@@ -140,24 +140,12 @@ def test_convert_block_triton_interpreter(name, monkeypatch):
         torch.testing.assert_close(converted(x), model(x), **TIGHT)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_compile_backend_rewrites_each_graph(name):
-    """torch.compile with vhist's backend (the rewritten graphs run through AOTAutograd
-    without Inductor's code generation, which the next test covers)."""
-    build, shape, steps = BLOCKS[name]
-    torch.manual_seed(0)
-    model = build().double()
+def _compare_compiled(model, backend, x):
+    """A training step of ``torch.compile(copy of model, backend=backend)`` against the
+    eager model: logits, every gradient, running statistics."""
     compiled_model = copy.deepcopy(model)
-    graphs = []
-
-    def spy(gm, example_inputs):
-        out = vhist.convert.backend(gm, example_inputs, inner="aot_eager")
-        graphs.append(gm)
-        return out
-
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend=spy)
-    x = _inputs(shape, 1)[0]
+    compiled = torch.compile(compiled_model, backend=backend)
     out, ref = compiled(x), model(x)
     torch.testing.assert_close(out, ref, **TIGHT)
     out.sum().backward()
@@ -167,6 +155,23 @@ def test_compile_backend_rewrites_each_graph(name):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, **TIGHT)
     _compare_state(model, compiled_model)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_backend_rewrites_each_graph(name):
+    """torch.compile with vhist's backend (the rewritten graphs run through AOTAutograd
+    without Inductor's code generation, which the next test covers)."""
+    build, shape, steps = BLOCKS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    graphs = []
+
+    def spy(gm, example_inputs):
+        out = vhist.convert.backend(gm, example_inputs, inner="aot_eager")
+        graphs.append(gm)
+        return out
+
+    _compare_compiled(model, spy, _inputs(shape, 1)[0])
     vhist_calls = [n for g in graphs for n in g.graph.nodes if n.op == "call_function" and n.target in calls.CALLS]
     # Every conv that ran is a vhist call (data_dependent runs one of its two branches).
     assert len(vhist_calls) == len(steps) - (name == "data_dependent")
@@ -180,17 +185,7 @@ def test_compile_backend_vhist_entry_point():
 
     assert "vhist" in list_backends(exclude_tags=())
     model, _, shape, _ = _pair("resnet_bottleneck")
-    compiled_model = copy.deepcopy(model)
-    torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend="vhist")
-    x = _inputs(shape, 1)[0]
-    out, ref = compiled(x), model(x)
-    torch.testing.assert_close(out, ref, **TIGHT)
-    out.sum().backward()
-    ref.sum().backward()
-    for p, q in zip(model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, **TIGHT)
-    _compare_state(model, compiled_model)
+    _compare_compiled(model, "vhist", _inputs(shape, 1)[0])
 
 
 def _conv_bn_relu(**bn_kwargs):
