@@ -19,7 +19,7 @@ from vhist.convert.activations import torch_activation
 from vhist.nn import functional as VF
 from vhist.nn.modules.batchnorm import bn_forward_args, count_batch
 from vhist.nn.modules.sync_batchnorm import SyncBatchNorm
-from vhist.ops.bn_prologue import DeferredBNAct
+from vhist.ops import DeferredBNAct
 
 SYNC_BATCH_NORMS = (SyncBatchNorm, nn.SyncBatchNorm)
 
@@ -127,10 +127,63 @@ def conv_bn_module(input: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return out
 
 
+def has_layer_orders() -> bool:
+    """Whether vhist's ops have the conv -> act -> BN op and the deferred BN -> act of a
+    tensor (:func:`vhist.nn.functional.fused_conv_act_bn`, ``batch_norm_deferred``)."""
+    return hasattr(VF, "fused_conv_act_bn") and hasattr(VF, "batch_norm_deferred")
+
+
+def conv_act_bn(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding, dilation,
+                groups: int, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                momentum: float, eps: float, activation: Optional[str] = None,
+                act_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """``batch_norm(act(conv2d(input, weight, bias)))`` (ConvMixer's order) on
+    :func:`vhist.nn.functional.fused_conv_act_bn`, with ``F.batch_norm``'s arguments."""
+    return VF.fused_conv_act_bn(input, weight, bn_weight, bn_bias, running_mean, running_var, bias=bias,
+                                stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                activation=activation, training=training, momentum=momentum, eps=eps,
+                                **(act_kwargs or {}))
+
+
+def conv_act_bn_module(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride, padding,
+                       dilation, groups: int, bn: nn.Module, activation: Optional[str] = None,
+                       act_kwargs: Optional[dict] = None) -> torch.Tensor:
+    """:func:`conv_act_bn` for the BatchNorm module ``bn`` (module semantics; the
+    converter gives it no SyncBatchNorm)."""
+    running_mean, running_var, training, momentum = bn_forward_args(bn)
+    out = conv_act_bn(input, weight, bias, stride, padding, dilation, groups, bn.weight, bn.bias, running_mean,
+                      running_var, training, momentum, bn.eps, activation, act_kwargs)
+    count_batch(bn)
+    return out
+
+
+def bn_act(input: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+           running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+           momentum: float, eps: float, activation: Optional[str] = None,
+           act_kwargs: Optional[dict] = None) -> Union[torch.Tensor, DeferredBNAct]:
+    """``act(batch_norm(input))`` for convs to consume, where ``input`` is no conv's output
+    (DenseNet's concatenation): :func:`vhist.nn.functional.batch_norm_deferred`, whose
+    normalize + activation the consuming convs apply in their prologue (training, triton
+    backend), else the tensor."""
+    return VF.batch_norm_deferred(input, bn_weight, bn_bias, running_mean, running_var, training=training,
+                                  momentum=momentum, eps=eps, activation=activation, **(act_kwargs or {}))
+
+
+def bn_act_module(input: torch.Tensor, bn: nn.Module, activation: Optional[str] = None,
+                  act_kwargs: Optional[dict] = None) -> Union[torch.Tensor, DeferredBNAct]:
+    """:func:`bn_act` for the BatchNorm module ``bn`` (module semantics)."""
+    running_mean, running_var, training, momentum = bn_forward_args(bn)
+    out = bn_act(input, bn.weight, bn.bias, running_mean, running_var, training, momentum, bn.eps, activation,
+                 act_kwargs)
+    count_batch(bn)
+    return out
+
+
 def local_response_norm(input: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
     """``F.local_response_norm`` on :func:`vhist.nn.functional.local_response_norm`."""
     return VF.local_response_norm(input, size, alpha, beta, k)
 
 
 # What the converter's tracer keeps whole (a converted graph's own nodes).
-CALLS = (conv, conv_bn, conv_bn_module, local_response_norm)
+CALLS = (conv, conv_bn, conv_bn_module, conv_act_bn, conv_act_bn_module, bn_act, bn_act_module, local_response_norm)

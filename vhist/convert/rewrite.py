@@ -25,7 +25,8 @@ from vhist.nn.modules.conv import Conv2d as VConv2d
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 _BN_FUNCTIONS = (F.batch_norm,)
 _LRN_FUNCTIONS = (F.local_response_norm,)
-_CALL_LABELS = {calls.conv: "conv", calls.conv_bn: "conv+BN", calls.conv_bn_module: "conv+BN"}
+_CALL_LABELS = {calls.conv: "conv", calls.conv_bn: "conv+BN", calls.conv_bn_module: "conv+BN",
+                calls.conv_act_bn: "conv+act+BN", calls.conv_act_bn_module: "conv+act+BN"}
 
 
 @dataclass
@@ -197,6 +198,8 @@ def rewrite(graph: fx.Graph, modules: dict, *, defer: bool = False) -> list[Conv
         conv = _match_conv(node, modules, records)
         if conv is not None:
             _rewrite_chain(graph, conv, modules, records[node])
+    if calls.has_layer_orders():
+        _rewrite_bn_act_prologues(graph, modules, records)
     if defer:
         _defer_to_prologues(graph, modules, records)
     return list(records.values())
@@ -276,6 +279,8 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
     node's only user is it. The fused call takes the place of the chain's last node, so
     the chain stops before a node that would move the conv past an in-place write to
     its input."""
+    if _rewrite_conv_act_bn(graph, conv, modules, record):
+        return
     chain, last = [conv.node], conv.node
     bn = _match_bn(_only_user(last), last, modules)
     if bn is not None and _written_between(conv.node, bn.node, conv.input, modules):
@@ -331,6 +336,75 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
     record.on_vhist = True
     record.fused = "+".join((["BN"] if bn is not None else []) + ([act.label()] if act else [])
                             + (["residual"] if residual is not None else []))
+
+
+def _rewrite_conv_act_bn(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvRecord) -> bool:
+    """conv -> activation -> BN (ConvMixer) as one :func:`vhist.convert.calls.conv_act_bn`,
+    when vhist's ops have that order; False where the chain is not this one."""
+    act_node = _only_user(conv.node)
+    if act_node is None or not calls.has_layer_orders():
+        return False
+    act = activation_of(act_node, modules) if act_node.args and act_node.args[0] is conv.node else None
+    if act is None or not act.supported:
+        return False
+    bn = _match_bn(_only_user(act_node), act_node, modules)
+    if bn is None or (bn.module is not None and isinstance(bn.module, calls.SYNC_BATCH_NORMS)):
+        return False
+    if _written_between(conv.node, bn.node, conv.input, modules):
+        return False
+    kwargs = {"activation": act.name, **({"act_kwargs": dict(act.kwargs)} if act.kwargs else {})}
+    with graph.inserting_before(bn.node):
+        head = (conv.input, _attr(graph, conv.weight), _attr(graph, conv.bias), *conv.geometry)
+        if bn.module is not None:
+            new = graph.call_function(calls.conv_act_bn_module, head + (graph.get_attr(bn.node.target),), kwargs)
+        else:
+            new = graph.call_function(calls.conv_act_bn, head + bn.args, kwargs)
+    new.meta = dict(conv.node.meta)
+    new.meta["vhist_conv"] = conv.node
+    bn.node.replace_all_uses_with(new)
+    for node in (bn.node, act_node, conv.node):
+        graph.erase_node(node)
+    record.on_vhist = True
+    record.fused = f"{act.label()}+BN"
+    return True
+
+
+def _rewrite_bn_act_prologues(graph: fx.Graph, modules: dict, records: dict) -> None:
+    """BN -> activation whose output only dense fused convs consume, on a tensor that is
+    no conv's output (DenseNet's concatenation): one
+    :func:`vhist.convert.calls.bn_act`, applied in the consumers' prologue."""
+    for node in list(graph.nodes):
+        if node.graph is not graph or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        bn = _match_bn(node, node.args[0], modules)
+        if bn is None or (bn.module is not None and isinstance(bn.module, calls.SYNC_BATCH_NORMS)):
+            continue
+        out, act = node, None
+        user = _only_user(node)
+        if user is not None and user.args and user.args[0] is node:
+            act = activation_of(user, modules)
+            if act is not None and act.supported:
+                out = user
+            else:
+                act = None
+        consumers = list(out.users)
+        if not consumers or not all(_dense_fused_consumer(c, out, modules) for c in consumers):
+            continue
+        kwargs = {"activation": act.name if act else None,
+                  **({"act_kwargs": dict(act.kwargs)} if act and act.kwargs else {})}
+        with graph.inserting_before(out):
+            if bn.module is not None:
+                new = graph.call_function(calls.bn_act_module, (node.args[0], graph.get_attr(node.target)), kwargs)
+            else:
+                new = graph.call_function(calls.bn_act, (node.args[0],) + bn.args, kwargs)
+        out.replace_all_uses_with(new)
+        for dead in ([out, node] if out is not node else [node]):
+            graph.erase_node(dead)
+        label = "BN" + (f"+{act.label()}" if act else "")
+        for consumer in consumers:
+            record = records.get(consumer.meta.get("vhist_conv"))
+            if record is not None:
+                record.notes.append(f"its input's {label} runs in its prologue")
 
 
 def _in_place(node: fx.Node, modules: dict) -> bool:
