@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vhist.convert.calls import has_layer_orders
 from vhist.ops.common import ACTIVATION_CODES
 
 
@@ -434,7 +435,7 @@ BLOCKS: dict[str, tuple[Callable[[], nn.Module], tuple, dict]] = {
         "0.denselayer1.conv1": BN_RELU, "0.denselayer1.conv2": (), "0.denselayer2.conv1": BN_RELU,
         "0.denselayer2.conv2": ()}),
     "convmixer_gelu": (lambda: classifier(conv_mixer_layer(4, 3), 4), (2, 4, 6, 6), {
-        "0.0.fn.0": ("gelu",), "0.1": ("gelu",)}),
+        "0.0.fn.0": ("gelu", "BN"), "0.1": ("gelu", "BN")}),
     "resnext_grouped": (_resnext, (2, 8, 6, 6), {
         "0.conv1": BN_RELU, "0.conv2": BN_RELU, "0.conv3": ("BN", "relu", "residual")}),
     "weight_standardized": (lambda: classifier(WSBlock(4, 6), 6), (2, 4, 6, 6), {
@@ -450,19 +451,17 @@ BLOCKS: dict[str, tuple[Callable[[], nn.Module], tuple, dict]] = {
 
 def expected_label(steps: tuple) -> tuple[str, Optional[str]]:
     """``(fused, unsupported)``: the report's fused steps for ``steps`` with the kernels'
-    activations of this run, and the activation the kernels lack (None if none)."""
-    kept, missing = [], None
-    for step in steps:
-        name = step.split("(")[0]
-        if step in ("BN", "residual") or name in ACTIVATION_CODES:
-            kept.append(step)
-        else:
-            missing = step
-            if "residual" in steps:  # the residual add is fused before the activation only
-                pass
-    if missing is not None and "residual" in kept and steps.index("residual") > steps.index(missing):
-        kept.remove("residual")  # an unfused activation sits between (not the case in the table)
-    return "+".join(kept), missing
+    activations and layer orders of this run, and the activation the kernels lack (None
+    if none). An unsupported activation stays PyTorch's (the rest of its chain is fused
+    up to it); an activation before BN (conv -> act -> BN) fuses both only where vhist
+    has that order, else the activation alone."""
+    acts = [s for s in steps if s not in ("BN", "residual")]
+    missing = next((a for a in acts if a.split("(")[0] not in ACTIVATION_CODES), None)
+    if acts and "BN" in steps and steps.index(acts[0]) < steps.index("BN"):  # conv -> act -> BN
+        if missing is not None:
+            return "", missing
+        return ("+".join(steps) if has_layer_orders() else acts[0]), None
+    return "+".join(s for s in steps if s != missing), missing
 
 
 __all__ = ["BLOCKS", "Conv2dSame", "expected_label", "classifier"]

@@ -12,6 +12,7 @@ from torch import nn
 
 import vhist
 from vhist.convert import calls
+from vhist.convert.calls import has_layer_orders
 from convert_blocks import BLOCKS, Bottleneck, Conv2dSame, ConvNormAct, classifier, expected_label
 
 NAMES = list(BLOCKS)
@@ -19,6 +20,9 @@ DEFERRED = " (BN+act in the next conv's prologue)"
 # Convs whose BN + activation run in the consuming convs' prologue (their output feeds
 # only dense fused conv + BN ops).
 DEFERRED_CONVS = {"resnet_bottleneck": {"0.conv1", "0.conv2"}, "split_pair": {"0.0.conv"}}
+# Convs whose input's BN + activation (on a concatenation) run in their prologue, where
+# vhist's ops have that layer order.
+PROLOGUE_INPUTS = {"densenet_layer": {"0.denselayer1.conv1", "0.denselayer2.conv1"}} if has_layer_orders() else {}
 TIGHT = dict(rtol=1e-9, atol=1e-12)  # float64: the converted ops compute the same sums
 
 
@@ -92,6 +96,8 @@ def test_convert_report_coverage(name):
         if missing is not None:
             assert any(f"activation {missing} unsupported" in n for n in records[conv].notes), records[conv]
     assert {r.name for r in report.convs if r.fused.endswith(DEFERRED)} == DEFERRED_CONVS.get(name, set())
+    assert {r.name for r in report.convs if any("runs in its prologue" in n for n in r.notes)} == \
+        PROLOGUE_INPUTS.get(name, set())
     assert report.share == 1.0
     assert report.macs == sum(r.macs or 0 for r in report.convs) > 0
     assert bool(report.untraced) == (name == "data_dependent")
@@ -122,18 +128,16 @@ def test_convert_block_torch_backend(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_convert_block_triton_interpreter(name, monkeypatch):
-    from vhist.ops import bn_prologue
-
     model, converted, shape, _ = _pair(name)
     x = _inputs(shape, 1)[0]
     handed = []
-    apply = bn_prologue.ConvBNStatsFunction.apply
-    monkeypatch.setattr(bn_prologue.ConvBNStatsFunction, "apply",
+    apply = vhist.ops.ConvBNStatsFunction.apply
+    monkeypatch.setattr(vhist.ops.ConvBNStatsFunction, "apply",
                         lambda *args: handed.append(args[3] is not None) or apply(*args))
     with vhist.use_backend("triton"):
         _compare_step(model, converted, x)
-        # The deferred producers' BN + act ran in their consumers' prologues (pre_mean given).
-        assert sum(handed) == len(DEFERRED_CONVS.get(name, ()))
+        # The deferred BN + acts ran in their consumers' prologues (pre_mean given).
+        assert sum(handed) == len(DEFERRED_CONVS.get(name, ())) + len(PROLOGUE_INPUTS.get(name, ()))
         _compare_state(model, converted)
         model.eval()
         converted.eval()
