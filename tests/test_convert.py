@@ -13,6 +13,7 @@ from torch import nn
 import vhist
 from vhist.convert import calls
 from vhist.convert.calls import has_layer_orders
+from vhist.ops.common import ACTIVATION_CODES
 from convert_blocks import BLOCKS, Bottleneck, Conv2dSame, ConvNormAct, classifier, expected_label
 
 NAMES = list(BLOCKS)
@@ -20,6 +21,8 @@ DEFERRED = " (BN+act in the next conv's prologue)"
 # Convs whose BN + activation run in the consuming convs' prologue (their output feeds
 # only dense fused conv + BN ops).
 DEFERRED_CONVS = {"resnet_bottleneck": {"0.conv1", "0.conv2"}, "split_pair": {"0.0.conv"}}
+if "leaky_relu" in ACTIVATION_CODES:  # else the activation between them stays PyTorch's
+    DEFERRED_CONVS["csp_leaky_relu"] = {"0.blocks.0.conv1.conv"}
 # Convs whose input's BN + activation (on a concatenation) run in their prologue, where
 # vhist's ops have that layer order.
 PROLOGUE_INPUTS = {"densenet_layer": {"0.denselayer1.conv1", "0.denselayer2.conv1"}} if has_layer_orders() else {}

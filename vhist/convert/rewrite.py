@@ -174,8 +174,9 @@ def rewrite(graph: fx.Graph, modules: dict, *, defer: bool = False) -> list[Conv
     Args:
         graph: a traced graph; ``call_module`` targets are looked up in ``modules``.
         modules: qualified name -> module of the traced root (``named_modules()``).
-        defer: hand a conv + BN + activation whose output only dense fused convs consume
-            to their prologue (:func:`vhist.convert.calls.conv_bn`'s ``defer``). Eager
+        defer: hand a conv + BN + activation, or a BN + activation of a concatenation,
+            whose output only dense fused convs consume to their prologue
+            (:func:`vhist.convert.calls.conv_bn`'s ``defer``, :func:`~vhist.convert.calls.bn_act`). Eager
             graphs only: a :class:`~vhist.ops.DeferredBNAct` is no graph value Dynamo's
             backends can carry.
     """
@@ -198,9 +199,9 @@ def rewrite(graph: fx.Graph, modules: dict, *, defer: bool = False) -> list[Conv
         conv = _match_conv(node, modules, records)
         if conv is not None:
             _rewrite_chain(graph, conv, modules, records[node])
-    if calls.has_layer_orders():
-        _rewrite_bn_act_prologues(graph, modules, records)
     if defer:
+        if calls.has_layer_orders():
+            _rewrite_bn_act_prologues(graph, modules, records)
         _defer_to_prologues(graph, modules, records)
     return list(records.values())
 
