@@ -63,6 +63,9 @@ def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_
     if provider == "torch_compile":
         forward = torch.compile(model)
     elif provider.endswith("+compile"):
+        from vhist.convert.dynamo import prime
+
+        prime(device)
         forward = torch.compile(model, backend="vhist")
     else:
         forward = model

@@ -39,4 +39,17 @@ def backend(gm: fx.GraphModule, example_inputs, *, inner=None):
     return inner(gm, example_inputs)
 
 
-__all__ = ["backend"]
+def prime(device) -> None:
+    """Runs one tiny vhist op eagerly on ``device``, before a first compiled call: vhist's
+    ops fill per-device caches (autocast availability) on their first call, and Dynamo
+    fails a guard ("Guard failed on the same frame it was created") when that first call
+    happens inside the frame it traces."""
+    import torch
+
+    from vhist.nn import functional as VF
+
+    probe = torch.zeros(1, 1, 1, 1, device=device)
+    VF.conv2d(probe, probe)
+
+
+__all__ = ["backend", "prime"]

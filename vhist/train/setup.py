@@ -255,11 +255,9 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        # vhist's ops fill per-device caches (autocast availability) on their first call;
-        # Dynamo fails a guard when that first call happens inside the frame it traces, so
-        # one tiny eager op fills them before.
-        probe = torch.zeros(1, 1, 1, 1, device=device)
-        vhist.nn.functional.conv2d(probe, probe)
+        from vhist.convert.dynamo import prime
+
+        prime(device)
         # vhist.convert's rewrite on each captured graph, the rest by Inductor (vhist.convert.dynamo).
         net = torch.compile(net, backend="vhist")
     return model, net
