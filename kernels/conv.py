@@ -76,7 +76,10 @@ def _prologue(x, Mean, Rstd, Weight, Bias, channel, valid, channel_ok, HAS_W: tl
 # tile (_prologue).
 # Epilogue on the fp32 accumulator: bias, then (STATS) the tile's BatchNorm partials
 # (count, mean, M2) per channel in the layout bn_fwd_finalize merges with Chan's formula,
-# then residual and activation, then one store (with WRITE_PRE also a store of the
+# then residual and activation, then one store. With STATS the activation is that of a
+# conv -> activation -> BN (ACTIVATION 0 for conv -> BN): the statistics are those of the
+# activated value, and Y receives the pre-activation, which the BN kernels read (their
+# X_ACTIVATION) (with WRITE_PRE also a store of the
 # pre-activation to Z, what the backward of an activation not invertible from its
 # output reads).
 @triton.jit
@@ -150,8 +153,9 @@ def _conv2d_fwd_kernel(
         # Exact two-pass (mean, M2) of this tile's rows from the registers.
         valid = m_mask[:, None] & co_mask[None, :]
         count = tl.sum(m_mask.to(ACC), axis=0)
-        mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / count
-        dev = tl.where(valid, acc - mean[None, :], 0.0)
+        act = activate(acc, ACTIVATION, NEG_SLOPE)
+        mean = tl.sum(tl.where(valid, act, 0.0), axis=0) / count
+        dev = tl.where(valid, act - mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * (CG_OUT * tl.num_programs(2)) + co_g
         tl.store(PartMean + part, mean, mask=co_mask)
         tl.store(PartM2 + part, tl.sum(dev * dev, axis=0), mask=co_mask)
@@ -164,7 +168,8 @@ def _conv2d_fwd_kernel(
         acc += tl.load(Res + y_offs, mask=out_mask, other=0.0).to(ACC)
     if WRITE_PRE:
         tl.store(Z + y_offs, acc.to(Z.dtype.element_ty), mask=out_mask)
-    acc = activate(acc, ACTIVATION, NEG_SLOPE)
+    if not STATS:
+        acc = activate(acc, ACTIVATION, NEG_SLOPE)
     tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 

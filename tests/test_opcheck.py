@@ -270,15 +270,14 @@ def test_opcheck(name, op_samples):
     assert not failed, f"vhist::{name}: {failed}"
 
 
-# Every activation of the kernels (vhist.ops.ACTIVATION_CODES) through one op of each
-# family whose kernels apply it or its derivative, the schemas taking the pre-activation
-# where the activation's derivative needs it: the conv GEMMs' epilogue and dgrad / wgrad
-# (conv2d), the depthwise kernels, the BN apply and backward kernels (bn_act, which
-# conv_bn_stats' prologue shares). Leaky relu with a slope other than the default.
-ACTIVATION_SAMPLES = (_conv_samples, _bn_prologue_samples, lambda device, activation, slope: _depthwise_samples(
-    device, "depthwise_conv2d", activation, slope))
-ACTIVATION_OPS = {"conv2d_fwd", "conv2d_bwd", "bn_act_fwd", "bn_act_bwd", "depthwise_conv2d_fwd",
-                  "depthwise_conv2d_bwd"}
+# Every activation of the kernels (vhist.ops.ACTIVATION_CODES) through the ops whose
+# schemas take the pre-activation where the activation's derivative needs it (the conv
+# GEMMs' epilogue and dgrad / wgrad) and the BN apply and backward kernels (bn_act, which
+# the fused ops and conv_bn_stats' prologue share). Leaky relu with a slope other than the
+# default. (The depthwise ops' pre-activation schema: the relu6 sample above and
+# tests/test_activations.py.)
+ACTIVATION_SAMPLES = (_conv_samples, _bn_prologue_samples)
+ACTIVATION_OPS = {"conv2d_fwd", "conv2d_bwd", "bn_act_fwd", "bn_act_bwd"}
 
 
 @pytest.mark.parametrize("activation", sorted(set(vhist.ops.ACTIVATION_CODES.values()) - {0, 1, 2}))
