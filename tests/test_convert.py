@@ -323,6 +323,20 @@ def test_cli_external_model_without_its_package(spec, package, capsys):
         assert len(err) == 1 and f"needs the package {package}" in err[0], err
 
 
+def test_cli_train_compile_flag(capsys, tmp_path):
+    from vhist.__main__ import main
+    from vhist.train.cli import add_train_parser
+    import argparse
+
+    commands = argparse.ArgumentParser().add_subparsers()
+    args = add_train_parser(commands).parse_args(["--model", "alexnet", "--data", "synthetic", "--compile"])
+    assert args.compile is True
+    argv = ["train", "--model", "alexnet", "--data", "synthetic", "--compile", "--cuda-graph", "--out-dir",
+            str(tmp_path)]
+    assert main(argv) == 2
+    assert "--compile and --cuda-graph: give one of them" in capsys.readouterr().err
+
+
 def test_cli_convert_zoo_model(capsys):
     from vhist.__main__ import main
 
