@@ -3,6 +3,7 @@ timm, written in plain PyTorch (tests/convert_blocks.py): the report's coverage,
 and every gradient against the unconverted model (float64, torch backend and Triton's
 interpreter), running statistics after three training steps, eval outputs, the
 state_dict, idempotence, BatchNorm's module semantics, the compile backend, the CLI."""
+import argparse
 import copy
 import linecache
 
@@ -326,7 +327,6 @@ def test_cli_external_model_without_its_package(spec, package, capsys):
 def test_cli_train_compile_flag(capsys, tmp_path):
     from vhist.__main__ import main
     from vhist.train.cli import add_train_parser
-    import argparse
 
     commands = argparse.ArgumentParser().add_subparsers()
     args = add_train_parser(commands).parse_args(["--model", "alexnet", "--data", "synthetic", "--compile"])
