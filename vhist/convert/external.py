@@ -43,8 +43,10 @@ def check_model(spec: str) -> ModelConfig:
     return ModelConfig()
 
 
-def build(spec: str, num_classes: int = 1000, image_size: Optional[int] = None, **kwargs) -> nn.Module:
-    """The zoo model ``spec``, or the torchvision / timm model it names, converted.
+def build(spec: str, num_classes: int = 1000, image_size: Optional[int] = None, *, converted: bool = True,
+          **kwargs) -> nn.Module:
+    """The zoo model ``spec``, or the torchvision / timm model it names, converted (or as
+    the library builds it, with ``converted=False``: the baseline of a benchmark).
 
     Raises:
         ValueError: an unknown name, or a library that does not import.
@@ -59,7 +61,8 @@ def build(spec: str, num_classes: int = 1000, image_size: Optional[int] = None, 
             model = library.create_model(name, num_classes=num_classes, **kwargs)
     except (KeyError, RuntimeError) as exc:
         raise ValueError(f"model {spec!r}: {' '.join(str(exc).split())}") from None
-    model = convert(model, inplace=True, input_size=image_size or 224)
+    if converted:
+        model = convert(model, inplace=True, input_size=image_size or 224)
     model.default_config = ModelConfig(image_size=image_size or 224)
     return model
 
