@@ -13,7 +13,6 @@ on vhist and are left alone. Nothing outside the model passed in changes.
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import linecache
 from dataclasses import dataclass, field
@@ -100,31 +99,24 @@ class ConversionReport:
 # ----------------------------------------------------------------------------- forward code
 
 
+def _define(src: str, scope: dict, tag: str):
+    """``forward`` defined by ``src`` in ``scope``, its source kept for tracebacks."""
+    filename = f"<vhist.convert:{tag}:{next(_COUNTER)}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    exec(compile(src, filename, "exec"), scope)  # noqa: S102  (code fx generated from the model)
+    return scope["forward"]
+
+
 def _forward_from_graph(graph: fx.Graph, tag: str):
     code = graph.python_code(root_module="self")
-    filename = f"<vhist.convert:{tag}:{next(_COUNTER)}>"
-    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-    scope = dict(code.globals)
-    exec(compile(code.src, filename, "exec"), scope)  # noqa: S102  (the code fx generated)
-    return scope["forward"]
+    return _define(code.src, dict(code.globals), tag)
 
 
-def _dispatcher(train_forward, eval_forward):
-    """A forward with ``train_forward``'s signature that runs the graph of the module's mode."""
-    sig = inspect.signature(train_forward)
-    call = []
-    for p in list(sig.parameters.values()):
-        prefix = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
-        call.append(f"{p.name}={p.name}" if p.kind == p.KEYWORD_ONLY else prefix + p.name)
-    params = str(sig)[1:-1]
-    src = (f"def forward({params}):\n    if self.training:\n        return train_forward({', '.join(call)})\n"
-           f"    return eval_forward({', '.join(call)})\n")
-    scope = {"train_forward": train_forward, "eval_forward": eval_forward,
-             **train_forward.__globals__, **eval_forward.__globals__}
-    filename = f"<vhist.convert:dispatch:{next(_COUNTER)}>"
-    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
-    exec(compile(src, filename, "exec"), scope)  # noqa: S102
-    return scope["forward"]
+def _dispatcher(train_forward, eval_forward, tag: str):
+    """A forward that runs the graph of the module's mode."""
+    src = ("def forward(self, *args, **kwargs):\n    if self.training:\n"
+           "        return train_forward(self, *args, **kwargs)\n    return eval_forward(self, *args, **kwargs)\n")
+    return _define(src, {"train_forward": train_forward, "eval_forward": eval_forward}, tag)
 
 
 def _trace_both_modes(module: nn.Module) -> tuple[fx.Graph, fx.Graph]:
@@ -253,7 +245,7 @@ def _convert_module(module: nn.Module, qualname: str, report: ConversionReport, 
     if after[0] == after[1]:
         forward = train_forward
     else:
-        forward = _dispatcher(train_forward, _forward_from_graph(eval_graph, tag))
+        forward = _dispatcher(train_forward, _forward_from_graph(eval_graph, tag), tag)
     module.forward = forward.__get__(module)
 
 
