@@ -320,23 +320,30 @@ def _rewrite_chain(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvReco
             kwargs["act_kwargs"] = dict(act.kwargs)
     if residual is not None:
         kwargs["residual"] = residual
+    _replace_chain(graph, conv, bn, chain, kwargs, (calls.conv, calls.conv_bn_module, calls.conv_bn))
+    record.on_vhist = True
+    record.fused = "+".join((["BN"] if bn is not None else []) + ([act.label()] if act else [])
+                            + (["residual"] if residual is not None else []))
+
+
+def _replace_chain(graph: fx.Graph, conv: _Conv, bn: Optional[_BN], chain: list, kwargs: dict, targets: tuple):
+    """Replaces the nodes of ``chain`` (conv first, in graph order) by one call at the
+    last one's place: ``targets`` is (without BN, with a BN module, with a functional BN)."""
+    plain, with_module, with_functional = targets
+    last = chain[-1]
     with graph.inserting_before(last):
-        weight, bias = _attr(graph, conv.weight), _attr(graph, conv.bias)
-        head = (conv.input, weight, bias, *conv.geometry)
+        head = (conv.input, _attr(graph, conv.weight), _attr(graph, conv.bias), *conv.geometry)
         if bn is None:
-            new = graph.call_function(calls.conv, head, kwargs)
+            new = graph.call_function(plain, head, kwargs)
         elif bn.module is not None:
-            new = graph.call_function(calls.conv_bn_module, head + (graph.get_attr(bn.node.target),), kwargs)
+            new = graph.call_function(with_module, head + (graph.get_attr(bn.node.target),), kwargs)
         else:
-            new = graph.call_function(calls.conv_bn, head + bn.args, kwargs)
+            new = graph.call_function(with_functional, head + bn.args, kwargs)
     new.meta = dict(conv.node.meta)
     new.meta["vhist_conv"] = conv.node
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         graph.erase_node(node)
-    record.on_vhist = True
-    record.fused = "+".join((["BN"] if bn is not None else []) + ([act.label()] if act else [])
-                            + (["residual"] if residual is not None else []))
 
 
 def _rewrite_conv_act_bn(graph: fx.Graph, conv: _Conv, modules: dict, record: ConvRecord) -> bool:
@@ -354,17 +361,8 @@ def _rewrite_conv_act_bn(graph: fx.Graph, conv: _Conv, modules: dict, record: Co
     if _written_between(conv.node, bn.node, conv.input, modules):
         return False
     kwargs = {"activation": act.name, **({"act_kwargs": dict(act.kwargs)} if act.kwargs else {})}
-    with graph.inserting_before(bn.node):
-        head = (conv.input, _attr(graph, conv.weight), _attr(graph, conv.bias), *conv.geometry)
-        if bn.module is not None:
-            new = graph.call_function(calls.conv_act_bn_module, head + (graph.get_attr(bn.node.target),), kwargs)
-        else:
-            new = graph.call_function(calls.conv_act_bn, head + bn.args, kwargs)
-    new.meta = dict(conv.node.meta)
-    new.meta["vhist_conv"] = conv.node
-    bn.node.replace_all_uses_with(new)
-    for node in (bn.node, act_node, conv.node):
-        graph.erase_node(node)
+    _replace_chain(graph, conv, bn, [conv.node, act_node, bn.node], kwargs,
+                   (None, calls.conv_act_bn_module, calls.conv_act_bn))
     record.on_vhist = True
     record.fused = f"{act.label()}+BN"
     return True
