@@ -18,8 +18,9 @@ from vhist.ops import heuristics
 from vhist.ops._dispatch import check_float_dtype, dispatch
 # is_channels_last_dense stays importable from here, its former home.
 from vhist.ops.common import cdiv
-from vhist.ops.common import (DEFAULT_NEGATIVE_SLOPE, acc_dtype, activation_constexprs, kernel_slope, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
-                              like_layout, op_outputs, or_placeholder, partial_buffers, tl_acc)
+from vhist.ops.common import (DEFAULT_NEGATIVE_SLOPE, acc_dtype, activation_constexprs, check_bn_args, dense_layout,
+                              is_channels_last, is_channels_last_dense, kernel_slope, like_layout, op_outputs,
+                              or_placeholder, partial_buffers, tl_acc)
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
 from vhist.ops.op_call import custom_op
 

@@ -68,9 +68,9 @@ def _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_nega
 def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
                       pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
-                      pre_negative_slope: float, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, momentum: float,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pre_negative_slope: float, running_mean: Optional[torch.Tensor],
+                      running_var: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int, momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z = conv2d(P(input), weight) + bias`` and the batch statistics of ``z`` (running
     statistics updated in place), with ``P(x) = act(pre_weight * (x - pre_mean) * pre_rstd
     + pre_bias)`` applied in the conv's prologue when ``pre_mean`` is given (identity
@@ -100,7 +100,8 @@ def _(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activat
 def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                       pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
                       pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
-                      pre_negative_slope: float, stride: list[int], padding: list[int], dilation: list[int], groups: int, pre_eps: float,
+                      pre_negative_slope: float, stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int, pre_eps: float,
                       output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor]:
     """Backward of :func:`conv_bn_stats_fwd` from ``grad_z``, the full gradient at ``z``.

@@ -18,6 +18,7 @@ import torch
 import triton  # noqa: F401
 
 from vhist.ops._dispatch import check_float_dtype, check_same_device
+from vhist.reference import activation_backward
 from vhist.ops.launch_cache import Launch
 
 # ----------------------------------------------------------------------------- dtypes and device
@@ -225,6 +226,8 @@ ACTIVATION_CODES = {None: int(Activation.NONE), "relu": int(Activation.RELU), "r
                     "gelu_tanh": int(Activation.GELU_TANH), "sigmoid": int(Activation.SIGMOID),
                     "hardsigmoid": int(Activation.HARDSIGMOID)}
 
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+
 # F.leaky_relu's default slope; what the kernels' NEG_SLOPE constexpr holds for the other
 # activations (which ignore it), so that a slope never compiles a variant they do not need.
 DEFAULT_NEGATIVE_SLOPE = 0.01
@@ -269,10 +272,7 @@ def activation_grad(grad: torch.Tensor, saved: Optional[torch.Tensor], activatio
     itself without an activation."""
     if activation == Activation.NONE:
         return grad
-    from vhist.reference import activation_backward
-
-    names = {code: name for name, code in ACTIVATION_CODES.items()}
-    return activation_backward(grad, saved, names[activation], negative_slope)
+    return activation_backward(grad, saved, ACTIVATION_NAMES[activation], negative_slope)
 
 
 # ----------------------------------------------------------------------------- BatchNorm arguments

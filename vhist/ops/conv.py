@@ -7,8 +7,10 @@ elementwise passes) and ``torch`` (the reference composition).
 Registered custom ops (each with a fake implementation, so ``torch.compile`` traces them):
 
 * ``vhist::conv2d_fwd`` / ``vhist::conv2d_bwd``: conv with bias, residual and activation
-  epilogue; the backward masks dy by the activation derivative on the fly inside dgrad
-  and wgrad (recovered from the saved output), wgrad is split-K with partial buffers.
+  epilogue (any activation of :data:`~vhist.ops.common.ACTIVATION_CODES`); the backward
+  multiplies dy by the activation's derivative on the fly inside dgrad and wgrad, read
+  off the saved output for ReLU / ReLU6 and off the saved pre-activation (the forward's
+  second output) for the others; wgrad is split-K with partial buffers.
 * ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
   :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
   passes. Training: the conv epilogue writes the conv output and per-tile BN partials
@@ -432,8 +434,8 @@ def conv_backward(grad_output, input, weight, output, g: ConvGeometry, activatio
 
     dgrad and wgrad read dy through its four strides, so a gradient whose channels are
     innermost (the slice of a larger gradient: the ViT's patch embedding, whose tokens sit
-    beside the class token) is not copied; with an activation (its mask reads the output
-    at dy's offsets) or ``channels_last_grad`` dy is made channels_last.
+    beside the class token) is not copied; with an activation (its derivative reads the
+    saved tensor at dy's offsets) or ``channels_last_grad`` dy is made channels_last.
 
     Returns:
         ``(grad_input, grad_weight, grad_bias, grad_output, output)``.

@@ -7,8 +7,8 @@ the epilogue, input gradient, weight gradient) and gets the rest:
 * training forward: the conv pass writes the conv output and per-tile (count, mean,
   M2) partials; ``bn_finalize`` merges them (Chan et al.) and updates the running
   statistics; one ``bn_apply`` pass applies scale, shift, residual and activation;
-* training backward: ``bn_grad_sums`` recomputes the activation mask from the saved
-  conv output and sums dz and dz * x_hat per channel (with a residual whose gradient is
+* training backward: ``bn_grad_sums`` recomputes the activation's derivative from the
+  saved conv output and sums dz and dz * x_hat per channel (with a residual whose gradient is
   wanted, it also writes dz, that gradient), ``bn_grad_input`` writes dy_conv (reading
   dz when it was written), then the conv's input- and weight-gradient passes;
 * eval: BN folded into the weight and a bias (:func:`fold_bn`), one conv launch with
@@ -133,7 +133,8 @@ def _fused_bwd(passes: ConvPasses):
         want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
         dy_conv, dgamma, dbeta, dres = bn_act_backward(
             grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
-            negative_slope=negative_slope, want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta, want_dresidual=want_dres)
+            negative_slope=negative_slope, want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta,
+            want_dresidual=want_dres)
         dx = dw = None
         if want_dx or want_dw:
             if want_dx and want_dw and passes.grad_input_and_weight is not None:

@@ -9,7 +9,8 @@ from vhist.reference.gelu import bias_gelu
 from vhist.reference.layer_norm import add_layer_norm, layer_norm, layer_norm_2d
 from vhist.reference.local_response_norm import local_response_norm
 
-__all__ = ["ACTIVATIONS", "activate", "activation_backward", "bn_act", "fused_conv_act_bn", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_act", "fused_conv_bn_relu",
+__all__ = ["activate", "batch_norm", "conv2d", "depthwise_conv2d", "fused_conv_bn_act", "fused_conv_bn_relu",
            "fused_depthwise_bn_act", "local_response_norm"]
+__all__ += ["ACTIVATIONS", "activation_backward", "bn_act", "fused_conv_act_bn"]
 __all__ += ["add_layer_norm", "bias_gelu", "layer_norm", "layer_norm_2d"]
 __all__ += ["attention"]

@@ -62,9 +62,9 @@ ROLES: dict[str, dict[str, Role]] = {
     # kernels/conv.py
     "_conv2d_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")), "Res": ("r", _on("HAS_RESIDUAL")),
                            "Y": "w", "Z": ("w", _on("WRITE_PRE")), "PartMean": ("w", _on("STATS")),
-                           "PartM2": ("w", _on("STATS")), "PartCount": ("w", _on("STATS")), "PreMean": ("r", _on("PROLOGUE")),
-                           "PreRstd": ("r", _on("PROLOGUE")), "PreW": ("r", _on("PRE_HAS_W")),
-                           "PreB": ("r", _on("PRE_HAS_B"))},
+                           "PartM2": ("w", _on("STATS")), "PartCount": ("w", _on("STATS")),
+                           "PreMean": ("r", _on("PROLOGUE")), "PreRstd": ("r", _on("PROLOGUE")),
+                           "PreW": ("r", _on("PRE_HAS_W")), "PreB": ("r", _on("PRE_HAS_B"))},
     "_conv2d_bwd_dgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_conv2d_bwd_wgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "X": "r", "PartDW": "w",
                                  "PartDB": ("w", _on("HAS_DBIAS")), "PreMean": ("r", _on("PROLOGUE")),
