@@ -31,6 +31,8 @@ LAYOUTS = ("channels_last", "contiguous")  # the memory formats of the suites th
 PROVIDERS = ("triton", "cuda", "torch", "torch_compile")
 # bench/models.py adds whole-step CUDA-graph replays of the triton and torch providers.
 MODEL_PROVIDERS = PROVIDERS + ("triton+graph", "torch+graph")
+# torch.compile(model, backend="vhist"): vhist.convert's rewrite on each captured graph, Inductor for the rest.
+MODEL_PROVIDERS += ("triton+compile",)
 
 
 @dataclass

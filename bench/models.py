@@ -11,7 +11,9 @@ weights. Providers, in the same run and on the same batch:
 * ``torch_compile``: ``torch.compile`` of the torch-backend model;
 * ``triton+graph`` and ``torch+graph``: the triton and torch providers with the whole
   step captured in one CUDA graph and replayed (vhist.train.graph, as
-  ``vhist train --cuda-graph`` runs it), so that the host's Python is out of the step.
+  ``vhist train --cuda-graph`` runs it), so that the host's Python is out of the step;
+* ``triton+compile``: ``torch.compile(model, backend="vhist")`` on the triton backend
+  (vhist.convert's rewrite on each captured graph, Inductor for the rest).
 
 For each it reports the wall time of the first step (compilation and autotuning: Triton
 kernels are tuned over per-shape shortlists, or not at all with ``VHIST_AUTOTUNE=0``, and
@@ -23,6 +25,12 @@ smoke pass runs one training step of two small models at 32 px on the torch back
 writes nothing.
 
     python bench/models.py [--models 'resnet*'] [--batch 128] [--providers triton,torch]
+    python bench/models.py --models torchvision:resnet50,torchvision:efficientnet_b0 --batch 128
+
+A ``torchvision:NAME`` or ``timm:NAME`` model (that package installed) runs converted by
+``vhist.convert`` on the vhist providers and as the library builds it on ``torch`` and
+``torch_compile``; ``triton+compile`` compiles the unconverted model with the ``vhist``
+backend.
 """
 import argparse
 import fnmatch
@@ -40,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vhist  # noqa: E402
 from common import MODEL_PROVIDERS, metadata, print_table, report, time_ms, write_results  # noqa: E402
 from vhist.benchmark import graphed_train_step  # noqa: E402
+from vhist.convert.external import build, is_external  # noqa: E402
 from vhist.models.stats import default_image_size  # noqa: E402
 
 COLUMNS = ["model", "provider", "batch", "image_size", "first_step_s", "ms", "ms_p20", "ms_p80", "img_per_s", "peak_mem_gb",
@@ -50,15 +59,27 @@ SMOKE_MODELS = ("resnet18", "mobilenet_v2")
 def make_step(name: str, provider: str, batch: int, device: str = "cuda", image_size=None):
     """A zero-argument training step of ``name`` on ``provider``, and its input size."""
     torch.manual_seed(0)
-    model = vhist.create_model(name, image_size=image_size).to(device)
+    # A torchvision:NAME / timm:NAME model runs converted (vhist.convert) on the triton and
+    # cuda providers, as the library builds it on the torch ones (the baseline) and for
+    # triton+compile (the vhist backend converts each captured graph).
+    model = build(name, image_size=image_size, converted=provider in ("triton", "cuda", "triton+graph"))
+    model = model.to(device)
     size = image_size or default_image_size(model)
     channels_last = device == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     graphed = provider.endswith("+graph")
-    backend = "torch" if provider == "torch_compile" else provider.removesuffix("+graph")
-    forward = torch.compile(model) if provider == "torch_compile" else model
+    backend = "torch" if provider == "torch_compile" else provider.removesuffix("+graph").removesuffix("+compile")
+    if provider == "torch_compile":
+        forward = torch.compile(model)
+    elif provider.endswith("+compile"):
+        from vhist.convert.dynamo import prime
+
+        prime(device)
+        forward = torch.compile(model, backend="vhist")
+    else:
+        forward = model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
     if channels_last:
@@ -133,6 +154,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = sorted({n for pat in args.models.split(",") if pat.strip()
                     for n in vhist.list_models() if fnmatch.fnmatch(n, pat.strip())})
+    names += [pat.strip() for pat in args.models.split(",") if is_external(pat.strip())]
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     unknown = [p for p in providers if p not in MODEL_PROVIDERS]
     if not names or unknown:

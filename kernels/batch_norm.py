@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .common import activate, activation_grad_mask, chan_merge
+from .common import activate, activation_grad, chan_merge
 
 
 def _configs(block_c_block_s_warps):
@@ -183,8 +183,8 @@ def _bn_fwd_finalize_kernel(
 
 
 @triton.jit
-def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 ACC: tl.constexpr):
+def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr):
     # dz = dy * act'(z), z = x * scale + shift (+ residual) recomputed from the saved
     # pre-normalization x and the statistics, as the forward apply computed it.
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
@@ -193,7 +193,7 @@ def _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION: tl.constexpr,
         z = x * scale[None, :] + shift[None, :]
         if HAS_RESIDUAL:
             z += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-        dy = tl.where(activation_grad_mask(z, ACTIVATION), dy, 0.0)
+        dy = activation_grad(z, dy, ACTIVATION, NEG_SLOPE)
     return dy
 
 
@@ -219,7 +219,9 @@ def _load_scale_shift(Mean, Rstd, W, Bias, c, c_mask, eps,
 # statistics (Algorithm 1); eval passes the running mean and variance (Algorithm 2,
 # RSTD_FROM_VAR), which makes eval BatchNorm this single elementwise kernel.
 # Fusion options (defaults leave plain BN unchanged): y = act(y + residual) with
-# HAS_RESIDUAL and ACTIVATION (0 none, 1 relu, 2 relu6), the epilogue of conv + BN.
+# HAS_RESIDUAL and ACTIVATION (kernels.common's codes, NEG_SLOPE for leaky relu), the
+# epilogue of conv + BN. With X_ACTIVATION the normalized value is act(x) (X holds the
+# pre-activation of a conv -> activation -> BN, whose statistics are those of act(x)).
 @triton.jit
 def _bn_fwd_apply_kernel(
     X,     # (N, C, S) input
@@ -234,6 +236,7 @@ def _bn_fwd_apply_kernel(
     RSTD_FROM_VAR: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
+    NEG_SLOPE: tl.constexpr = 0.01, X_ACTIVATION: tl.constexpr = 0, X_NEG_SLOPE: tl.constexpr = 0.01,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -244,11 +247,11 @@ def _bn_fwd_apply_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
             offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            x = activate(tl.load(X + offs, mask=mask, other=0.0).to(ACC), X_ACTIVATION, X_NEG_SLOPE)
             y = x * scale[None, :] + shift[None, :]
             if HAS_RESIDUAL:
                 y += tl.load(Res + offs, mask=mask, other=0.0).to(ACC)
-            y = activate(y, ACTIVATION)
+            y = activate(y, ACTIVATION, NEG_SLOPE)
             tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -259,7 +262,8 @@ def _bn_fwd_apply_kernel(
 # masked by the derivative of act(w * x_hat + b + residual), recomputed from x and the
 # statistics: the sums are then those of dz, the gradient at the BN output. WRITE_DZ
 # also stores dz (the residual's gradient), so that the dx stage reads dz instead of
-# recomputing the mask from dy, x and the residual again.
+# recomputing the mask from dy, x and the residual again. With X_ACTIVATION, x_hat is that
+# of act(x) (see the apply kernel).
 @triton.jit
 def _bn_bwd_reduce_kernel(
     DY,     # (N, C, S) upstream gradient, same strides as X
@@ -277,6 +281,7 @@ def _bn_bwd_reduce_kernel(
     RSTD_FROM_VAR: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
     HAS_W: tl.constexpr = False, HAS_B: tl.constexpr = False, WRITE_DZ: tl.constexpr = False,
+    NEG_SLOPE: tl.constexpr = 0.01, X_ACTIVATION: tl.constexpr = 0, X_NEG_SLOPE: tl.constexpr = 0.01,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -290,8 +295,8 @@ def _bn_bwd_reduce_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
             offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
+            x = activate(tl.load(X + offs, mask=mask, other=0.0).to(ACC), X_ACTIVATION, X_NEG_SLOPE)
+            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, NEG_SLOPE, HAS_RESIDUAL, ACC)
             if WRITE_DZ:
                 tl.store(DZ + offs, dy.to(DZ.dtype.element_ty), mask=mask)
             # No mask on x_hat: dy is 0 outside the tile, so are its products. (The
@@ -367,7 +372,9 @@ def _bn_bwd_finalize_kernel(
 #   dx = w * rstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
 # Eval (running statistics are constants): dx = w * rstd * dy.
 # With ACTIVATION / HAS_RESIDUAL, dy is replaced by the masked dz (as in the reduce
-# stage) and WRITE_DRES also stores dz, the gradient of the residual.
+# stage) and WRITE_DRES also stores dz, the gradient of the residual. With X_ACTIVATION
+# (conv -> activation -> BN) the normalized value is act(x) and the gradient written is
+# that at the pre-activation x: dx * act'(x), act recomputed from x (nothing else saved).
 @triton.jit
 def _bn_bwd_dx_kernel(
     DY, X,       # (N, C, S) upstream gradient and forward input, same strides
@@ -385,6 +392,7 @@ def _bn_bwd_dx_kernel(
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ACTIVATION: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False,
     HAS_B: tl.constexpr = False, WRITE_DRES: tl.constexpr = False,
+    NEG_SLOPE: tl.constexpr = 0.01, X_ACTIVATION: tl.constexpr = 0, X_NEG_SLOPE: tl.constexpr = 0.01,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -398,14 +406,17 @@ def _bn_bwd_dx_kernel(
             s = s0 + tl.arange(0, BLOCK_S)
             mask = (s < s_end)[:, None] & c_mask[None, :]
             offs = _tile_offsets(n, s, c, stride_xn, stride_xc, stride_xs)
-            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, HAS_RESIDUAL, ACC)
+            dy = _masked_grad(DY, X, Res, offs, mask, scale, shift, ACTIVATION, NEG_SLOPE, HAS_RESIDUAL, ACC)
             if WRITE_DRES:
                 tl.store(DRes + offs, dy.to(DRes.dtype.element_ty), mask=mask)
-            if TRAINING:
+            if TRAINING or X_ACTIVATION != 0:
                 x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-                x_hat = (x - mean[None, :]) * rstd[None, :]
+            if TRAINING:
+                x_hat = (activate(x, X_ACTIVATION, X_NEG_SLOPE) - mean[None, :]) * rstd[None, :]
                 dy = dy - mean_dy[None, :] - x_hat * mean_dy_xhat[None, :]
             dx = dy * scale[None, :]
+            if X_ACTIVATION != 0:
+                dx = activation_grad(x, dx, X_ACTIVATION, X_NEG_SLOPE)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 

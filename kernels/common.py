@@ -3,37 +3,94 @@ product of the conv and attention kernels (``mma``) and the second stage of the
 deterministic column sums (LayerNorm, bias + GELU).
 
 Activation codes (the ``ACTIVATION`` constexpr; :class:`vhist.ops.common.Activation`):
-0 none, 1 ReLU, 2 ReLU6.
+0 none, 1 ReLU, 2 ReLU6, 3 SiLU, 4 Hardswish, 5 LeakyReLU (slope the ``NEG_SLOPE``
+constexpr), 6 GELU (erf), 7 GELU (tanh approximation), 8 Sigmoid, 9 Hardsigmoid.
 """
 import triton
 import triton.language as tl
 
 
+# The constants are written out (sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi), 0.044715): module
+# globals would have to be constexprs, which the interpreter does not multiply with tensors.
+
+
 @triton.jit
-def activate(z, ACTIVATION: tl.constexpr):
-    # 0: identity, 1: relu, 2: relu6 = min(max(z, 0), 6). NaN propagates, as in
-    # torch.relu and F.hardtanh: tl.maximum's default (fmax) would turn a NaN into 0 and
-    # a diverging run into silent zeros.
+def tanh(u):
+    # 1 - 2 / (exp(2u) + 1): saturates to +-1 at large |u| (no Inf / Inf) without a
+    # libdevice call; NaN stays NaN.
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def sigmoid(z):
+    # PyTorch's 1 / (1 + exp(-z)): 0 at -Inf, 1 at +Inf.
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr):
+    # PyTorch's forward formulas (aten/src/ATen/native/cpu/Activation.cpp), so that NaN
+    # and Inf come out where they do in torch: relu and hardtanh keep a NaN (tl.maximum's
+    # default, fmax, would turn it into 0 and a diverging run into silent zeros), silu,
+    # hardswish and gelu give NaN at -Inf (-Inf * 0) as torch does.
     if ACTIVATION == 1:
         z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 2:
         z = tl.minimum(tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0, propagate_nan=tl.PropagateNan.ALL)
+    elif ACTIVATION == 3:  # silu (Elfwing et al., 2018): z * sigmoid(z)
+        z = z / (1.0 + tl.exp(-z))
+    elif ACTIVATION == 4:  # hardswish (Howard et al., 2019, MobileNetV3): z * relu6(z + 3) / 6
+        z = z * tl.minimum(tl.maximum(z + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                           propagate_nan=tl.PropagateNan.ALL) / 6.0
+    elif ACTIVATION == 5:  # leaky relu: z > 0 ? z : z * slope (a NaN takes the second branch, stays NaN)
+        z = tl.where(z > 0.0, z, z * NEG_SLOPE)
+    elif ACTIVATION == 6:  # gelu (Hendrycks & Gimpel, 2016): z * Phi(z)
+        z = z * 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 7:  # gelu, tanh approximation
+        z = 0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACTIVATION == 8:
+        z = sigmoid(z)
+    elif ACTIVATION == 9:  # hardsigmoid: relu6(z + 3) / 6
+        z = tl.minimum(tl.maximum(z + 3.0, 0.0, propagate_nan=tl.PropagateNan.ALL), 6.0,
+                       propagate_nan=tl.PropagateNan.ALL) / 6.0
     return z
 
 
 @triton.jit
-def activation_grad_mask(z, ACTIVATION: tl.constexpr):
-    # Where the gradient passes (else 0), as PyTorch's backward kernels test it:
-    # threshold_backward zeroes it where z <= 0, hardtanh_backward where z <= 0 or
-    # z >= 6, so a NaN z passes it. Evaluated on the pre-activation, or equally on the
-    # output (the activation keeps NaN, and z <= 0 / z >= 6 exactly where its output is).
+def activation_grad(z, g, ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr):
+    # g * act'(z) from the pre-activation z, by PyTorch's backward formulas, kinks and NaN
+    # included: threshold_backward zeroes g where z <= 0 and hardtanh_backward where
+    # z <= 0 or z >= 6 (a NaN z passes g); leaky_relu_backward takes the slope where not
+    # z > 0 (at 0 too); hardswish_backward is 0 for z <= -3, g * (z / 3 + 1/2) on (-3, 3)
+    # and g elsewhere (at 3, and a NaN z passes g); hardsigmoid_backward is g / 6 strictly inside
+    # (-3, 3), else 0 (NaN too). For ReLU and ReLU6 z may equally be the activation's
+    # output (z <= 0 / z >= 6 exactly where the output is, and NaN stays NaN), which is
+    # what the plain conv and depthwise ops save for them.
     if ACTIVATION == 1:
-        keep = (z > 0.0) | (z != z)
+        g = tl.where(z <= 0.0, 0.0, g)
     elif ACTIVATION == 2:
-        keep = ((z > 0.0) & (z < 6.0)) | (z != z)
-    else:
-        keep = tl.full(z.shape, 1, tl.int1)
-    return keep
+        g = tl.where((z <= 0.0) | (z >= 6.0), 0.0, g)
+    elif ACTIVATION == 3:  # silu' = s (1 + z (1 - s)), s = sigmoid(z)
+        s = sigmoid(z)
+        g = g * s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 4:
+        g = tl.where(z <= -3.0, 0.0, tl.where(z < 3.0, g * (z / 3.0 + 0.5), g))
+    elif ACTIVATION == 5:
+        g = tl.where(z > 0.0, g, g * NEG_SLOPE)
+    elif ACTIVATION == 6:  # gelu' = Phi(z) + z phi(z)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        g = g * (cdf + z * (tl.exp(-0.5 * z * z) * 0.3989422804014327))
+    elif ACTIVATION == 7:  # u = sqrt(2/pi) (z + 0.044715 z^3), t = tanh u: 0.5 (1 + t) + 0.5 z (1 - t^2) u'
+        t = tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        g = g * (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du)
+    elif ACTIVATION == 8:  # sigmoid' = (1 - s) s
+        s = sigmoid(z)
+        g = g * (1.0 - s) * s
+    elif ACTIVATION == 9:
+        # PyTorch multiplies by 1/6 rounded to fp32 (1.0f / 6.0f), in fp64 too.
+        g = tl.where((z > -3.0) & (z < 3.0), g * 0.1666666716337204, 0.0)
+    return g
 
 
 @triton.jit

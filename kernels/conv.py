@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .common import activate, activation_grad_mask, mma
+from .common import activate, activation_grad, mma
 
 
 def _configs(rows, stages=3):
@@ -48,7 +48,7 @@ FWD_KEY = ["N", "H", "W", "OH", "OW", "CG_IN", "CG_OUT", "KH", "KW", "conv_strid
 
 @triton.jit
 def _prologue(x, Mean, Rstd, Weight, Bias, channel, valid, channel_ok, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-              PRE_ACTIVATION: tl.constexpr, ACC: tl.constexpr):
+              PRE_ACTIVATION: tl.constexpr, PRE_NEG_SLOPE: tl.constexpr, ACC: tl.constexpr):
     # The producing layer's BatchNorm and activation applied to a loaded input tile, so
     # that its normalized output is never written (the mainloop fusion of CUTLASS's
     # examples 25/26): act(x * scale + shift) per input channel, scale = gamma * rstd and
@@ -62,7 +62,7 @@ def _prologue(x, Mean, Rstd, Weight, Bias, channel, valid, channel_ok, HAS_W: tl
     shift = -tl.load(Mean + channel, mask=channel_ok, other=0.0).to(ACC) * scale
     if HAS_B:
         shift += tl.load(Bias + channel, mask=channel_ok, other=0.0).to(ACC)
-    y = activate(x.to(ACC) * scale + shift, PRE_ACTIVATION)
+    y = activate(x.to(ACC) * scale + shift, PRE_ACTIVATION, PRE_NEG_SLOPE)
     return tl.where(valid, y, 0.0).to(x.dtype)
 
 
@@ -87,7 +87,12 @@ def _aligned(x, ALIGN: tl.constexpr):
 # tile (_prologue).
 # Epilogue on the fp32 accumulator: bias, then (STATS) the tile's BatchNorm partials
 # (count, mean, M2) per channel in the layout bn_fwd_finalize merges with Chan's formula,
-# then residual and activation, then one store.
+# then residual and activation, then one store. With STATS the activation is that of a
+# conv -> activation -> BN (ACTIVATION 0 for conv -> BN): the statistics are those of the
+# activated value, and Y receives the pre-activation, which the BN kernels read (their
+# X_ACTIVATION) (with WRITE_PRE also a store of the
+# pre-activation to Z, what the backward of an activation not invertible from its
+# output reads).
 @triton.jit
 def _conv2d_fwd_kernel(
     X,          # (N, C_in, H, W) input, any strides (channels_last in practice)
@@ -95,6 +100,7 @@ def _conv2d_fwd_kernel(
     Bias,       # (C_out,) bias (unused unless HAS_BIAS)
     Res,        # (N, C_out, OH, OW) residual, Y's strides (unused unless HAS_RESIDUAL)
     Y,          # (N, C_out, OH, OW) output
+    Z,          # (N, C_out, OH, OW) pre-activation, Y's strides (WRITE_PRE)
     PartMean,   # (num_m_tiles, C_out) per-tile channel mean of the accumulator (STATS)
     PartM2,     # (num_m_tiles, C_out) per-tile sum of squared deviations (STATS)
     PartCount,  # (num_m_tiles,) valid rows per tile (STATS)
@@ -109,6 +115,7 @@ def _conv2d_fwd_kernel(
     stride_yn, stride_yc, stride_yh, stride_yw,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
     PROLOGUE: tl.constexpr, PRE_HAS_W: tl.constexpr, PRE_HAS_B: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, PRE_NEG_SLOPE: tl.constexpr, WRITE_PRE: tl.constexpr,
     FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CH_ALIGN: tl.constexpr = 1,
@@ -153,7 +160,7 @@ def _conv2d_fwd_kernel(
                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         if PROLOGUE:
             a = _prologue(a, PreMean, PreRstd, PreW, PreB, (g * CG_IN + c)[None, :], row_ok[:, None] & c_ok[None, :],
-                          c_ok[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
+                          c_ok[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, PRE_NEG_SLOPE, ACC)
         b = tl.load(w_base[None, :] + (kh * stride_wh + kw * stride_ww) + c[:, None] * stride_wi,
                     mask=c_ok[:, None] & co_mask[None, :], other=0.0)
         acc = mma(acc, a, b, FMA, INPUT_PRECISION)
@@ -164,8 +171,9 @@ def _conv2d_fwd_kernel(
         # Exact two-pass (mean, M2) of this tile's rows from the registers.
         valid = m_mask[:, None] & co_mask[None, :]
         count = tl.sum(m_mask.to(ACC), axis=0)
-        mean = tl.sum(tl.where(valid, acc, 0.0), axis=0) / count
-        dev = tl.where(valid, acc - mean[None, :], 0.0)
+        act = activate(acc, ACTIVATION, NEG_SLOPE)
+        mean = tl.sum(tl.where(valid, act, 0.0), axis=0) / count
+        dev = tl.where(valid, act - mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * (CG_OUT * tl.num_programs(2)) + co_g
         tl.store(PartMean + part, mean, mask=co_mask)
         tl.store(PartM2 + part, tl.sum(dev * dev, axis=0), mask=co_mask)
@@ -176,7 +184,10 @@ def _conv2d_fwd_kernel(
     out_mask = m_mask[:, None] & co_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(Res + y_offs, mask=out_mask, other=0.0).to(ACC)
-    acc = activate(acc, ACTIVATION)
+    if WRITE_PRE:
+        tl.store(Z + y_offs, acc.to(Z.dtype.element_ty), mask=out_mask)
+    if not STATS:
+        acc = activate(acc, ACTIVATION, NEG_SLOPE)
     tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=out_mask)
 
 
@@ -188,12 +199,13 @@ def _conv2d_fwd_kernel(
 # only on the phase, so a program skips the taps that contribute nothing to its rows
 # instead of multiplying masked zeros (a s_h*s_w-fold saving on stride-2 layers); the
 # reaching taps and the channel blocks form one flat, software-pipelined loop.
-# With ACTIVATION (plain conv2d with an activation epilogue) dY is masked on the fly by
-# the activation's derivative, recovered from the saved output Y.
+# With ACTIVATION (plain conv2d with an activation epilogue) dY is multiplied on the fly
+# by the activation's derivative at the saved Y: the forward output for ReLU / ReLU6
+# (their derivative reads the same off it), the pre-activation for the others.
 @triton.jit
 def _conv2d_bwd_dgrad_kernel(
     DY,   # (N, C_out, OH, OW) upstream gradient
-    Y,    # (N, C_out, OH, OW) forward output, DY's strides (unused unless ACTIVATION)
+    Y,    # (N, C_out, OH, OW) forward output or pre-activation, DY's strides (unused unless ACTIVATION)
     Wt,   # (C_out, CG_IN, KH, KW) weight
     DX,   # (N, C_in, H, W) input gradient
     N, H, W, OH, OW, CG_IN, CG_OUT, KH, KW,
@@ -203,6 +215,7 @@ def _conv2d_bwd_dgrad_kernel(
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     ACTIVATION: tl.constexpr, FMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NEG_SLOPE: tl.constexpr,
     CH_ALIGN: tl.constexpr = 1,
 ):
     if CH_ALIGN > 1:  # see _aligned: dY's rows (the K axis)
@@ -272,7 +285,7 @@ def _conv2d_bwd_dgrad_kernel(
         a = tl.load(DY + offs, mask=a_mask, other=0.0)
         if ACTIVATION != 0:
             y = tl.load(Y + offs, mask=a_mask, other=0.0)
-            a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+            a = activation_grad(y.to(ACC), a.to(ACC), ACTIVATION, NEG_SLOPE).to(a.dtype)
         b = tl.load(w_base[None, :] + (th * step_h * stride_wh + tw * step_w * stride_ww)
                     + c[:, None].to(tl.int64) * stride_wo, mask=c_ok[:, None] & ci_mask[None, :], other=0.0)
         acc = mma(acc, a, b, FMA, INPUT_PRECISION)
@@ -293,7 +306,7 @@ def _conv2d_bwd_dgrad_kernel(
 @triton.jit
 def _conv2d_bwd_wgrad_kernel(
     DY,      # (N, C_out, OH, OW) upstream gradient
-    Y,       # (N, C_out, OH, OW) forward output, DY's strides (unused unless ACTIVATION)
+    Y,       # (N, C_out, OH, OW) as the dgrad kernel's Y (unused unless ACTIVATION)
     X,       # (N, C_in, H, W) forward input
     PartDW,  # (SPLIT, C_out, KH, KW, CG_IN) partial weight gradients, contiguous
     PartDB,  # (SPLIT, C_out) partial bias gradients (unused unless HAS_DBIAS)
@@ -307,6 +320,7 @@ def _conv2d_bwd_wgrad_kernel(
     POS_PER_SPLIT, GROUPS,
     HAS_DBIAS: tl.constexpr, ACTIVATION: tl.constexpr,
     PROLOGUE: tl.constexpr, PRE_HAS_W: tl.constexpr, PRE_HAS_B: tl.constexpr, PRE_ACTIVATION: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, PRE_NEG_SLOPE: tl.constexpr,
     FMA: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -351,7 +365,7 @@ def _conv2d_bwd_wgrad_kernel(
         a = tl.load(DY + dy_offs, mask=a_mask, other=0.0)
         if ACTIVATION != 0:
             y = tl.load(Y + dy_offs, mask=a_mask, other=0.0)
-            a = tl.where(activation_grad_mask(y.to(ACC), ACTIVATION), a, 0.0).to(a.dtype)
+            a = activation_grad(y.to(ACC), a.to(ACC), ACTIVATION, NEG_SLOPE).to(a.dtype)
         if HAS_DBIAS:
             db += tl.sum(a.to(ACC), axis=1)
         ih = oh * conv_stride_h - pad_h + kh * dil_h
@@ -362,7 +376,7 @@ def _conv2d_bwd_wgrad_kernel(
         b = tl.load(X + x_offs, mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
         if PROLOGUE:  # the forward's input recomputed from the raw X, as the forward's prologue did
             b = _prologue(b, PreMean, PreRstd, PreW, PreB, ci_g[None, :], x_ok[:, None] & ci_mask[None, :],
-                          ci_mask[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, ACC)
+                          ci_mask[None, :], PRE_HAS_W, PRE_HAS_B, PRE_ACTIVATION, PRE_NEG_SLOPE, ACC)
         acc = mma(acc, a, b, FMA, INPUT_PRECISION)
 
     c_out = CG_OUT * GROUPS

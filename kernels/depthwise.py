@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._config import autotune
-from .common import activate, activation_grad_mask, chan_merge
+from .common import activate, activation_grad, chan_merge
 
 # The pixel tiling of the forward is chosen by the launcher (the BN-statistics epilogue
 # writes one partial per program, so the launcher must know the program count); only the
@@ -56,6 +56,7 @@ def _depthwise_fwd_kernel(
     Bias,       # (C_OUT,) bias (unused unless HAS_BIAS)
     Res,        # (N, C_OUT, OH, OW) residual, strides of Y (unused unless HAS_RESIDUAL)
     Y,          # (N, C_OUT, OH, OW) output
+    Z,          # (N, C_OUT, OH, OW) pre-activation, strides of Y (WRITE_PRE only)
     PartMean,   # (num_programs_p, C_OUT) per-program mean of Y (STATS only)
     PartM2,     # (num_programs_p, C_OUT) per-program sum of squared deviations
     PartCount,  # (num_programs_p,) pixels each program covered
@@ -67,6 +68,7 @@ def _depthwise_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, STATS: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEG_SLOPE: tl.constexpr, WRITE_PRE: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -100,7 +102,9 @@ def _depthwise_fwd_kernel(
                   + ow.to(tl.int64) * stride_yw)[:, None] + co.to(tl.int64)[None, :] * stride_yc
         if HAS_RESIDUAL:
             acc += tl.load(Res + y_offs, mask=mask, other=0.0).to(ACC)
-        y = activate(acc, ACTIVATION).to(Y.dtype.element_ty)
+        if WRITE_PRE:
+            tl.store(Z + y_offs, acc.to(Z.dtype.element_ty), mask=mask)
+        y = activate(acc, ACTIVATION, NEG_SLOPE).to(Y.dtype.element_ty)
         tl.store(Y + y_offs, y, mask=mask)
         if STATS:
             # Statistics of the value BatchNorm will normalize: the stored (rounded) output.
@@ -121,12 +125,13 @@ def _depthwise_fwd_kernel(
 # Input gradient as a gather (the transposed conv, no atomics): for input pixel (ih, iw)
 # and channel ci,  dx = sum_{m < MULT} sum_{kh, kw} w[co, kh, kw] * dy[n, oh, ow, co],
 # co = ci*MULT + m, over the taps where oh = (ih + pad_h - kh*dil_h) / conv_stride_h (and likewise ow)
-# is a whole number inside the output. dy is first masked by the activation's gradient
-# (ACTIVATION, from the forward output Y) when the forward had one.
+# is a whole number inside the output. dy is first multiplied by the activation's
+# derivative (ACTIVATION) at Y when the forward had one: Y is the forward output for
+# ReLU / ReLU6, the pre-activation (WRITE_PRE) for the others.
 @triton.jit
 def _depthwise_bwd_input_kernel(
     DY,   # (N, C_OUT, OH, OW) upstream gradient
-    Y,    # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    Y,    # (N, C_OUT, OH, OW) forward output or pre-activation, strides of DY (ACTIVATION != 0 only)
     Wt,   # (C_OUT, 1, KH, KW) weight, any strides (the launcher passes it as (KH*KW, C_OUT))
     DX,   # (N, C_IN, H, W) input gradient
     N, C_IN, H, W, C_OUT, OH, OW, MULT,
@@ -134,7 +139,7 @@ def _depthwise_bwd_input_kernel(
     stride_wo, stride_wh, stride_ww,
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -161,7 +166,7 @@ def _depthwise_bwd_input_kernel(
                 dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
                 if ACTIVATION != 0:
                     y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
-                    dy = tl.where(activation_grad_mask(y, ACTIVATION), dy, 0.0)
+                    dy = activation_grad(y, dy, ACTIVATION, NEG_SLOPE)
                 w = tl.load(Wt + co * stride_wo + kh * stride_wh + kw * stride_ww, mask=c_mask, other=0.0).to(ACC)
                 acc += dy * w[None, :]
     dx_offs = (n.to(tl.int64) * stride_dxn + ih.to(tl.int64) * stride_dxh + iw.to(tl.int64) * stride_dxw)[:, None] \
@@ -187,14 +192,14 @@ WGRAD_TILE = 4096
 @triton.jit
 def _depthwise_bwd_weight_reduce_kernel(
     DY,    # (N, C_OUT, OH, OW) upstream gradient
-    Out,   # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    Out,   # (N, C_OUT, OH, OW) as the input-gradient kernel's Y (ACTIVATION != 0 only)
     X,     # (N, C_IN, H, W) forward input
     Part,  # (num_chunks, KH*KW + HAS_BIAS, C_OUT) partial sums, accumulation dtype
     N, C_IN, H, W, C_OUT, OH, OW, MULT, CHUNK,
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
@@ -223,7 +228,7 @@ def _depthwise_bwd_weight_reduce_kernel(
         dy = tl.load(DY + y_offs, mask=mask, other=0.0).to(ACC)
         if ACTIVATION != 0:
             out = tl.load(Out + y_offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.where(activation_grad_mask(out, ACTIVATION), dy, 0.0)
+            dy = activation_grad(out, dy, ACTIVATION, NEG_SLOPE)
         if HAS_BIAS:
             acc_b += dy
         ih = (oh * conv_stride_h)[None, :] + dh_tap[:, None]  # [BLOCK_T, BLOCK_P]
@@ -326,8 +331,8 @@ def _depthwise_bwd_weight_finalize_kernel(
 # pixels whose input is inside the image and the input pixels whose output exists. So dy
 # is read once from DRAM (the taps re-read its halo through L1/L2), x once, dx written
 # once: the 3 passes of the README's minimum, where the two kernels above make 4. dy is
-# masked by the activation's gradient (ACTIVATION, from the forward output Y, gathered
-# the same way). The bias gradient, a sum of dy over the *output* pixels, cannot be read
+# multiplied by the activation's derivative (ACTIVATION, at Y as in the input-gradient
+# kernel, gathered the same way). The bias gradient, a sum of dy over the *output* pixels, cannot be read
 # off the input-pixel gather; with HAS_BIAS the program also sums its share of output
 # pixels (a second read of dy, through DYB). Partials go to Part[chunk, tap, co] as for
 # the weight-gradient reduce kernel above, and _depthwise_bwd_weight_finalize_kernel
@@ -335,7 +340,7 @@ def _depthwise_bwd_weight_finalize_kernel(
 @triton.jit
 def _depthwise_bwd_kernel(
     DY,    # (N, C_OUT, OH, OW) upstream gradient
-    Y,     # (N, C_OUT, OH, OW) forward output, strides of DY (ACTIVATION != 0 only)
+    Y,     # (N, C_OUT, OH, OW) as the input-gradient kernel's Y (ACTIVATION != 0 only)
     DYB,   # DY again: the bias pass's read (HAS_BIAS only)
     X,     # (N, C_IN, H, W) forward input
     Wt,    # (C_OUT, 1, KH, KW) weight, any strides (the launcher passes it as (KH*KW, C_OUT))
@@ -348,7 +353,7 @@ def _depthwise_bwd_kernel(
     stride_dxn, stride_dxc, stride_dxh, stride_dxw,
     conv_stride_h, conv_stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, UNIT_MULT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr, ACC: tl.constexpr,
+    ACTIVATION: tl.constexpr, NEG_SLOPE: tl.constexpr, ACC: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     TAPS: tl.constexpr = KH * KW + (1 if HAS_BIAS else 0)
@@ -390,7 +395,7 @@ def _depthwise_bwd_kernel(
         dz = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
         if ACTIVATION != 0:
             y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
-            dz = tl.where(activation_grad_mask(y, ACTIVATION), dz, 0.0)
+            dz = activation_grad(y, dz, ACTIVATION, NEG_SLOPE)
         pc_mask = p_mask[:, None] & c_mask[None, :]
         dx_offs = (n.to(tl.int64) * stride_dxn + ih.to(tl.int64) * stride_dxh
                    + iw.to(tl.int64) * stride_dxw)[:, None] + ci.to(tl.int64)[None, :] * stride_dxc
@@ -418,7 +423,7 @@ def _depthwise_bwd_kernel(
                 dz = tl.load(DYB + offs, mask=qc_mask, other=0.0).to(ACC)
                 if ACTIVATION != 0:
                     y = tl.load(Y + offs, mask=qc_mask, other=0.0).to(ACC)
-                    dz = tl.where(activation_grad_mask(y, ACTIVATION), dz, 0.0)
+                    dz = activation_grad(y, dz, ACTIVATION, NEG_SLOPE)
                 acc_b += dz
             tl.store(part_base + (KH * KW) * C_OUT + cm, tl.sum(acc_b, axis=0), mask=c_mask)
 

@@ -17,6 +17,8 @@ overflow to NaN) and needs no libdevice call.
 import triton
 import triton.language as tl
 
+from .common import tanh
+
 # The constants are written out in the kernels (sqrt(2/pi), 1/sqrt(2), 1/sqrt(2 pi), and
 # the tanh form's 0.044715): module globals would have to be constexprs, which the
 # interpreter does not multiply with tensors.
@@ -32,16 +34,11 @@ def _tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tanh(u):
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
 def _gelu_and_grad(z, APPROXIMATE: tl.constexpr, GRAD: tl.constexpr):
     """(gelu(z), gelu'(z) when GRAD). erf: gelu' = Phi(z) + z phi(z); tanh (u = sqrt(2/pi)
     (z + 0.044715 z^3), t = tanh u): gelu' = 0.5 (1 + t) + 0.5 z (1 - t^2) du/dz."""
     if APPROXIMATE:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        t = tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         y = 0.5 * z * (1.0 + t)
         if GRAD:
             du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)

@@ -160,7 +160,7 @@ def depthwise_wgrad_launches(check: bool = False):
             names = [p.name for p in dw._depthwise_bwd_weight_reduce_kernel.params if not p.is_constexpr]
             values = [dtype, dtype, dtype, torch.float32, geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh,
                       geom.ow, geom.multiplier, chunk, *y.stride(), *x.stride(), *geom.conv_args()]
-            consts = dict(KH=k, KW=k, HAS_BIAS=False, ACTIVATION=0, ACC=tl.float32, BLOCK_P=block_p,
+            consts = dict(KH=k, KW=k, HAS_BIAS=False, ACTIVATION=0, NEG_SLOPE=0.01, ACC=tl.float32, BLOCK_P=block_p,
                           BLOCK_C=block_c)
             layout = "channels_last" if cl else "nchw"
             yield (f"depthwise_bwd_weight_reduce {shape} {layout} {str(dtype)[6:]} BLOCK_P={block_p} "

@@ -227,7 +227,7 @@ def test_deferred_bad_input():
     x, ((w, _, gamma, beta),) = _params((2, 5, 6, [(6, 3, 1, 1, 1, "relu", False)]))
     with vhist.use_backend("triton"):
         with pytest.raises(ValueError, match="activation"):
-            conv_bn_deferred(x, w, gamma, beta, None, None, activation="gelu")
+            conv_bn_deferred(x, w, gamma, beta, None, None, activation="elu")
         with pytest.raises(ValueError, match="bn_weight"):
             conv_bn_deferred(x, w, gamma[:3], beta, None, None)
         d = conv_bn_deferred(x, w, gamma, beta, None, None, padding=1)

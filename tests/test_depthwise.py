@@ -363,7 +363,7 @@ def _fused_bad_input_cases():
         ("stride 0", ok, dict(stride=0), ValueError, "stride must be >= 1"),
         ("stats channels", dict(ok, running_var=torch.ones(3, device=DEVICE)), {}, ValueError,
          "running_var must have shape"),
-        ("activation", ok, dict(activation="gelu"), ValueError, "unknown activation"),
+        ("activation", ok, dict(activation="elu"), ValueError, "unknown activation"),
         ("residual shape", ok, dict(residual=torch.randn(2, 4, 5, 5, device=DEVICE)), ValueError,
          "residual must have the output's shape"),
         ("eval without stats", dict(ok, running_mean=None, running_var=None), dict(training=False), ValueError,

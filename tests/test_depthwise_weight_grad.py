@@ -56,7 +56,7 @@ def _reference(x, weight, dy, geom, mask=None):
 
 def _run(x, weight, dy, geom, output=None, activation=0):
     return torch.ops.vhist.depthwise_conv2d_bwd_weight(dy, output, x, list(weight.shape), list(geom.stride),
-                                                       list(geom.padding), list(geom.dilation), activation, True)
+                                                       list(geom.padding), list(geom.dilation), activation, 0.01, True)
 
 
 @pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])
@@ -144,7 +144,7 @@ def _reference_all(x, weight, dy, geom, mask=None):
 
 def _run_all(x, weight, dy, geom, output=None, activation=0, has_bias=True):
     return torch.ops.vhist.depthwise_conv2d_bwd(dy, output, x, weight, list(geom.stride), list(geom.padding),
-                                                list(geom.dilation), activation, has_bias)
+                                                list(geom.dilation), activation, 0.01, has_bias)
 
 
 @pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])

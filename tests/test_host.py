@@ -65,7 +65,7 @@ def test_eager_op_skips_the_dispatcher_only_in_eager_mode():
         x, w = torch.randn(1, 2, 4, 4), torch.randn(3, 2, 1, 1)
         with Seen() as seen, torch.device("meta"):
             # Under a dispatch mode the registered op runs (here to its fake, on meta).
-            out = op(x.to("meta"), w.to("meta"), None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0)
+            out, _ = op(x.to("meta"), w.to("meta"), None, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, 0, 0.01)
         assert "vhist::conv2d_fwd" in seen.ops and not calls
         assert out.shape == (1, 3, 4, 4)
         # In eager mode the implementation is called directly, with the same arguments.

@@ -20,6 +20,8 @@ from vhist.ops import conv_bn_deferred
 from conftest import DEVICE
 
 ACTIVATIONS = [None, "relu", "relu6"]
+# The other activations of the kernels, on a subset of the grid (below).
+NEW_ACTIVATIONS = [a for a in vhist.ops.ACTIVATION_CODES if a not in ACTIVATIONS]
 VALUES = {"nan": float("nan"), "inf": float("inf")}
 WHERE = ["input", "grad"]
 
@@ -183,6 +185,23 @@ CASES = [pytest.param(op, act, value, where, training,
          for op, (_, _, acts) in OPS.items() for act in acts
          for value in VALUES for where in WHERE
          for training in ((True, False) if _make_params(op)[1] else (True,))]
+
+
+# The other activations where each path is position-sensitive: the plain conv epilogue
+# (saving the pre-activation), the eval fused ops (BN folded, the activation in the conv
+# or depthwise epilogue) with the non-finite input, and the training BN backward kernels
+# (the fused op, the next conv's prologue) with the non-finite output gradient.
+NEW_GRID = [("conv2d", True, where) for where in WHERE] + [
+    ("fused_conv_bn_act", False, "input"), ("fused_depthwise_bn_act", False, "input"),
+    ("fused_conv_bn_act", True, "grad"), ("conv_bn_deferred", True, "grad")]
+# The depthwise single-pass backward's known deviation (above) with an Inf input in eval,
+# where the activation passes a gradient at the Inf outputs (as relu does and relu6 at +Inf
+# does not; silu, gelu and the sigmoids give NaN or 0 there, like PyTorch's).
+NEW_KNOWN_DEVIATIONS = {("fused_depthwise_bn_act", act, "inf", "input", False) for act in ("hardswish", "leaky_relu")}
+CASES += [pytest.param(op, act, value, where, training,
+                       marks=[pytest.mark.xfail(strict=True, reason="depthwise one-pass backward")]
+                       if (op, act, value, where, training) in NEW_KNOWN_DEVIATIONS else [])
+          for act in NEW_ACTIVATIONS for op, training, where in NEW_GRID for value in VALUES]
 
 
 @pytest.mark.parametrize("op,activation,value,where,training", CASES,

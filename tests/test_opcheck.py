@@ -46,19 +46,19 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _conv_samples(device):
+def _conv_samples(device, activation=1, slope=0.01):
     # (N, C_in, H, W) = (2, 4, 5, 5), C_out 6, 3x3, stride 1, padding 1, groups 2.
     x = _cl(torch.randn(2, 4, 5, 5, device=device))
     w = _cl(torch.randn(6, 2, 3, 3, device=device))
     b = torch.randn(6, device=device)
     geom = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
-    y = torch.ops.vhist.conv2d_fwd(x, w, b, None, *geom, 1)
+    y, pre = torch.ops.vhist.conv2d_fwd(x, w, b, None, *geom, activation, slope)
     dy = _cl(torch.randn_like(y))
     return {
-        # bias, residual, relu
-        "conv2d_fwd": (x, w, b, _cl(torch.randn_like(y)), *geom, 1),
-        # all four gradients through the relu mask
-        "conv2d_bwd": (dy, x, w, y, *geom, 1, [True, True, True, True]),
+        # bias, residual, the activation (relu by default)
+        "conv2d_fwd": (x, w, b, _cl(torch.randn_like(y)), *geom, activation, slope),
+        # all four gradients through the activation's derivative (from the output or the pre-activation)
+        "conv2d_bwd": (dy, x, w, y if pre.numel() == 0 else pre, *geom, activation, slope, [True, True, True, True]),
     }
 
 
@@ -69,25 +69,25 @@ def _fused_conv_samples(device):
     geom = ([2, 2], [1, 1, 1, 1], [1, 1], 1)  # stride 2: 3x3 output
     stats = (torch.zeros(6, device=device), torch.ones(6, device=device))
     out, conv_out, mean, rstd = torch.ops.vhist.fused_conv_bn_relu_fwd(
-        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 0.1, 1e-5, 2)
+        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 0.1, 1e-5, 2, 0.01)
     residual = _cl(torch.randn_like(out))
     return {
-        "fused_conv_bn_relu_fwd": (x, w, gamma, beta, *stats, residual, *geom, 0.1, 1e-5, 2),
+        "fused_conv_bn_relu_fwd": (x, w, gamma, beta, *stats, residual, *geom, 0.1, 1e-5, 2, 0.01),
         "fused_conv_bn_relu_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, beta, residual,
-                                   *geom, 1e-5, 2, [True, True, True, True, True]),
+                                   *geom, 1e-5, 2, 0.01, [True, True, True, True, True]),
     }
 
 
-def _bn_prologue_samples(device):
-    # A producer (4 -> 6 channels, 3x3) whose BN + ReLU the consumer (6 -> 5,
-    # 3x3 stride 2, with a conv bias) applies in its prologue.
+def _bn_prologue_samples(device, activation=1, slope=0.01):
+    # A producer (4 -> 6 channels, 3x3) whose BN + activation (ReLU by default) the
+    # consumer (6 -> 5, 3x3 stride 2, with a conv bias) applies in its prologue.
     x = _cl(torch.randn(2, 4, 5, 5, device=device))
     w1, w2 = _cl(torch.randn(6, 4, 3, 3, device=device)), _cl(torch.randn(5, 6, 3, 3, device=device))
     bias = torch.randn(5, device=device)
     g1, b1 = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
-    z1, m1, r1 = torch.ops.vhist.conv_bn_stats_fwd(x, w1, None, None, None, None, None, 0, None, None, [1, 1],
-                                                    [1, 1, 1, 1], [1, 1], 1, 0.1, 1e-5)
-    pre = (m1, r1, g1, b1, 1)
+    z1, m1, r1 = torch.ops.vhist.conv_bn_stats_fwd(x, w1, None, None, None, None, None, 0, 0.01, None, None,
+                                                    [1, 1], [1, 1, 1, 1], [1, 1], 1, 0.1, 1e-5)
+    pre = (m1, r1, g1, b1, activation, slope)
     geom = ([2, 2], [1, 1, 1, 1], [1, 1], 1)
     z2, m2, r2 = torch.ops.vhist.conv_bn_stats_fwd(z1, w2, bias, *pre, None, None, *geom, 0.1, 1e-5)
     g2, b2 = torch.rand(5, device=device) + 0.5, torch.randn(5, device=device)
@@ -95,9 +95,27 @@ def _bn_prologue_samples(device):
     return {
         "conv_bn_stats_fwd": (z1, w2, bias, *pre, *stats, *geom, 0.1, 1e-5),
         "conv_bn_stats_bwd": (_cl(torch.randn_like(z2)), z1, w2, *pre, *geom, 1e-5, [True] * 5),
-        "bn_act_fwd": (z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, 2),
-        "bn_act_bwd": (_cl(torch.randn_like(z2)), z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, 2,
-                       [True] * 4),
+        "bn_act_fwd": (z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, activation, slope),
+        "bn_act_bwd": (_cl(torch.randn_like(z2)), z2, m2, r2, g2, b2, _cl(torch.randn_like(z2)), 1e-5, activation,
+                       slope, [True] * 4),
+    }
+
+
+def _layer_order_samples(device):
+    # conv -> GELU -> BN (4 -> 6 channels, 3x3, a conv bias); BN statistics of a tensor
+    # no conv produced (the first half of batch_norm_deferred).
+    x = _cl(torch.randn(2, 4, 5, 5, device=device))
+    w, bias = _cl(torch.randn(6, 4, 3, 3, device=device)), torch.randn(6, device=device)
+    gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    geom = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    stats = (torch.zeros(6, device=device), torch.ones(6, device=device))
+    out, z, mean, rstd = torch.ops.vhist.fused_conv_act_bn_fwd(x, w, bias, gamma, beta, *[t.clone() for t in stats],
+                                                               *geom, 0.1, 1e-5, 6, 0.01)
+    return {
+        "fused_conv_act_bn_fwd": (x, w, bias, gamma, beta, *stats, *geom, 0.1, 1e-5, 6, 0.01),
+        "fused_conv_act_bn_bwd": (_cl(torch.randn_like(out)), x, w, z, mean, rstd, gamma, beta, *geom, 1e-5, 6,
+                                  0.01, [True] * 5),
+        "batch_norm_stats": (x, torch.zeros(4, device=device), torch.ones(4, device=device), 0.1, 1e-5),
     }
 
 
@@ -109,23 +127,24 @@ def _depthwise_args(device):
     return x, w, (list(geom.stride), list(geom.padding), list(geom.dilation)), geom.out_shape
 
 
-def _depthwise_samples(device, prefix):
+def _depthwise_samples(device, prefix, activation=2, slope=0.01):
     x, w, geom, out_shape = _depthwise_args(device)
     b = torch.randn(6, device=device)
     dy = _cl(torch.randn(out_shape, device=device))
     if prefix == "depthwise_conv2d_cuda":
         # The CUDA kernels have no activation epilogue (activation 0, no residual).
         return {
-            f"{prefix}_fwd": (x, w, b, None, *geom, 0),
-            f"{prefix}_bwd_input": (dy, None, w, list(x.shape), True, *geom, 0),
-            f"{prefix}_bwd_weight": (dy, None, x, list(w.shape), *geom, 0, True),
+            f"{prefix}_fwd": (x, w, b, None, *geom, 0, slope),
+            f"{prefix}_bwd_input": (dy, None, w, list(x.shape), True, *geom, 0, slope),
+            f"{prefix}_bwd_weight": (dy, None, x, list(w.shape), *geom, 0, slope, True),
         }
-    y = torch.ops.vhist.depthwise_conv2d_fwd(x, w, b, None, *geom, 2)
+    y, pre = torch.ops.vhist.depthwise_conv2d_fwd(x, w, b, None, *geom, activation, slope)
+    saved = y if pre.numel() == 0 else pre  # what the backward reads for the activation
     return {
-        f"{prefix}_fwd": (x, w, b, _cl(torch.randn(out_shape, device=device)), *geom, 2),
-        f"{prefix}_bwd_input": (dy, y, w, list(x.shape), True, *geom, 2),
-        f"{prefix}_bwd_weight": (dy, y, x, list(w.shape), *geom, 2, True),
-        f"{prefix}_bwd": (dy, y, x, w, *geom, 2, True),
+        f"{prefix}_fwd": (x, w, b, _cl(torch.randn(out_shape, device=device)), *geom, activation, slope),
+        f"{prefix}_bwd_input": (dy, saved, w, list(x.shape), True, *geom, activation, slope),
+        f"{prefix}_bwd_weight": (dy, saved, x, list(w.shape), *geom, activation, slope, True),
+        f"{prefix}_bwd": (dy, saved, x, w, *geom, activation, slope, True),
     }
 
 
@@ -134,11 +153,11 @@ def _fused_depthwise_samples(device):
     gamma, beta = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
     stats = (torch.zeros(6, device=device), torch.ones(6, device=device))
     out, conv_out, mean, rstd = torch.ops.vhist.fused_depthwise_bn_act_fwd(
-        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 3, 0.1, 1e-5, 1)
+        x, w, gamma, beta, *[t.clone() for t in stats], None, *geom, 3, 0.1, 1e-5, 1, 0.01)
     return {
-        "fused_depthwise_bn_act_fwd": (x, w, None, beta, *stats, None, *geom, 3, 0.1, 1e-5, 1),
+        "fused_depthwise_bn_act_fwd": (x, w, None, beta, *stats, None, *geom, 3, 0.1, 1e-5, 1, 0.01),
         "fused_depthwise_bn_act_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, None,
-                                       None, *geom, 3, 1e-5, 1, [True, True, True, False, False]),
+                                       None, *geom, 3, 1e-5, 1, 0.01, [True, True, True, False, False]),
     }
 
 
@@ -199,6 +218,7 @@ def samples() -> dict[str, tuple[str, tuple]]:
     """op name -> (device, args) for every op this file knows."""
     real = {**_conv_samples(DEVICE), **_fused_conv_samples(DEVICE), **_depthwise_samples(DEVICE, "depthwise_conv2d"),
             **_fused_depthwise_samples(DEVICE), **_batch_norm_samples(DEVICE), **_bn_prologue_samples(DEVICE),
+            **_layer_order_samples(DEVICE),
             **_lrn_samples(DEVICE, "local_response_norm"),
             **_layer_norm_samples(DEVICE), **_bias_gelu_samples(DEVICE),
             **_attention_samples(DEVICE)}
@@ -216,6 +236,7 @@ KNOWN_OPS = {
     "fused_depthwise_bn_act_fwd", "fused_depthwise_bn_act_bwd", "local_response_norm_fwd",
     "local_response_norm_bwd", "local_response_norm_cuda_fwd", "local_response_norm_cuda_bwd",
     "conv_bn_stats_fwd", "conv_bn_stats_bwd", "bn_act_fwd", "bn_act_bwd",
+    "fused_conv_act_bn_fwd", "fused_conv_act_bn_bwd", "batch_norm_stats",
     "layer_norm_fwd", "layer_norm_bwd", "bias_gelu_fwd", "bias_gelu_bwd",
     "attention_fwd", "attention_bwd",
 }
@@ -247,3 +268,26 @@ def test_opcheck(name, op_samples):
     assert set(result) == set(utils), result
     failed = {util: outcome for util, outcome in result.items() if outcome != "SUCCESS"}
     assert not failed, f"vhist::{name}: {failed}"
+
+
+# Every activation of the kernels (vhist.ops.ACTIVATION_CODES) through the ops whose
+# schemas take the pre-activation where the activation's derivative needs it (the conv
+# GEMMs' epilogue and dgrad / wgrad) and the BN apply and backward kernels (bn_act, which
+# the fused ops and conv_bn_stats' prologue share). Leaky relu with a slope other than the
+# default. (The depthwise ops' pre-activation schema: the relu6 sample above and
+# tests/test_activations.py.)
+ACTIVATION_SAMPLES = (_conv_samples, _bn_prologue_samples)
+ACTIVATION_OPS = {"conv2d_fwd", "conv2d_bwd", "bn_act_fwd", "bn_act_bwd"}
+
+
+@pytest.mark.parametrize("activation", sorted(set(vhist.ops.ACTIVATION_CODES.values()) - {0, 1, 2}))
+def test_opcheck_activations(activation):
+    torch.manual_seed(0)
+    for make in ACTIVATION_SAMPLES:
+        for name, args in make(DEVICE, activation=activation, slope=0.2).items():
+            if name not in ACTIVATION_OPS:
+                continue
+            op = getattr(torch.ops.vhist, name).default
+            result = torch.library.opcheck(op, args, test_utils=UTILS)
+            failed = {util: outcome for util, outcome in result.items() if outcome != "SUCCESS"}
+            assert set(result) == set(UTILS) and not failed, f"vhist::{name}, activation {activation}: {failed}"

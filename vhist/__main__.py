@@ -17,8 +17,9 @@ from vhist.models.stats import block_launches, default_image_size, model_stats  
 
 DESCRIPTION = """\
 vhist: the history of vision architectures, run on hand-written kernels.
-Train and evaluate the zoo's models, list them, fetch data sets, report results, export
-and benchmark models, and show the active backend."""
+Train and evaluate the zoo's models (or torchvision's / timm's, converted), list them,
+convert a model, fetch data sets, report results, export and benchmark models, and show
+the active backend."""
 EPILOG = """\
 Expected errors print one line and exit with code 2; --debug (or VHIST_DEBUG=1) shows
 their traceback. Run 'vhist COMMAND --help' for a command's options."""
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(commands)
     add_benchmark_parser(commands)
+    from vhist.convert.cli import add_convert_parser
+
+    add_convert_parser(commands)
     for sub in commands.choices.values():
         add_debug_flag(sub)
     return parser

@@ -69,8 +69,8 @@ def _providers(mode, x, w, dy, stride):
 
     if mode == "fwd":
         fns = {
-            "triton": lambda: vh.depthwise_conv2d_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0),
-            "cuda": lambda: vh.depthwise_conv2d_cuda_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0),
+            "triton": lambda: vh.depthwise_conv2d_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0, 0.01),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_fwd(x, w, None, None, stride_l, pad_l, dil_l, 0, 0.01),
             "torch": lambda: eager_fwd(x, w),
         }
         compiled = torch.compile(eager_fwd, dynamic=False)
@@ -81,8 +81,9 @@ def _providers(mode, x, w, dy, stride):
         fn = aten_bwd([True, False, False])
         compiled = torch.compile(fn, dynamic=False)
         return {
-            "triton": lambda: vh.depthwise_conv2d_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0),
-            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0),
+            "triton": lambda: vh.depthwise_conv2d_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0, 0.01),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_input(dy, None, w, size, cl, stride_l, pad_l, dil_l, 0,
+                                                               0.01),
             "torch": lambda: fn(dy, x, w),
             "torch_compile": lambda: compiled(dy, x, w),
         }
@@ -91,8 +92,9 @@ def _providers(mode, x, w, dy, stride):
         fn = aten_bwd([False, True, False])
         compiled = torch.compile(fn, dynamic=False)
         return {
-            "triton": lambda: vh.depthwise_conv2d_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0, False),
-            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0,
+            "triton": lambda: vh.depthwise_conv2d_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0, 0.01,
+                                                             False),
+            "cuda": lambda: vh.depthwise_conv2d_cuda_bwd_weight(dy, None, x, wsize, stride_l, pad_l, dil_l, 0, 0.01,
                                                                   False),
             "torch": lambda: fn(dy, x, w),
             "torch_compile": lambda: compiled(dy, x, w),

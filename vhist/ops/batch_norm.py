@@ -18,8 +18,9 @@ from vhist.ops import heuristics
 from vhist.ops._dispatch import check_float_dtype, dispatch
 # is_channels_last_dense stays importable from here, its former home.
 from vhist.ops.common import cdiv
-from vhist.ops.common import (acc_dtype, check_bn_args, dense_layout, is_channels_last, is_channels_last_dense,
-                              like_layout, op_outputs, or_placeholder, partial_buffers, tl_acc)
+from vhist.ops.common import (DEFAULT_NEGATIVE_SLOPE, acc_dtype, activation_constexprs, check_bn_args, dense_layout,
+                              is_channels_last, is_channels_last_dense, kernel_slope, like_layout, op_outputs,
+                              or_placeholder, partial_buffers, tl_acc)
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch
 from vhist.ops.op_call import custom_op
 
@@ -199,23 +200,39 @@ def bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momen
     return mean, rstd
 
 
-def _apply_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, eps) -> Launch:
+# ``x_activation`` of the passes below: the activation (code, slope) applied to x as it is
+# loaded, for a BatchNorm after conv -> activation whose input is kept as the pre-activation.
+NO_X_ACTIVATION = (0, DEFAULT_NEGATIVE_SLOPE)
+
+
+def _x_activation_key(x_activation: tuple) -> tuple:
+    code, slope = x_activation
+    return code, kernel_slope(code, slope)
+
+
+def _apply_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, negative_slope, x_activation,
+                  eps) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
     geom = channel_geometry(x)
     return Launch(_pick(kernels.bn_fwd_apply, geom), geom.grid, (*geom.args(), eps),
                   RSTD_FROM_VAR=rstd_from_var, HAS_W=has_weight, HAS_B=has_bias, ACC=tl_acc(x.dtype),
-                  ACTIVATION=activation, HAS_RESIDUAL=has_residual)
+                  HAS_RESIDUAL=has_residual, **activation_constexprs(activation, negative_slope),
+                  **activation_constexprs(*x_activation, "X_"))
 
 
 _APPLY_LAUNCHES = new_cache()
 
 
 def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
-             residual: Optional[torch.Tensor] = None, activation: int = 0) -> torch.Tensor:
+             residual: Optional[torch.Tensor] = None, activation: int = 0,
+             negative_slope: float = DEFAULT_NEGATIVE_SLOPE, x_activation: tuple = NO_X_ACTIVATION) -> torch.Tensor:
     """``act(w * (x - mean) * rstd + b + residual)`` in one pass over a dense ``x``;
-    with ``rstd_from_var``, ``rstd`` holds the (running) variance instead."""
-    flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation, eps)
+    with ``rstd_from_var``, ``rstd`` holds the (running) variance instead. ``x_activation``
+    (a code and its slope) is applied to ``x`` as it is loaded (conv -> act -> BN: ``x``
+    the pre-activation)."""
+    flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
+             kernel_slope(activation, negative_slope), _x_activation_key(x_activation), eps)
     launch = lookup(_APPLY_LAUNCHES, (*_tensor_key(x), *flags), _apply_launch, x, *flags)
     out = torch.empty_like(x)
     if residual is not None:
@@ -224,13 +241,15 @@ def bn_apply(x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = F
     return out
 
 
-def _grad_sums_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, write_dz, eps) -> Launch:
+def _grad_sums_launch(x, rstd_from_var, has_weight, has_bias, has_residual, activation, negative_slope,
+                      x_activation, write_dz, eps) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
     geom = channel_geometry(x)
     return Launch(_pick(kernels.bn_bwd_reduce, geom), geom.grid, (*geom.args(), eps), RSTD_FROM_VAR=rstd_from_var,
-                  ACC=tl_acc(x.dtype), ACTIVATION=activation, HAS_RESIDUAL=has_residual, HAS_W=has_weight,
-                  HAS_B=has_bias, WRITE_DZ=write_dz)
+                  ACC=tl_acc(x.dtype), HAS_RESIDUAL=has_residual, HAS_W=has_weight, HAS_B=has_bias,
+                  WRITE_DZ=write_dz, **activation_constexprs(activation, negative_slope),
+                  **activation_constexprs(*x_activation, "X_"))
 
 
 _GRAD_SUMS_LAUNCHES = new_cache()
@@ -238,7 +257,8 @@ _GRAD_SUMS_LAUNCHES = new_cache()
 
 def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_from_var: bool = False,
                  residual: Optional[torch.Tensor] = None, activation: int = 0,
-                 want_dweight: bool = False, want_dbias: bool = False, dz_out: Optional[torch.Tensor] = None):
+                 want_dweight: bool = False, want_dbias: bool = False, dz_out: Optional[torch.Tensor] = None,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE, x_activation: tuple = NO_X_ACTIVATION):
     """Per-channel Σdz and Σdz·x̂, where dz is ``grad_output`` masked by the activation's
     derivative (recomputed from ``x``, the statistics and ``residual``); with ``dz_out``
     (a tensor like ``x``) dz itself is also written there, in the same pass.
@@ -253,7 +273,7 @@ def bn_grad_sums(grad_output, x, mean, rstd, weight, bias, eps: float, *, rstd_f
     want_dweight = want_dweight and weight is not None
     want_dbias = want_dbias and bias is not None
     flags = (rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
-             dz_out is not None, eps)
+             kernel_slope(activation, negative_slope), _x_activation_key(x_activation), dz_out is not None, eps)
     launch = lookup(_GRAD_SUMS_LAUNCHES, (*_tensor_key(x), *flags), _grad_sums_launch, x, *flags)
     part_dy, part_dy_xhat = scratch(launch.scratch, x, lambda: _chunk_partials(x, counts=False))
     launch(grad_output, x, mean, rstd, or_placeholder(weight, mean), or_placeholder(bias, mean),
@@ -310,14 +330,15 @@ def bn_merge_sums(part_dy, part_dy_xhat, dweight_dtype: Optional[torch.dtype] = 
     return sum_dy, sum_dy_xhat, grad_weight, grad_bias
 
 
-def _grad_input_launch(x, training, rstd_from_var, has_weight, has_bias, has_residual, activation,
-                       want_dresidual, eps, count) -> Launch:
+def _grad_input_launch(x, training, rstd_from_var, has_weight, has_bias, has_residual, activation, negative_slope,
+                       x_activation, want_dresidual, eps, count) -> Launch:
     from vhist.kernels import batch_norm as kernels
 
     geom = channel_geometry(x)
     return Launch(_pick(kernels.bn_bwd_dx, geom), geom.grid, (*geom.args(), eps, 1.0 / (count or geom.count)),
                   TRAINING=training, RSTD_FROM_VAR=rstd_from_var, HAS_W=has_weight, ACC=tl_acc(x.dtype),
-                  ACTIVATION=activation, HAS_RESIDUAL=has_residual, HAS_B=has_bias, WRITE_DRES=want_dresidual)
+                  HAS_RESIDUAL=has_residual, HAS_B=has_bias, WRITE_DRES=want_dresidual,
+                  **activation_constexprs(activation, negative_slope), **activation_constexprs(*x_activation, "X_"))
 
 
 _GRAD_INPUT_LAUNCHES = new_cache()
@@ -325,7 +346,8 @@ _GRAD_INPUT_LAUNCHES = new_cache()
 
 def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps: float, *,
                   training: bool = True, rstd_from_var: bool = False, residual: Optional[torch.Tensor] = None,
-                  activation: int = 0, want_dresidual: bool = False, count: Optional[int] = None):
+                  activation: int = 0, want_dresidual: bool = False, count: Optional[int] = None,
+                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE, x_activation: tuple = NO_X_ACTIVATION):
     """The gradient at the BN input (training: with the mean terms from
     :func:`bn_grad_sums` over ``count`` values, by default this batch's N*S) and, with
     ``want_dresidual``, dz, the gradient of the residual.
@@ -337,7 +359,7 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
     if residual is not None:
         residual = like_layout(residual, x)
     flags = (training, rstd_from_var, weight is not None, bias is not None, residual is not None, activation,
-             want_dresidual, eps, count)
+             kernel_slope(activation, negative_slope), _x_activation_key(x_activation), want_dresidual, eps, count)
     launch = lookup(_GRAD_INPUT_LAUNCHES, (*_tensor_key(x), *flags), _grad_input_launch, x, *flags)
     grad_input = torch.empty_like(x)
     grad_residual = torch.empty_like(x) if want_dresidual else None
@@ -349,7 +371,8 @@ def bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat,
 
 def bn_act_backward(grad_output, x, mean, rstd, weight, bias, eps: float, *,
                     residual: Optional[torch.Tensor] = None, activation: int = 0, want_dx: bool = True,
-                    want_dweight: bool = False, want_dbias: bool = False, want_dresidual: bool = False):
+                    want_dweight: bool = False, want_dbias: bool = False, want_dresidual: bool = False,
+                    negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
     """The training backward of ``act(BN(x) + residual)`` with ``x``'s batch statistics
     (``mean``, ``rstd``): the gradient at ``x`` (through the statistics too), of the affine
     parameters and of the residual. With the residual's gradient wanted, the sums pass
@@ -364,14 +387,14 @@ def bn_act_backward(grad_output, x, mean, rstd, weight, bias, eps: float, *,
     dz = torch.empty_like(x) if residual is not None and want_dresidual else None
     sum_dy, sum_dy_xhat, grad_weight, grad_bias = bn_grad_sums(
         grad_output, x, mean, rstd, weight, bias, eps, residual=residual, activation=activation,
-        want_dweight=want_dweight, want_dbias=want_dbias, dz_out=dz)
+        want_dweight=want_dweight, want_dbias=want_dbias, dz_out=dz, negative_slope=negative_slope)
     grad_x = None
     if want_dx:
         if dz is not None:
             grad_x, _ = bn_grad_input(dz, x, mean, rstd, weight, None, sum_dy, sum_dy_xhat, eps)
         else:
             grad_x, _ = bn_grad_input(grad_output, x, mean, rstd, weight, bias, sum_dy, sum_dy_xhat, eps,
-                                      residual=residual, activation=activation)
+                                      residual=residual, activation=activation, negative_slope=negative_slope)
     return grad_x, grad_weight, grad_bias, dz
 
 
@@ -381,22 +404,23 @@ def bn_act_backward(grad_output, x, mean, rstd, weight, bias, eps: float, *,
 @custom_op("vhist::bn_act_fwd", mutates_args=())
 def bn_act_fwd(input: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float,
-               activation: int) -> torch.Tensor:
+               activation: int, negative_slope: float) -> torch.Tensor:
     """``act(weight * (input - mean) * rstd + bias + residual)`` with given batch
     statistics: the apply pass of a BatchNorm whose statistics a conv's epilogue computed
     (``vhist::conv_bn_stats_fwd``), when its output is needed as a tensor."""
-    return bn_apply(input, mean, rstd, weight, bias, eps, residual=residual, activation=activation)
+    return bn_apply(input, mean, rstd, weight, bias, eps, residual=residual, activation=activation,
+                    negative_slope=negative_slope)
 
 
 @bn_act_fwd.register_fake
-def _(input, mean, rstd, weight, bias, residual, eps, activation):
+def _(input, mean, rstd, weight, bias, residual, eps, activation, negative_slope):
     return torch.empty_like(input)
 
 
 @custom_op("vhist::bn_act_bwd", mutates_args=())
 def bn_act_bwd(grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-               eps: float, activation: int,
+               eps: float, activation: int, negative_slope: float,
                output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`bn_act_fwd` in training (:func:`bn_act_backward`).
 
@@ -409,11 +433,12 @@ def bn_act_bwd(grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tenso
     want_dx, want_dw, want_db, want_dres = output_mask
     return op_outputs(input, *bn_act_backward(grad_output, input, mean, rstd, weight, bias, eps, residual=residual,
                                               activation=activation, want_dx=want_dx, want_dweight=want_dw,
-                                              want_dbias=want_db, want_dresidual=want_dres))
+                                              want_dbias=want_db, want_dresidual=want_dres,
+                                              negative_slope=negative_slope))
 
 
 @bn_act_bwd.register_fake
-def _(grad_output, input, mean, rstd, weight, bias, residual, eps, activation, output_mask):
+def _(grad_output, input, mean, rstd, weight, bias, residual, eps, activation, negative_slope, output_mask):
     c, empty = input.shape[1], input.new_empty
     return (torch.empty_like(input) if output_mask[0] else empty((0,)),
             empty((c,), dtype=weight.dtype) if output_mask[1] and weight is not None else empty((0,)),
@@ -427,10 +452,11 @@ class BNActFunction(torch.autograd.Function):
     the full training one, through the statistics."""
 
     @staticmethod
-    def forward(ctx, input, mean, rstd, weight, bias, residual, eps, activation):
-        out = bn_act_fwd(input, mean, rstd, weight, bias, residual, eps, activation)
+    def forward(ctx, input, mean, rstd, weight, bias, residual, eps, activation,
+                negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        out = bn_act_fwd(input, mean, rstd, weight, bias, residual, eps, activation, negative_slope)
         ctx.save_for_backward(input, mean, rstd, weight, bias, residual)
-        ctx.args = (eps, activation)
+        ctx.args = (eps, activation, negative_slope)
         return out
 
     @staticmethod
@@ -440,7 +466,7 @@ class BNActFunction(torch.autograd.Function):
         mask = [need[0], need[3], need[4], need[5]]
         dx, dw, db, dres = bn_act_bwd(grad_output, input, mean, rstd, weight, bias, residual, *ctx.args, mask)
         return (dx if mask[0] else None, None, None, dw if mask[1] and weight is not None else None,
-                db if mask[2] and bias is not None else None, dres if mask[3] else None, None, None)
+                db if mask[2] and bias is not None else None, dres if mask[3] else None, None, None, None)
 
 
 @custom_op("vhist::batch_norm_fwd", mutates_args=("running_mean", "running_var"))
@@ -472,6 +498,25 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
     c = input.shape[1] if training else 0
     acc = acc_dtype(input.dtype)
     return torch.empty_like(input), input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
+
+
+@custom_op("vhist::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def batch_norm_stats(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                     momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch statistics of ``input`` (N, C, ...) alone, running statistics updated in
+    place: the first half of a training BatchNorm whose apply runs elsewhere (the
+    consuming conv's prologue, :func:`vhist.ops.batch_norm_deferred`).
+
+    Returns:
+        ``(mean, rstd)`` in the accumulation dtype.
+    """
+    return bn_finalize(*bn_stats_partials(input), running_mean, running_var, momentum, eps)
+
+
+@batch_norm_stats.register_fake
+def _(input, running_mean, running_var, momentum, eps):
+    acc = acc_dtype(input.dtype)
+    return input.new_empty((input.shape[1],), dtype=acc), input.new_empty((input.shape[1],), dtype=acc)
 
 
 @custom_op("vhist::batch_norm_bwd", mutates_args=())

@@ -12,7 +12,9 @@ examples 25 and 26, for training: per such layer it saves the apply pass's read 
 and write of ``y`` forward, and keeps one activation-sized tensor instead of two alive
 for the backward.
 
-The hand-off between producer and consumer is a :class:`DeferredBNAct`.
+The hand-off between producer and consumer is a :class:`~vhist.ops.deferred.DeferredBNAct`.
+This module also holds the package-level :func:`conv2d` and :func:`fused_conv_bn_act`,
+which take one as input (the tensor-only ops of :mod:`vhist.ops.conv` do not).
 
 Registered custom ops (fakes included, so ``torch.compile`` traces them):
 
@@ -33,80 +35,42 @@ backend only; elsewhere :func:`conv_bn_deferred` returns the applied tensor.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
 from vhist import reference
+from vhist.ops import conv
 from vhist.ops._dispatch import autocast_inputs, dispatch
-from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
-from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, op_outputs, to_channels_last
-from vhist.ops.conv import (ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
-                            dgrad_launch, geometry_from_lists, is_stem, wgrad_launch)
-from vhist.ops.conv_common import fold_bn
+from vhist.ops.batch_norm import bn_act_backward, bn_finalize
+from vhist.ops.common import (ACTIVATION_CODES, DEFAULT_NEGATIVE_SLOPE, acc_dtype, check_bn_args,
+                              check_negative_slope, op_outputs, to_channels_last)
+from vhist.ops.conv import (ConvGeometry, check_conv_inputs, conv_fwd_launch, dgrad_launch, eval_conv,
+                            geometry_from_lists, is_stem, wgrad_launch)
+from vhist.ops.conv_common import check_residual, fold_bn
+from vhist.ops.deferred import DeferredBNAct, as_tensor
 from vhist.ops.op_call import custom_op
 
 OP = "conv_bn_deferred"
 
 
-@dataclass(frozen=True)
-class DeferredBNAct:
-    """``act(batch_norm(conv_output))`` in training, not applied yet: what a conv
-    consumes in its prologue. Made by :func:`conv_bn_deferred`.
-
-    Attributes:
-        conv_output: the raw conv output (N, C, H, W), channels_last, in autograd.
-        mean, rstd: its batch statistics (C,), accumulation dtype, non-differentiable.
-        weight, bias: the BatchNorm affine parameters (C,) or None.
-        activation: "relu", "relu6" or None.
-        eps: BatchNorm's epsilon.
-    """
-
-    conv_output: torch.Tensor
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    activation: Optional[str]
-    eps: float
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.conv_output.shape
-
-    def materialize(self, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The applied tensor ``act(BN(conv_output) + residual)`` (one apply pass)."""
-        return BNActFunction.apply(self.conv_output, self.mean, self.rstd, self.weight, self.bias, residual,
-                                   self.eps, ACTIVATION_CODES[self.activation])
-
-    def prologue_args(self) -> tuple:
-        """The ``pre_*`` arguments of ``vhist::conv_bn_stats_fwd`` / ``_bwd``."""
-        return self.mean, self.rstd, self.weight, self.bias, ACTIVATION_CODES[self.activation]
-
-
-def as_tensor(x: Union[torch.Tensor, DeferredBNAct]) -> torch.Tensor:
-    """``x`` as a tensor: a :class:`DeferredBNAct` applied, a tensor unchanged."""
-    return x.materialize() if isinstance(x, DeferredBNAct) else x
-
-
 # ----------------------------------------------------------------------------- registered ops
 
 
-def _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation):
+def _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope):
     """The launchers' ``prologue`` argument (see :func:`vhist.ops.conv.conv_fwd_launch`)."""
     if pre_mean is None:
         return None
-    return pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation
+    return pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope
 
 
 @custom_op("vhist::conv_bn_stats_fwd", mutates_args=("running_mean", "running_var"))
 def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
                       pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
-                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], stride: list[int],
-                      padding: list[int], dilation: list[int], groups: int, momentum: float,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      pre_negative_slope: float, running_mean: Optional[torch.Tensor],
+                      running_var: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int, momentum: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``z = conv2d(P(input), weight) + bias`` and the batch statistics of ``z`` (running
     statistics updated in place), with ``P(x) = act(pre_weight * (x - pre_mean) * pre_rstd
     + pre_bias)`` applied in the conv's prologue when ``pre_mean`` is given (identity
@@ -116,7 +80,7 @@ def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
         ``(z, mean, rstd)``: z channels_last, the statistics in the accumulation dtype.
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
-    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope)
     z, (part_mean, part_m2, part_count, _) = conv_fwd_launch(input, weight, bias, None, g, 0, stats=True,
                                                              prologue=prologue)
     mean, rstd = bn_finalize(part_mean, part_m2, part_count, running_mean, running_var, momentum, eps)
@@ -124,8 +88,8 @@ def conv_bn_stats_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 
 @conv_bn_stats_fwd.register_fake
-def _(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, running_mean, running_var,
-      stride, padding, dilation, groups, momentum, eps):
+def _(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope,
+      running_mean, running_var, stride, padding, dilation, groups, momentum, eps):
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     acc = acc_dtype(input.dtype)
     z = torch.empty(g.out_shape, device=input.device, dtype=input.dtype, memory_format=torch.channels_last)
@@ -136,7 +100,8 @@ def _(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activat
 def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.Tensor,
                       pre_mean: Optional[torch.Tensor], pre_rstd: Optional[torch.Tensor],
                       pre_weight: Optional[torch.Tensor], pre_bias: Optional[torch.Tensor], pre_activation: int,
-                      stride: list[int], padding: list[int], dilation: list[int], groups: int, pre_eps: float,
+                      pre_negative_slope: float, stride: list[int], padding: list[int], dilation: list[int],
+                      groups: int, pre_eps: float,
                       output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                         torch.Tensor]:
     """Backward of :func:`conv_bn_stats_fwd` from ``grad_z``, the full gradient at ``z``.
@@ -157,7 +122,7 @@ def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.T
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     grad_z = to_channels_last(grad_z)
     want_dx, want_dw, want_db, want_dpw, want_dpb = output_mask
-    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation)
+    prologue = _prologue(pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope)
     dx = dw = db = dpw = dpb = None
     if want_dw or want_db:
         dw, db = wgrad_launch(grad_z, None, input, weight.shape, weight.dtype, g, 0, want_dw, want_db,
@@ -170,13 +135,13 @@ def conv_bn_stats_bwd(grad_z: torch.Tensor, input: torch.Tensor, weight: torch.T
         else:
             dx, dpw, dpb, _ = bn_act_backward(grad_act, input, pre_mean, pre_rstd, pre_weight, pre_bias, pre_eps,
                                               activation=pre_activation, want_dx=want_dx, want_dweight=want_dpw,
-                                              want_dbias=want_dpb)
+                                              want_dbias=want_dpb, negative_slope=pre_negative_slope)
     return op_outputs(input, dx, dw, db, dpw, dpb)
 
 
 @conv_bn_stats_bwd.register_fake
-def _(grad_z, input, weight, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, stride, padding, dilation,
-      groups, pre_eps, output_mask):
+def _(grad_z, input, weight, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_negative_slope, stride,
+      padding, dilation, groups, pre_eps, output_mask):
     c_in, c_out, empty = input.shape[1], weight.shape[0], input.new_empty
 
     def like(t):
@@ -195,56 +160,58 @@ class ConvBNStatsFunction(torch.autograd.Function):
     marked non-differentiable (the consumer's backward goes through them)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation, pre_eps,
-                running_mean, running_var, stride, padding, dilation, groups, momentum, eps):
+    def forward(ctx, input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias, pre_activation,
+                pre_negative_slope, pre_eps, running_mean, running_var, stride, padding, dilation, groups, momentum,
+                eps):
         z, mean, rstd = conv_bn_stats_fwd(input, weight, bias, pre_mean, pre_rstd, pre_weight, pre_bias,
-                                          pre_activation, running_mean, running_var, stride, padding, dilation,
-                                          groups, momentum, eps)
+                                          pre_activation, pre_negative_slope, running_mean, running_var, stride,
+                                          padding, dilation, groups, momentum, eps)
         ctx.mark_non_differentiable(mean, rstd)
         ctx.save_for_backward(input, weight, pre_mean, pre_rstd, pre_weight, pre_bias)
-        ctx.args = (pre_activation, stride, padding, dilation, groups, pre_eps)
+        ctx.args = (pre_activation, pre_negative_slope, stride, padding, dilation, groups, pre_eps)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return z, mean, rstd
 
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_rstd):
         input, weight, pre_mean, pre_rstd, pre_weight, pre_bias = ctx.saved_tensors
-        pre_activation, stride, padding, dilation, groups, pre_eps = ctx.args
         need = ctx.needs_input_grad
         mask = [need[0], need[1], need[2], need[5], need[6]]
         dx, dw, db, dpw, dpb = conv_bn_stats_bwd(grad_z, input, weight, pre_mean, pre_rstd, pre_weight, pre_bias,
-                                                 pre_activation, stride, padding, dilation, groups, pre_eps, mask)
+                                                 *ctx.args, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db.to(ctx.bias_dtype) if mask[2] else None,
                 None, None, dpw if mask[3] and pre_weight is not None else None,
-                dpb if mask[4] and pre_bias is not None else None) + (None,) * 10
+                dpb if mask[4] and pre_bias is not None else None) + (None,) * 11
 
 
 # ----------------------------------------------------------------------------- public op
 
 
 def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: ConvGeometry, *,
-                     training, momentum, eps, activation):
+                     training, momentum, eps, activation, negative_slope):
+    code = ACTIVATION_CODES[activation]
     if not training:
         # Eval: BN (and the conv's bias) folded into the conv, one launch with the activation.
         folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps,
                                              conv_bias=bias)
-        return Conv2dFunction.apply(to_channels_last(as_tensor(input)), folded_weight, folded_bias, None,
-                                    *g.op_args(), g.groups, ACTIVATION_CODES[activation])
-    pre = input.prologue_args() if isinstance(input, DeferredBNAct) else (None,) * 4 + (0,)
-    pre_eps = input.eps if isinstance(input, DeferredBNAct) else 0.0
-    raw = input.conv_output if isinstance(input, DeferredBNAct) else to_channels_last(input)
+        return eval_conv(to_channels_last(as_tensor(input)), folded_weight, folded_bias, None, g, code,
+                         negative_slope)
+    deferred = isinstance(input, DeferredBNAct)
+    pre = input.prologue_args() if deferred else (None,) * 4 + (0, DEFAULT_NEGATIVE_SLOPE)
+    pre_eps = input.eps if deferred else 0.0
+    raw = input.conv_output if deferred else to_channels_last(input)
     z, mean, rstd = ConvBNStatsFunction.apply(raw, weight, bias, *pre, pre_eps, running_mean, running_var,
                                               *g.op_args(), g.groups, momentum, eps)
-    return DeferredBNAct(z, mean, rstd, bn_weight, bn_bias, activation, eps)
+    return DeferredBNAct(z, mean, rstd, bn_weight, bn_bias, activation, eps, negative_slope)
 
 
 def _deferred_reference(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, *, training,
-                        momentum, eps, activation):
+                        momentum, eps, activation, negative_slope):
     top, bottom, left, right = g.padding  # resolved, possibly asymmetric ('same' with an even kernel)
     x = torch.nn.functional.pad(as_tensor(input), (left, right, top, bottom))
     y = torch.nn.functional.conv2d(x, weight, bias, g.stride, 0, g.dilation, g.groups)
     y = torch.nn.functional.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return reference.activate(y, activation)
+    return reference.activate(y, activation, negative_slope)
 
 
 IMPLS = {"triton": _deferred_triton, "torch": _deferred_reference}
@@ -255,10 +222,11 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
                      running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], *,
                      bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1, groups: int = 1,
                      training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                     activation: Optional[str] = "relu") -> Union[torch.Tensor, DeferredBNAct]:
+                     activation: Optional[str] = "relu",
+                     negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> Union[torch.Tensor, DeferredBNAct]:
     """``act(batch_norm(conv2d(input, weight, bias)))`` for a consumer that is a conv:
     in training on the triton backend, a :class:`DeferredBNAct` (the conv output and its
-    statistics, running statistics updated) that :func:`vhist.ops.fused_conv_bn_act`
+    statistics, running statistics updated) that :func:`fused_conv_bn_act`, :func:`conv2d`
     and this function take as ``input`` and apply in their conv's prologue; in eval, or
     on another backend, the applied tensor. ``input`` may itself be a
     :class:`DeferredBNAct`.
@@ -267,7 +235,8 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
         weight, bias: the conv's (C_out, C_in / groups, KH, KW) weight and optional bias
             (a bias before BatchNorm only moves the batch mean, as in torchvision's VGG-BN).
         bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-        activation, stride, padding, dilation, groups: as :func:`vhist.ops.fused_conv_bn_act`.
+        activation, negative_slope, stride, padding, dilation, groups: as
+            :func:`vhist.ops.fused_conv_bn_act`.
 
     A stem conv (at most 4 input channels, :func:`vhist.ops.conv.is_stem`) consuming a
     deferred input applies it first (the stem path has no prologue).
@@ -285,10 +254,55 @@ def conv_bn_deferred(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Te
     check_bn_args(OP, g.c_out, x, bn_weight, bn_bias, running_mean, running_var, training, g.positions,
                   names=("bn_weight", "bn_bias"), matches="the conv's {c} output channels",
                   shape_name="a conv output of shape", shape=g.out_shape)
+    negative_slope = check_negative_slope(OP, negative_slope)
     if deferred and is_stem(g, x.dtype):
         # The stem path (at most 4 input channels, channels zero-padded) has no prologue:
         # the producer's BN + act is applied first, in one pass.
         input = input.materialize()
     impl = dispatch(OP, IMPLS, x.device)
     return impl(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g, training=training,
-                momentum=momentum, eps=eps, activation=activation)
+                momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope)
+
+
+# ----------------------------------------------------------------------------- convs taking a deferred input
+
+
+def fused_conv_bn_act(input: Union[torch.Tensor, DeferredBNAct], weight, bn_weight, bn_bias, running_mean,
+                      running_var, *, stride=1, padding=0, dilation=1, groups=1, training=True, momentum=0.1,
+                      eps=1e-5, activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None,
+                      negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    """:func:`vhist.ops.conv.fused_conv_bn_act` that also takes a :class:`DeferredBNAct`
+    as ``input``: in training on the triton backend its BN + act run in this conv's
+    prologue (:func:`conv_bn_deferred`) and this layer's own BN + residual + act in one
+    apply pass; elsewhere it is applied first. Arguments as
+    :func:`vhist.ops.conv.fused_conv_bn_act`.
+    """
+    if isinstance(input, DeferredBNAct):
+        device = input.conv_output.device
+        if training and dispatch(conv.FUSED_OP, conv.FUSED_IMPLS, device) is conv.FUSED_IMPLS["triton"]:
+            out = conv_bn_deferred(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                                   padding=padding, dilation=dilation, groups=groups, training=True,
+                                   momentum=momentum, eps=eps, activation=activation, negative_slope=negative_slope)
+            # Its BN + act in this conv's prologue; this layer's own BN applied after.
+            (residual,) = autocast_inputs(residual) if residual is not None else (None,)
+            check_residual(conv.FUSED_OP, residual, out.conv_output, out.shape)
+            return out.materialize(residual)
+        input = input.materialize()
+    return conv.fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                                  padding=padding, dilation=dilation, groups=groups, training=training,
+                                  momentum=momentum, eps=eps, activation=activation, residual=residual,
+                                  negative_slope=negative_slope)
+
+
+def conv2d(input: Union[torch.Tensor, DeferredBNAct], weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           stride=1, padding=0, dilation=1, groups: int = 1, *, activation: Optional[str] = None,
+           residual: Optional[torch.Tensor] = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    """:func:`vhist.ops.conv.conv2d` that also takes a :class:`DeferredBNAct` as ``input``
+    (applied first, in one pass: the plain conv has no BN-statistics epilogue to pair a
+    prologue with). Arguments as :func:`vhist.ops.conv.conv2d`."""
+    return conv.conv2d(as_tensor(input), weight, bias, stride, padding, dilation, groups, activation=activation,
+                       residual=residual, negative_slope=negative_slope)
+
+
+# The design's name for the fused op.
+fused_conv_bn_relu = fused_conv_bn_act

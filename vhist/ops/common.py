@@ -18,6 +18,7 @@ import torch
 import triton  # noqa: F401
 
 from vhist.ops._dispatch import check_float_dtype, check_same_device
+from vhist.reference import activation_backward
 from vhist.ops.launch_cache import Launch
 
 # ----------------------------------------------------------------------------- dtypes and device
@@ -221,14 +222,39 @@ def or_placeholder(tensor: Optional[torch.Tensor], placeholder: torch.Tensor) ->
 
 
 class Activation(enum.IntEnum):
-    """The ``ACTIVATION`` constexpr of the BN, conv and depthwise kernels."""
+    """The ``ACTIVATION`` constexpr of the BN, conv and depthwise kernels
+    (:func:`vhist.kernels.common.activate`)."""
 
     NONE = 0
     RELU = 1
     RELU6 = 2
+    SILU = 3
+    HARDSWISH = 4
+    LEAKY_RELU = 5
+    GELU = 6
+    GELU_TANH = 7
+    SIGMOID = 8
+    HARDSIGMOID = 9
 
 
-ACTIVATION_CODES = {None: int(Activation.NONE), "relu": int(Activation.RELU), "relu6": int(Activation.RELU6)}
+# The one table of the activations the fused ops take (by name): what a model rewrite
+# asks to know whether an activation runs on the kernels.
+ACTIVATION_CODES = {None: int(Activation.NONE), "relu": int(Activation.RELU), "relu6": int(Activation.RELU6),
+                    "silu": int(Activation.SILU), "hardswish": int(Activation.HARDSWISH),
+                    "leaky_relu": int(Activation.LEAKY_RELU), "gelu": int(Activation.GELU),
+                    "gelu_tanh": int(Activation.GELU_TANH), "sigmoid": int(Activation.SIGMOID),
+                    "hardsigmoid": int(Activation.HARDSIGMOID)}
+
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATION_CODES.items()}
+
+# F.leaky_relu's default slope; what the kernels' NEG_SLOPE constexpr holds for the other
+# activations (which ignore it), so that a slope never compiles a variant they do not need.
+DEFAULT_NEGATIVE_SLOPE = 0.01
+
+# Activations whose derivative the kernels read off the output as well as off the
+# pre-activation (:func:`vhist.kernels.common.activation_grad`): the plain conv and
+# depthwise ops save the output for these, the pre-activation for the others.
+OUTPUT_GRAD_CODES = frozenset((int(Activation.NONE), int(Activation.RELU), int(Activation.RELU6)))
 
 
 def activation_code(op: str, activation) -> int:
@@ -238,15 +264,34 @@ def activation_code(op: str, activation) -> int:
     return ACTIVATION_CODES[activation]
 
 
-def activation_grad(grad: torch.Tensor, output: Optional[torch.Tensor], activation: int) -> torch.Tensor:
-    """``grad * act'(z)`` from the activation's output, with PyTorch's conventions for the
-    derivative at the kinks (relu: 0 < y; relu6: 0 < y < 6); ``grad`` itself without an
-    activation."""
-    if activation == Activation.RELU:
-        return torch.where(output > 0, grad, 0)
-    if activation == Activation.RELU6:
-        return torch.where((output > 0) & (output < 6), grad, 0)
-    return grad
+def check_negative_slope(op: str, negative_slope) -> float:
+    """``negative_slope`` as a float (F.leaky_relu's argument); TypeError naming ``op`` for
+    anything that is not a real number."""
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"{op}: negative_slope must be a float, got {negative_slope!r}")
+    return float(negative_slope)
+
+
+def kernel_slope(activation: int, negative_slope: float) -> float:
+    """The ``NEG_SLOPE`` constexpr of a launch: the slope for leaky relu, the default for
+    every other activation (so that their launches do not depend on it)."""
+    return float(negative_slope) if activation == Activation.LEAKY_RELU else DEFAULT_NEGATIVE_SLOPE
+
+
+def activation_constexprs(activation: int, negative_slope: float, prefix: str = "") -> dict:
+    """The ``{prefix}ACTIVATION`` / ``{prefix}NEG_SLOPE`` constexprs of a launch."""
+    return {f"{prefix}ACTIVATION": activation, f"{prefix}NEG_SLOPE": kernel_slope(activation, negative_slope)}
+
+
+def activation_grad(grad: torch.Tensor, saved: Optional[torch.Tensor], activation: int,
+                    negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
+    """``grad * act'(z)`` from what the plain conv ops save (the output for the codes in
+    :data:`OUTPUT_GRAD_CODES`, the pre-activation ``z`` otherwise), with PyTorch's
+    derivatives, kinks included (:func:`vhist.reference.activation_backward`); ``grad``
+    itself without an activation."""
+    if activation == Activation.NONE:
+        return grad
+    return activation_backward(grad, saved, ACTIVATION_NAMES[activation], negative_slope)
 
 
 # ----------------------------------------------------------------------------- BatchNorm arguments

@@ -7,8 +7,10 @@ elementwise passes) and ``torch`` (the reference composition).
 Registered custom ops (each with a fake implementation, so ``torch.compile`` traces them):
 
 * ``vhist::conv2d_fwd`` / ``vhist::conv2d_bwd``: conv with bias, residual and activation
-  epilogue; the backward masks dy by the activation derivative on the fly inside dgrad
-  and wgrad (recovered from the saved output), wgrad is split-K with partial buffers.
+  epilogue (any activation of :data:`~vhist.ops.common.ACTIVATION_CODES`); the backward
+  multiplies dy by the activation's derivative on the fly inside dgrad and wgrad, read
+  off the saved output for ReLU / ReLU6 and off the saved pre-activation (the forward's
+  second output) for the others; wgrad is split-K with partial buffers.
 * ``vhist::fused_conv_bn_relu_fwd`` / ``_bwd`` (the op :func:`fused_conv_bn_act`, also
   :func:`fused_conv_bn_relu`): the scaffold of :mod:`vhist.ops.fused_bn` on this file's
   passes. Training: the conv epilogue writes the conv output and per-tile BN partials
@@ -38,9 +40,11 @@ from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
-from vhist.ops.common import (ACTIVATION_CODES, acc_dtype, activation_code, activation_grad, channels_innermost,
-                              channels_last_strides, cudnn_allow_tf32, empty_4d, like_layout, op_outputs,
-                              or_placeholder, partial_buffers, tl_acc, to_channels_last)
+from vhist.ops.common import (ACTIVATION_CODES, DEFAULT_NEGATIVE_SLOPE, OUTPUT_GRAD_CODES, acc_dtype,
+                              activation_code, activation_constexprs, activation_grad, channels_innermost,
+                              channels_last_strides, check_negative_slope, cudnn_allow_tf32, empty_4d,
+                              kernel_slope, like_layout, op_outputs, or_placeholder, partial_buffers, tl_acc,
+                              to_channels_last)
 from vhist.ops.conv_common import ConvGeometryBase, check_residual, op_lists_key, positive_pair, resolve_padding
 from vhist.ops.fused_bn import ConvPasses, check_fused_args, define_fused_ops, run_fused_triton
 from vhist.ops.launch_cache import Launch, lookup, new_cache, scratch, shape_cached
@@ -226,22 +230,24 @@ def _prologue_flags(prologue: Optional[tuple]) -> Optional[tuple]:
     has a weight and a bias, and its activation; None without a prologue."""
     if prologue is None:
         return None
-    _, _, weight, bias, activation = prologue
-    return weight is not None, bias is not None, activation
+    _, _, weight, bias, activation, negative_slope = prologue
+    return weight is not None, bias is not None, activation, kernel_slope(activation, negative_slope)
 
 
 def _prologue_constexprs(flags: Optional[tuple]) -> dict:
     if flags is None:
-        return dict(PROLOGUE=False, PRE_HAS_W=False, PRE_HAS_B=False, PRE_ACTIVATION=0)
-    has_weight, has_bias, activation = flags
-    return dict(PROLOGUE=True, PRE_HAS_W=has_weight, PRE_HAS_B=has_bias, PRE_ACTIVATION=activation)
+        return dict(PROLOGUE=False, PRE_HAS_W=False, PRE_HAS_B=False,
+                    **activation_constexprs(0, DEFAULT_NEGATIVE_SLOPE, "PRE_"))
+    has_weight, has_bias, activation, negative_slope = flags
+    return dict(PROLOGUE=True, PRE_HAS_W=has_weight, PRE_HAS_B=has_bias,
+                **activation_constexprs(activation, negative_slope, "PRE_"))
 
 
 def _prologue_tensors(prologue: Optional[tuple], placeholder: torch.Tensor) -> tuple:
     """The (PreMean, PreRstd, PreW, PreB) pointers of a GEMM launch."""
     if prologue is None:
         return placeholder, placeholder, placeholder, placeholder
-    mean, rstd, weight, bias, _ = prologue
+    mean, rstd, weight, bias, _, _ = prologue
     return mean, rstd, weight if weight is not None else mean, bias if bias is not None else mean
 
 
@@ -256,8 +262,8 @@ class _FwdPlan:
     scratch: dict = field(default_factory=dict, compare=False, repr=False)  # the partials (launch_cache.scratch)
 
 
-def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residual, activation, stats,
-              prologue_flags, allow_tf32, device) -> _FwdPlan:
+def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residual, activation, negative_slope,
+              write_pre, stats, prologue_flags, allow_tf32, device) -> _FwdPlan:
     from vhist.kernels import conv as kernels
 
     stem = is_stem(g, dtype)
@@ -265,8 +271,9 @@ def _fwd_plan(g: ConvGeometry, dtype, x_strides, w_strides, has_bias, has_residu
         raise NotImplementedError(f"{OP}: no BatchNorm prologue on the stem path (at most 4 input channels)")
     grid = _fwd_grid(g)
     out_strides = channels_last_strides(g.out_shape)
-    constexprs = dict(HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=activation, STATS=stats,
-                      **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
+    constexprs = dict(HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, STATS=stats, WRITE_PRE=write_pre,
+                      **activation_constexprs(activation, negative_slope), **_prologue_constexprs(prologue_flags),
+                      **_precision_of(dtype, allow_tf32))
     tiles = 0
     if stats:
         config = _stats_config(g, dtype, device)
@@ -289,17 +296,20 @@ _FWD_PLANS = new_cache()
 
 
 def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: int, stats: bool,
-                    prologue: Optional[tuple] = None):
+                    prologue: Optional[tuple] = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                    pre: Optional[torch.Tensor] = None):
     """Runs the forward GEMM. Returns (output, partials): partials are (mean, M2, count,
     num_tiles) of the BN statistics when ``stats``, else None; they are the plan's
     scratch (:func:`vhist.ops.launch_cache.scratch`), to be merged before the next call
     of the same shape. ``prologue``, when given, is ``(mean, rstd, weight, bias,
-    activation_code)``: the input is a raw conv output whose BatchNorm (its batch
-    statistics, affine parameters or None) and activation the kernel applies to each
-    loaded tile."""
+    activation_code, negative_slope)``: the input is a raw conv output whose BatchNorm
+    (its batch statistics, affine parameters or None) and activation the kernel applies to
+    each loaded tile. ``pre``, when given (a channels_last tensor of the output's shape),
+    also receives the pre-activation."""
     weight = to_channels_last(weight)
     key = (g, input.dtype, input.stride(), weight.stride(), bias is not None, residual is not None, activation,
-           stats, _prologue_flags(prologue), cudnn_allow_tf32(), input.device)
+           kernel_slope(activation, negative_slope), pre is not None, stats, _prologue_flags(prologue),
+           cudnn_allow_tf32(), input.device)
     plan = lookup(_FWD_PLANS, key, _fwd_plan, *key)
     out = torch.empty_strided(g.out_shape, plan.out_strides, dtype=input.dtype, device=input.device)
     if residual is not None:
@@ -312,14 +322,15 @@ def conv_fwd_launch(input, weight, bias, residual, g: ConvGeometry, activation: 
                                                  lambda: partial_buffers(plan.tiles, g.c_out, input, counts=True))
     else:
         part_mean = part_m2 = part_count = out
-    plan.launch(input, weight, or_placeholder(bias, out), or_placeholder(residual, out), out, part_mean, part_m2,
-                part_count, *_prologue_tensors(prologue, out))
+    plan.launch(input, weight, or_placeholder(bias, out), or_placeholder(residual, out), out, or_placeholder(pre, out),
+                part_mean, part_m2, part_count, *_prologue_tensors(prologue, out))
     if not stats:
         return out, None
     return out, (part_mean, part_m2, part_count, plan.tiles)
 
 
-def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, allow_tf32, device) -> Launch:
+def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, negative_slope, allow_tf32,
+                  device) -> Launch:
     from vhist.kernels import conv as kernels
 
     cg_in = g.c_in // g.groups
@@ -332,18 +343,22 @@ def _dgrad_launch(g: ConvGeometry, dtype, grad_strides, w_strides, activation, a
     kernel = kernels.conv2d_bwd_dgrad_stem if is_stem(g, dtype) else _pick_gemm(kernels.conv2d_bwd_dgrad, dtype)
     dx_strides = channels_last_strides((g.n, g.c_in, g.h, g.w))
     align = 1 if is_stem(g, dtype) else channel_align(dtype, (g.c_out // g.groups,), (grad_strides,))
-    return Launch(kernel, grid, (*_geom_args(g), *grad_strides, *w_strides, *dx_strides), ACTIVATION=activation,
-                  CH_ALIGN=align, **_precision_of(dtype, allow_tf32))
+    return Launch(kernel, grid, (*_geom_args(g), *grad_strides, *w_strides, *dx_strides),
+                  **activation_constexprs(activation, negative_slope), CH_ALIGN=align,
+                  **_precision_of(dtype, allow_tf32))
 
 
 _DGRAD_LAUNCHES = new_cache()
 
 
-def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor):
-    """The input gradient, channels_last in ``like``'s dtype; ``output`` (the forward
-    output with ``grad``'s strides) masks ``grad`` by the activation's derivative."""
+def dgrad_launch(grad, output, weight, g: ConvGeometry, activation: int, like: torch.Tensor,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
+    """The input gradient, channels_last in ``like``'s dtype; ``grad`` is first multiplied
+    by the activation's derivative at ``output`` (what the forward saved, with ``grad``'s
+    strides: its output for ReLU / ReLU6, the pre-activation otherwise)."""
     weight = to_channels_last(weight)
-    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, cudnn_allow_tf32(), grad.device)
+    key = (g, grad.dtype, grad.stride(), weight.stride(), activation, kernel_slope(activation, negative_slope),
+           cudnn_allow_tf32(), grad.device)
     launch = lookup(_DGRAD_LAUNCHES, key, _dgrad_launch, *key)
     dx = _empty_cl((g.n, g.c_in, g.h, g.w), like)
     launch(grad, or_placeholder(output, grad), weight, dx)
@@ -370,8 +385,8 @@ class _WgradPlan:
     scratch: dict = field(default_factory=dict, compare=False, repr=False)  # split-K partials (launch_cache.scratch)
 
 
-def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db, activation, prologue_flags,
-                allow_tf32, device) -> _WgradPlan:
+def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db, activation, negative_slope,
+                prologue_flags, allow_tf32, device) -> _WgradPlan:
     from vhist.kernels import conv as kernels
 
     split = split or wgrad_split(g, device)
@@ -384,7 +399,8 @@ def _wgrad_plan(g: ConvGeometry, dtype, grad_strides, x_strides, split, want_db,
 
     gemm = Launch(_pick_gemm(kernels.conv2d_bwd_wgrad, dtype), grid,
                   (*_geom_args(g), *grad_strides, *x_strides, per_split, g.groups), HAS_DBIAS=want_db,
-                  ACTIVATION=activation, CH_ALIGN=channel_align(dtype, (cg_out, cg_in), (grad_strides, x_strides)),
+                  **activation_constexprs(activation, negative_slope),
+                  CH_ALIGN=channel_align(dtype, (cg_out, cg_in), (grad_strides, x_strides)),
                   **_prologue_constexprs(prologue_flags), **_precision_of(dtype, allow_tf32))
     block, acc = kernels.WGRAD_REDUCE_BLOCK, tl_acc(dtype)
     reduce_dw = Launch(kernels.conv2d_bwd_wgrad_reduce, (cdiv(numel, block),), (numel, split), ACC=acc, BLOCK=block)
@@ -398,12 +414,14 @@ _WGRAD_PLANS = new_cache()
 
 
 def wgrad_launch(grad, output, input, weight_shape, weight_dtype, g: ConvGeometry, activation: int,
-                 want_dw: bool, want_db: bool, split: Optional[int] = None, prologue: Optional[tuple] = None):
-    """Weight (and bias) gradient: split-K partials, then an ordered reduction. With
-    ``prologue`` (as :func:`conv_fwd_launch`'s) the input tiles are recomputed from the
-    raw ``input`` as the forward saw them."""
-    key = (g, grad.dtype, grad.stride(), input.stride(), split, want_db, activation, _prologue_flags(prologue),
-           cudnn_allow_tf32(), grad.device)
+                 want_dw: bool, want_db: bool, split: Optional[int] = None, prologue: Optional[tuple] = None,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
+    """Weight (and bias) gradient: split-K partials, then an ordered reduction; ``grad``
+    is multiplied by the activation's derivative at ``output`` as in :func:`dgrad_launch`.
+    With ``prologue`` (as :func:`conv_fwd_launch`'s) the input tiles are recomputed from
+    the raw ``input`` as the forward saw them."""
+    key = (g, grad.dtype, grad.stride(), input.stride(), split, want_db, activation,
+           kernel_slope(activation, negative_slope), _prologue_flags(prologue), cudnn_allow_tf32(), grad.device)
     plan = lookup(_WGRAD_PLANS, key, _wgrad_plan, *key)
     acc = acc_dtype(grad.dtype)
 
@@ -433,15 +451,17 @@ def geometry_from_lists(input_shape, weight_shape, stride, padding, dilation, gr
 
 
 def conv_backward(grad_output, input, weight, output, g: ConvGeometry, activation: int, want_dx: bool,
-                  want_dw: bool, want_db: bool, channels_last_grad: bool = False):
+                  want_dw: bool, want_db: bool, channels_last_grad: bool = False,
+                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
     """The conv's input, weight and bias gradients (each None when not wanted; the bias
-    gradient in the accumulation dtype), with ``grad_output`` and ``output`` (the forward
-    output, needed when ``activation`` is not 0) in the layout the kernels read them in.
+    gradient in the accumulation dtype), with ``grad_output`` and ``output`` (what the
+    forward saved for the activation, needed when ``activation`` is not 0: its output or
+    its pre-activation, see :func:`dgrad_launch`) in the layout the kernels read them in.
 
     dgrad and wgrad read dy through its four strides, so a gradient whose channels are
     innermost (the slice of a larger gradient: the ViT's patch embedding, whose tokens sit
-    beside the class token) is not copied; with an activation (its mask reads the output
-    at dy's offsets) or ``channels_last_grad`` dy is made channels_last.
+    beside the class token) is not copied; with an activation (its derivative reads the
+    saved tensor at dy's offsets) or ``channels_last_grad`` dy is made channels_last.
 
     Returns:
         ``(grad_input, grad_weight, grad_bias, grad_output, output)``.
@@ -452,34 +472,39 @@ def conv_backward(grad_output, input, weight, output, g: ConvGeometry, activatio
         grad_output = to_channels_last(grad_output)
         if output is not None:
             output = like_layout(output, grad_output)
-    dx = dgrad_launch(grad_output, output, weight, g, activation, input) if want_dx else None
+    dx = dgrad_launch(grad_output, output, weight, g, activation, input, negative_slope) if want_dx else None
     dw = db = None
     if want_dw or want_db:
         dw, db = wgrad_launch(grad_output, output, input, weight.shape, weight.dtype, g, activation, want_dw,
-                              want_db)
+                              want_db, negative_slope=negative_slope)
     return dx, dw, db, grad_output, output
 
 
 @custom_op("vhist::conv2d_fwd", mutates_args=())
 def conv2d_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                residual: Optional[torch.Tensor], stride: list[int], padding: list[int], dilation: list[int],
-               groups: int, activation: int) -> torch.Tensor:
+               groups: int, activation: int, negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``act(conv2d(input, weight) + bias + residual)`` on the implicit-GEMM kernel, on the
     validated arguments of :func:`conv2d` (padding as (top, bottom, left, right),
     activation as its :class:`~vhist.ops.common.Activation` code).
 
     Returns:
-        The output, channels_last.
+        ``(output, pre_activation)``, channels_last; the pre-activation (what the backward
+        of an activation outside :data:`~vhist.ops.common.OUTPUT_GRAD_CODES` reads) is
+        empty for the others.
     """
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
-    out, _ = conv_fwd_launch(input, weight, bias, residual, g, activation, stats=False)
-    return out
+    pre = None if activation in OUTPUT_GRAD_CODES else _empty_cl(g.out_shape, input)
+    out, _ = conv_fwd_launch(input, weight, bias, residual, g, activation, stats=False,
+                             negative_slope=negative_slope, pre=pre)
+    return op_outputs(input, out, pre)
 
 
 @conv2d_fwd.register_fake
-def _(input, weight, bias, residual, stride, padding, dilation, groups, activation):
+def _(input, weight, bias, residual, stride, padding, dilation, groups, activation, negative_slope):
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
-    return _empty_cl(g.out_shape, input)
+    pre = input.new_empty((0,)) if activation in OUTPUT_GRAD_CODES else _empty_cl(g.out_shape, input)
+    return _empty_cl(g.out_shape, input), pre
 
 
 @custom_op("vhist::conv2d_bwd", mutates_args=())
@@ -493,12 +518,15 @@ def conv2d_bwd(
     dilation: list[int],
     groups: int,
     activation: int,
+    negative_slope: float,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`conv2d_fwd`.
 
     Args:
-        output: the forward output (needed when ``activation`` is not 0, to mask dy).
+        output: what the forward saved for the activation (needed when ``activation``
+            is not 0): its output for the codes in
+            :data:`~vhist.ops.common.OUTPUT_GRAD_CODES`, its pre-activation otherwise.
         output_mask: which of (grad_input, grad_weight, grad_bias, grad_residual) to compute.
 
     Returns:
@@ -508,17 +536,19 @@ def conv2d_bwd(
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     want_dx, want_dw, want_db, want_dres = output_mask
     dx, dw, db, grad_output, output = conv_backward(grad_output, input, weight, output, g, activation, want_dx,
-                                                    want_dw, want_db, channels_last_grad=want_dres)
+                                                    want_dw, want_db, channels_last_grad=want_dres,
+                                                    negative_slope=negative_slope)
     dres = None
     if want_dres:
-        dres = activation_grad(grad_output, output, activation)
+        dres = activation_grad(grad_output, output, activation, negative_slope)
         # A distinct tensor: custom ops may not return an alias of an input.
         dres = dres.clone() if dres is grad_output else dres
     return op_outputs(input, dx, dw, db, dres)
 
 
 @conv2d_bwd.register_fake
-def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, output_mask):
+def _(grad_output, input, weight, output, stride, padding, dilation, groups, activation, negative_slope,
+      output_mask):
     g = geometry_from_lists(input.shape, weight.shape, stride, padding, dilation, groups)
     empty = input.new_empty
     return (_empty_cl(input.shape, input) if output_mask[0] else empty((0,)),
@@ -529,13 +559,17 @@ def _(grad_output, input, weight, output, stride, padding, dilation, groups, act
 
 class Conv2dFunction(torch.autograd.Function):
     """Autograd for the Triton conv2d; saves the input, the weight and, with an
-    activation, the output (whose sign gives the activation's mask)."""
+    activation, one tensor for its derivative: the output for ReLU / ReLU6 (its sign
+    gives their mask), the pre-activation for the others."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, stride, padding, dilation, groups, activation):
-        out = conv2d_fwd(input, weight, bias, residual, stride, padding, dilation, groups, activation)
-        ctx.save_for_backward(input, weight, out if activation else None)
-        ctx.args = (stride, padding, dilation, groups, activation)
+    def forward(ctx, input, weight, bias, residual, stride, padding, dilation, groups, activation,
+                negative_slope=DEFAULT_NEGATIVE_SLOPE):
+        out, pre = conv2d_fwd(input, weight, bias, residual, stride, padding, dilation, groups, activation,
+                              negative_slope)
+        ctx.save_for_backward(input, weight, (out if activation in OUTPUT_GRAD_CODES else pre) if activation
+                              else None)
+        ctx.args = (stride, padding, dilation, groups, activation, negative_slope)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
@@ -547,7 +581,7 @@ class Conv2dFunction(torch.autograd.Function):
         if need[2] and db.dtype != ctx.bias_dtype:
             db = db.to(ctx.bias_dtype)
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
-                dres if need[3] else None, None, None, None, None, None)
+                dres if need[3] else None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- fused conv + BN + act
@@ -575,30 +609,34 @@ FUSED_OPS = define_fused_ops("fused_conv_bn_relu", FUSED_PASSES)
 
 
 def _conv2d_triton(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
-                   residual=None):
+                   residual=None, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     g = conv_geometry(OP, input.shape, weight.shape, stride, padding, dilation, groups)
     return Conv2dFunction.apply(to_channels_last(input), weight, bias, residual, *g.op_args(), g.groups,
-                                ACTIVATION_CODES[activation])
+                                ACTIVATION_CODES[activation], negative_slope)
 
 
-def _eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int):
-    return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation)
+def eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int,
+              negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
+    """``act(conv2d(input, weight) + bias + residual)`` on checked arguments, autograd
+    included (a fused op's eval path, BN folded into ``weight`` and ``bias``)."""
+    return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation, negative_slope)
 
 
 def _fused_triton(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
-                  dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, activation="relu", residual=None):
+                  dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, activation="relu", residual=None,
+                  negative_slope=DEFAULT_NEGATIVE_SLOPE):
     g = conv_geometry(FUSED_OP, input.shape, weight.shape, stride, padding, dilation, groups)
-    return run_fused_triton(FUSED_OPS, _eval_conv, to_channels_last(input), weight, bn_weight, bn_bias,
+    return run_fused_triton(FUSED_OPS, eval_conv, to_channels_last(input), weight, bn_weight, bn_bias,
                             running_mean, running_var, g, g.groups, training=training, momentum=momentum, eps=eps,
-                            activation=activation, residual=residual)
+                            activation=activation, residual=residual, negative_slope=negative_slope)
 
 
 def _conv2d_reference(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation=None,
-                      residual=None):
+                      residual=None, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     out = reference.conv2d(input, weight, bias, stride, padding, dilation, groups)
     if residual is not None:
         out = out + residual
-    return reference.activate(out, activation)
+    return reference.activate(out, activation, negative_slope)
 
 
 CONV2D_IMPLS = {"triton": _conv2d_triton, "torch": _conv2d_reference}
@@ -610,17 +648,22 @@ FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_conv_bn_act}
 
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            stride=1, padding=0, dilation=1, groups: int = 1, *, activation: Optional[str] = None,
-           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+           residual: Optional[torch.Tensor] = None, negative_slope: float = DEFAULT_NEGATIVE_SLOPE) -> torch.Tensor:
     """``F.conv2d`` with an activation epilogue: ``act(conv2d(input, weight) + bias + residual)``.
 
     Args:
-        input: (N, C_in, H, W) or unbatched (C_in, H, W); NCHW or channels_last.
+        input: (N, C_in, H, W) or unbatched (C_in, H, W); NCHW or channels_last. (The
+            package-level :func:`vhist.ops.conv2d` also takes a
+            :class:`~vhist.ops.deferred.DeferredBNAct`.)
         weight: (C_out, C_in / groups, KH, KW).
         bias: optional (C_out,).
         stride, dilation: int or pair. padding: int, pair, 'same' or 'valid'.
         groups: number of channel groups.
-        activation: "relu", "relu6" or None.
+        activation: a name of :data:`~vhist.ops.common.ACTIVATION_CODES` (None, "relu",
+            "relu6", "silu", "hardswish", "leaky_relu", "gelu", "gelu_tanh", "sigmoid",
+            "hardsigmoid").
         residual: optional tensor of the output's shape added before the activation.
+        negative_slope: leaky relu's slope, as ``F.leaky_relu``'s.
 
     Returns:
         (N, C_out, OH, OW); channels_last on the triton backend.
@@ -631,23 +674,26 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         residual = residual.unsqueeze(0) if residual is not None else None
     input, weight, bias, residual = autocast_inputs(input, weight, bias, residual)
     check_conv_inputs(OP, input, weight, bias, residual, stride, padding, dilation, groups, activation)
+    negative_slope = check_negative_slope(OP, negative_slope)
     impl = dispatch(OP, CONV2D_IMPLS, input.device)
-    out = impl(input, weight, bias, stride, padding, dilation, groups, activation=activation, residual=residual)
+    out = impl(input, weight, bias, stride, padding, dilation, groups, activation=activation, residual=residual,
+               negative_slope=negative_slope)
     return out.squeeze(0) if unbatched else out
 
 
 def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
                       padding=0, dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5,
-                      activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None):
+                      activation: Optional[str] = "relu", residual: Optional[torch.Tensor] = None,
+                      negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
     """``act(batch_norm(conv2d(input, weight)) + residual)`` as one op, running statistics
     included (see :func:`vhist.reference.fused_conv_bn_act`). Also available as
     :func:`fused_conv_bn_relu`, the name of the design.
 
     Args:
-        input: (N, C_in, H, W), NCHW or channels_last; or the
-            :class:`~vhist.ops.bn_prologue.DeferredBNAct` of a producing conv + BN + act,
-            whose BN and activation this conv then applies in its prologue (training,
-            triton backend; elsewhere it is applied first).
+        input: (N, C_in, H, W), NCHW or channels_last. (The package-level
+            :func:`vhist.ops.fused_conv_bn_act` also takes the
+            :class:`~vhist.ops.deferred.DeferredBNAct` of a producing layer, whose BN and
+            activation its conv then applies in its prologue.)
         weight: (C_out, C_in / groups, KH, KW) conv weight (the conv has no bias).
         bn_weight, bn_bias: optional (C_out,) BatchNorm affine parameters.
         running_mean, running_var: (C_out,) buffers, updated in place when training; or
@@ -655,32 +701,21 @@ def fused_conv_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_v
         stride, padding, dilation, groups: as :func:`conv2d`.
         training: batch statistics (and running-stat update) or the running ones.
         momentum, eps: as ``F.batch_norm``.
-        activation: "relu", "relu6" or None.
+        activation, negative_slope: as :func:`conv2d`.
         residual: optional tensor of the output's shape added before the activation.
 
     Returns:
         (N, C_out, OH, OW); channels_last on the triton backend.
     """
-    from vhist.ops import bn_prologue  # the deferred BN + act of a producing conv (it imports this module)
-
-    if isinstance(input, bn_prologue.DeferredBNAct):
-        device = input.conv_output.device
-        if training and dispatch(FUSED_OP, FUSED_IMPLS, device) is _fused_triton:
-            # Its BN + act in this conv's prologue; this layer's own BN applied after.
-            out = bn_prologue.conv_bn_deferred(input, weight, bn_weight, bn_bias, running_mean, running_var,
-                                               stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                               training=True, momentum=momentum, eps=eps, activation=activation)
-            (residual,) = autocast_inputs(residual) if residual is not None else (None,)
-            check_residual(FUSED_OP, residual, out.conv_output, out.shape)
-            return out.materialize(residual)
-        input = input.materialize()
     input, weight, residual = autocast_inputs(input, weight, residual)
     g = check_conv_inputs(FUSED_OP, input, weight, None, None, stride, padding, dilation, groups, activation)
     check_fused_args(FUSED_OP, g, input, bn_weight, bn_bias, running_mean, running_var, training, residual)
+    negative_slope = check_negative_slope(FUSED_OP, negative_slope)
     impl = dispatch(FUSED_OP, FUSED_IMPLS, input.device)
     return impl(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                 padding=padding, dilation=dilation, groups=groups, training=training,
-                momentum=momentum, eps=eps, activation=activation, residual=residual)
+                momentum=momentum, eps=eps, activation=activation, residual=residual,
+                negative_slope=negative_slope)
 
 
 # The design's name for the fused op (it also runs ReLU6 and no activation).

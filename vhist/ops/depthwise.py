@@ -21,8 +21,10 @@ from vhist import reference
 from vhist.ops import heuristics
 from vhist.ops._dispatch import autocast_inputs, check_float_dtype, check_same_device, dispatch
 from vhist.ops.common import cdiv
-from vhist.ops.common import (acc_dtype, activation_code, activation_grad, channels_last_strides, contiguous_strides,
-                              dense_layout, empty_4d, is_channels_last, like_layout, or_placeholder, partial_buffers)
+from vhist.ops.common import (DEFAULT_NEGATIVE_SLOPE, OUTPUT_GRAD_CODES, acc_dtype, activation_code,
+                              activation_constexprs, activation_grad, channels_last_strides, check_negative_slope,
+                              contiguous_strides, dense_layout, empty_4d, is_channels_last, kernel_slope, like_layout,
+                              op_outputs, or_placeholder, partial_buffers)
 # The weight-gradient launcher below calls these two under their former private names.
 from vhist.ops.common import sm_count as _sm_count
 from vhist.ops.common import tl_acc as _tl_acc
@@ -132,7 +134,7 @@ def weight_chunks(pixels: int, c_out: int, device: torch.device) -> tuple[int, i
 
 
 def _fwd_launch(geom: DepthwiseGeometry, dtype, x_strides, out_strides, has_bias, has_residual, activation,
-                stats, device) -> tuple[Launch, int]:
+                negative_slope, write_pre, stats, device) -> tuple[Launch, int]:
     """The forward launch and its programs along the pixel axis (with ``stats``, the
     number of BN partials it writes)."""
     from vhist.kernels import depthwise as kernels
@@ -142,28 +144,32 @@ def _fwd_launch(geom: DepthwiseGeometry, dtype, x_strides, out_strides, has_bias
     return Launch(kernels.depthwise_fwd, grid,
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier,
                    tiles_per_program, *x_strides, *_taps_major_strides(geom), *out_strides, *geom.conv_args()),
-                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, ACTIVATION=activation,
-                  STATS=stats, ACC=_tl_acc(dtype), BLOCK_P=FWD_BLOCK_P), programs
+                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, STATS=stats,
+                  WRITE_PRE=write_pre, **activation_constexprs(activation, negative_slope), ACC=_tl_acc(dtype),
+                  BLOCK_P=FWD_BLOCK_P), programs
 
 
 _FWD_LAUNCHES = new_cache()
 
 
 def _launch_fwd(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, output,
-                stats: bool = False):
-    """Runs the forward into ``output``. Returns the BN partials (mean, M2, count) in the
+                stats: bool = False, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                pre: Optional[torch.Tensor] = None):
+    """Runs the forward into ``output`` (and the pre-activation into ``pre``, a tensor
+    like ``output``, when given). Returns the BN partials (mean, M2, count) in the
     accumulation dtype when ``stats`` (the launch's scratch,
     :func:`vhist.ops.launch_cache.scratch`: merged before the next call of the same shape),
     else None."""
     key = (geom, input.dtype, input.stride(), output.stride(), bias is not None, residual is not None, activation,
-           stats, input.device)
+           kernel_slope(activation, negative_slope), pre is not None, stats, input.device)
     launch, programs = lookup(_FWD_LAUNCHES, key, _fwd_launch, *key)
     if stats:
         part = scratch(launch.scratch, input, lambda: partial_buffers(programs, geom.c_out, input, counts=True))
     else:
         part = (output, output, output)
     weight = taps_major(weight, geom)
-    launch(input, weight, or_placeholder(bias, weight), or_placeholder(residual, output), output, *part)
+    launch(input, weight, or_placeholder(bias, weight), or_placeholder(residual, output), output,
+           or_placeholder(pre, output), *part)
     return part if stats else None
 
 
@@ -177,22 +183,26 @@ def depthwise_conv2d_fwd(
     padding: list[int],
     dilation: list[int],
     activation: int,
-) -> torch.Tensor:
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the depthwise conv on the Triton kernel: ``act(conv + bias + residual)``.
 
     Args:
         padding: (top, bottom, left, right).
-        activation: 0 none, 1 ReLU, 2 ReLU6.
+        activation: a :class:`~vhist.ops.common.Activation` code; negative_slope: leaky relu's.
 
     Returns:
-        The output, channels-last when the input is, contiguous otherwise.
+        ``(output, pre_activation)``, channels-last when the input is, contiguous
+        otherwise; the pre-activation (what the backward reads for an activation outside
+        :data:`~vhist.ops.common.OUTPUT_GRAD_CODES`) is empty for the others.
     """
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
     output = _empty_output(input, geom.out_shape, _channels_last(input))
+    pre = None if activation in OUTPUT_GRAD_CODES else torch.empty_like(output)
     if residual is not None:
         residual = like_layout(residual, output)
-    _launch_fwd(input, weight, bias, residual, geom, activation, output)
-    return output
+    _launch_fwd(input, weight, bias, residual, geom, activation, output, negative_slope=negative_slope, pre=pre)
+    return op_outputs(input, output, pre)
 
 
 @custom_op("vhist::depthwise_conv2d_bwd_input", mutates_args=())
@@ -206,21 +216,24 @@ def depthwise_conv2d_bwd_input(
     padding: list[int],
     dilation: list[int],
     activation: int,
+    negative_slope: float,
 ) -> torch.Tensor:
     """Input gradient (a gather over the taps that reach each input pixel).
 
     Args:
-        output: the forward output, read for the activation's mask (``activation`` != 0).
+        output: what the forward saved for the activation (``activation`` != 0): its
+            output for ReLU / ReLU6, its pre-activation otherwise.
         input_size, channels_last: shape and memory format of the forward input.
 
     Returns:
         grad_input, in the forward input's memory format.
     """
     return _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stride, padding, dilation,
-                           activation)
+                           activation, negative_slope)
 
 
-def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_last, activation, device) -> Launch:
+def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_last, activation,
+                      negative_slope, device) -> Launch:
     from vhist.kernels import depthwise as kernels
 
     grid = lambda meta: (cdiv(geom.n * geom.h * geom.w, meta["BLOCK_P"]),  # noqa: E731
@@ -230,18 +243,19 @@ def _bwd_input_launch(geom: DepthwiseGeometry, dtype, grad_strides, channels_las
     return Launch(kernels.depthwise_bwd_input, grid,
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, *grad_strides,
                    *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
-                  KH=geom.kh, KW=geom.kw, ACTIVATION=activation, ACC=_tl_acc(dtype))
+                  KH=geom.kh, KW=geom.kw, **activation_constexprs(activation, negative_slope), ACC=_tl_acc(dtype))
 
 
 _BWD_INPUT_LAUNCHES = new_cache()
 
 
 def _bwd_input_impl(grad_output, output, weight, input_size, channels_last, stride, padding, dilation,
-                    activation):
+                    activation, negative_slope=DEFAULT_NEGATIVE_SLOPE):
     geom = _geometry_from_lists(input_size, weight.shape, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
-    key = (geom, weight.dtype, grad_output.stride(), channels_last, activation, grad_output.device)
+    key = (geom, weight.dtype, grad_output.stride(), channels_last, activation,
+           kernel_slope(activation, negative_slope), grad_output.device)
     launch = lookup(_BWD_INPUT_LAUNCHES, key, _bwd_input_launch, *key)
     grad_input = _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
     launch(grad_output, output if activation else grad_output, taps_major(weight, geom), grad_input)
@@ -258,6 +272,7 @@ def depthwise_conv2d_bwd_weight(
     padding: list[int],
     dilation: list[int],
     activation: int,
+    negative_slope: float,
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (and bias) gradient: a two-stage, deterministic reduction over N*OH*OW.
@@ -266,7 +281,7 @@ def depthwise_conv2d_bwd_weight(
         ``(grad_weight, grad_bias)``; grad_bias is empty unless ``has_bias``.
     """
     return _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, dilation, activation,
-                            has_bias)
+                            has_bias, negative_slope)
 
 
 @dataclass(frozen=True)
@@ -320,7 +335,7 @@ def _reduce_launches(geom: DepthwiseGeometry, chunks: int, has_bias: bool, tl_ac
 
 
 def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
-                      has_bias, device) -> _WeightGradPlan:
+                      negative_slope, has_bias, device) -> _WeightGradPlan:
     from vhist.kernels import depthwise as kernels
 
     tl_acc = _tl_acc(dtype)
@@ -329,8 +344,8 @@ def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, c
     grad = Launch(kernels.depthwise_bwd_weight_reduce, (cdiv(geom.c_out, block_c), chunks),
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk,
                    *grad_strides, *x_strides, *geom.conv_args()),
-                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, ACTIVATION=activation, ACC=tl_acc, BLOCK_P=block_p,
-                  BLOCK_C=block_c, num_warps=num_warps)
+                  KH=geom.kh, KW=geom.kw, HAS_BIAS=has_bias, **activation_constexprs(activation, negative_slope),
+                  ACC=tl_acc, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
                            *_reduce_launches(geom, chunks, has_bias, tl_acc))
 
@@ -338,12 +353,13 @@ def _weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, c
 _WEIGHT_GRAD_PLANS = new_cache()
 
 
-def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
+def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias,
+                     negative_slope=DEFAULT_NEGATIVE_SLOPE):
     geom = _geometry_from_lists(input.shape, weight_size, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
-    key = (geom, input.dtype, grad_output.stride(), input.stride(), _channels_last(input), activation, has_bias,
-           input.device)
+    key = (geom, input.dtype, grad_output.stride(), input.stride(), _channels_last(input), activation,
+           kernel_slope(activation, negative_slope), has_bias, input.device)
     plan = lookup(_WEIGHT_GRAD_PLANS, key, _weight_grad_plan, *key)
     parts = plan.partials(input, geom.c_out)
     grad_weight = input.new_empty(weight_size)
@@ -356,23 +372,25 @@ def _bwd_weight_impl(grad_output, output, input, weight_size, stride, padding, d
 @custom_op("vhist::depthwise_conv2d_bwd", mutates_args=())
 def depthwise_conv2d_bwd(grad_output: torch.Tensor, output: Optional[torch.Tensor], input: torch.Tensor,
                          weight: torch.Tensor, stride: list[int], padding: list[int], dilation: list[int],
-                         activation: int, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         activation: int, negative_slope: float,
+                         has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input, weight (and bias) gradients from one read of dy (the gather of
     ``vhist::depthwise_conv2d_bwd_input`` feeding both), the weight gradient reduced in
     two deterministic stages.
 
     Args:
-        output: the forward output, read for the activation's mask (``activation`` != 0).
+        output: as ``vhist::depthwise_conv2d_bwd_input``'s.
 
     Returns:
         ``(grad_input, grad_weight, grad_bias)``: grad_input in the forward input's memory
         format; grad_bias empty unless ``has_bias``.
     """
-    return _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias)
+    return _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias,
+                     negative_slope)
 
 
 def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
-                            has_bias, device) -> _WeightGradPlan:
+                            negative_slope, has_bias, device) -> _WeightGradPlan:
     from vhist.kernels import depthwise as kernels
 
     tl_acc = _tl_acc(dtype)
@@ -386,8 +404,9 @@ def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_stri
     grad = Launch(kernels.depthwise_bwd, (cdiv(geom.c_in, block_c), chunks),
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
                    *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
-                  KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
-                  ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
+                  KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias,
+                  **activation_constexprs(activation, negative_slope), ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p,
+                  BLOCK_C=block_c, num_warps=num_warps)
     return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
                            *_reduce_launches(geom, chunks, has_bias, tl_acc))
 
@@ -395,13 +414,14 @@ def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_stri
 _INPUT_WEIGHT_GRAD_PLANS = new_cache()
 
 
-def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias,
+              negative_slope=DEFAULT_NEGATIVE_SLOPE):
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
     if activation:
         grad_output = like_layout(grad_output, output)
     channels_last = _channels_last(input)
-    key = (geom, input.dtype, grad_output.stride(), input.stride(), channels_last, activation, has_bias,
-           input.device)
+    key = (geom, input.dtype, grad_output.stride(), input.stride(), channels_last, activation,
+           kernel_slope(activation, negative_slope), has_bias, input.device)
     plan = lookup(_INPUT_WEIGHT_GRAD_PLANS, key, _input_weight_grad_plan, *key)
     parts = plan.partials(input, geom.c_out)
     grad_input = _empty_output(grad_output, input.shape, channels_last, dtype=weight.dtype)
@@ -417,16 +437,19 @@ def _bwd_impl(grad_output, output, input, weight, stride, padding, dilation, act
 # One fake per pass, registered for the pass's triton and cuda ops (same contract).
 
 
-def _fwd_fake(input, weight, bias, residual, stride, padding, dilation, activation):
+def _fwd_fake(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope):
     geom = _geometry_from_lists(input.shape, weight.shape, stride, padding, dilation)
-    return _empty_output(input, geom.out_shape, _channels_last(input))
+    output = _empty_output(input, geom.out_shape, _channels_last(input))
+    return output, input.new_empty((0,)) if activation in OUTPUT_GRAD_CODES else torch.empty_like(output)
 
 
-def _bwd_input_fake(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation):
+def _bwd_input_fake(grad_output, output, weight, input_size, channels_last, stride, padding, dilation, activation,
+                    negative_slope):
     return _empty_output(grad_output, input_size, channels_last, dtype=weight.dtype)
 
 
-def _bwd_weight_fake(grad_output, output, input, weight_size, stride, padding, dilation, activation, has_bias):
+def _bwd_weight_fake(grad_output, output, input, weight_size, stride, padding, dilation, activation, negative_slope,
+                     has_bias):
     c_out = weight_size[0]
     return input.new_empty(weight_size), input.new_empty((c_out,) if has_bias else (0,))
 
@@ -437,26 +460,28 @@ depthwise_conv2d_bwd_weight.register_fake(_bwd_weight_fake)
 
 
 @depthwise_conv2d_bwd.register_fake
-def _bwd_fake(grad_output, output, input, weight, stride, padding, dilation, activation, has_bias):
+def _bwd_fake(grad_output, output, input, weight, stride, padding, dilation, activation, negative_slope, has_bias):
     grad_weight, grad_bias = _bwd_weight_fake(grad_output, output, input, list(weight.shape), stride, padding,
-                                              dilation, activation, has_bias)
+                                              dilation, activation, negative_slope, has_bias)
     return (_bwd_input_fake(grad_output, output, weight, list(input.shape), _channels_last(input), stride, padding,
-                            dilation, activation), grad_weight, grad_bias)
+                            dilation, activation, negative_slope), grad_weight, grad_bias)
 
 
 class DepthwiseConv2dFunction(torch.autograd.Function):
     """Autograd for ``act(depthwise_conv2d(input, weight, bias) + residual)`` on one
     backend's custom ops (``ops`` = (fwd, bwd_input, bwd_weight, bwd), ``bwd`` computing
     all three gradients from one read of dy, or None where the backend has no such
-    kernel). Saves the input, the weight and, with an activation, the output (for its
-    mask)."""
+    kernel). Saves the input, the weight and, with an activation, one tensor for its
+    derivative: the output for ReLU / ReLU6, the pre-activation for the others."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, residual, stride, padding, dilation, activation, ops):
+    def forward(ctx, input, weight, bias, residual, stride, padding, dilation, activation, ops,
+                negative_slope=DEFAULT_NEGATIVE_SLOPE):
         fwd = ops[0]
-        output = fwd(input, weight, bias, residual, stride, padding, dilation, activation)
-        ctx.save_for_backward(input, weight, output if activation else None)
-        ctx.conf = (stride, padding, dilation, activation, ops)
+        output, pre = fwd(input, weight, bias, residual, stride, padding, dilation, activation, negative_slope)
+        saved = (output if activation in OUTPUT_GRAD_CODES else pre) if activation else None
+        ctx.save_for_backward(input, weight, saved)
+        ctx.conf = (stride, padding, dilation, activation, negative_slope, ops)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return output
@@ -464,25 +489,25 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, weight, output = ctx.saved_tensors
-        stride, padding, dilation, activation, (_, bwd_input, bwd_weight, bwd) = ctx.conf
+        stride, padding, dilation, activation, slope, (_, bwd_input, bwd_weight, bwd) = ctx.conf
         need_dx, need_dw, need_db, need_dres = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = grad_residual = None
         if need_dx and (need_dw or need_db) and bwd is not None:
             grad_input, grad_weight, grad_bias = bwd(grad_output, output, input, weight, stride, padding, dilation,
-                                                     activation, ctx.has_bias)
+                                                     activation, slope, ctx.has_bias)
         else:
             if need_dx:
                 grad_input = bwd_input(grad_output, output, weight, list(input.shape), _channels_last(input),
-                                       stride, padding, dilation, activation)
+                                       stride, padding, dilation, activation, slope)
             if need_dw or need_db:
                 grad_weight, grad_bias = bwd_weight(grad_output, output, input, list(weight.shape), stride,
-                                                    padding, dilation, activation, ctx.has_bias)
+                                                    padding, dilation, activation, slope, ctx.has_bias)
         if need_dw or need_db:
             grad_weight = grad_weight if need_dw else None
             grad_bias = grad_bias.to(ctx.bias_dtype) if need_db and ctx.has_bias else None
         if need_dres:
-            grad_residual = activation_grad(grad_output, output, activation)
-        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+            grad_residual = activation_grad(grad_output, output, activation, slope)
+        return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None, None
 
 
 TRITON_OPS = (depthwise_conv2d_fwd, depthwise_conv2d_bwd_input, depthwise_conv2d_bwd_weight,
@@ -507,17 +532,19 @@ def _no_epilogue(residual, activation):
 @custom_op("vhist::depthwise_conv2d_cuda_fwd", mutates_args=())
 def depthwise_conv2d_cuda_fwd(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               residual: Optional[torch.Tensor], stride: list[int], padding: list[int],
-                              dilation: list[int], activation: int) -> torch.Tensor:
+                              dilation: list[int], activation: int,
+                              negative_slope: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on the CUDA C++ kernel (same contract as ``vhist::depthwise_conv2d_fwd``
     without the residual/activation epilogue)."""
     _no_epilogue(residual, activation)
-    return _cuda_extension().fwd(input, weight, bias, stride, padding, dilation)
+    return _cuda_extension().fwd(input, weight, bias, stride, padding, dilation), input.new_empty((0,))
 
 
 @custom_op("vhist::depthwise_conv2d_cuda_bwd_input", mutates_args=())
 def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[torch.Tensor], weight: torch.Tensor,
                                     input_size: list[int], channels_last: bool, stride: list[int],
-                                    padding: list[int], dilation: list[int], activation: int) -> torch.Tensor:
+                                    padding: list[int], dilation: list[int], activation: int,
+                                    negative_slope: float) -> torch.Tensor:
     """Input gradient on the CUDA C++ kernel (a gather, no atomics)."""
     _no_epilogue(None, activation)
     return _cuda_extension().bwd_input(grad_output, weight, input_size, channels_last, stride, padding, dilation)
@@ -526,7 +553,7 @@ def depthwise_conv2d_cuda_bwd_input(grad_output: torch.Tensor, output: Optional[
 @custom_op("vhist::depthwise_conv2d_cuda_bwd_weight", mutates_args=())
 def depthwise_conv2d_cuda_bwd_weight(grad_output: torch.Tensor, output: Optional[torch.Tensor], input: torch.Tensor,
                                      weight_size: list[int], stride: list[int], padding: list[int],
-                                     dilation: list[int], activation: int,
+                                     dilation: list[int], activation: int, negative_slope: float,
                                      has_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight (and bias) gradient on the CUDA C++ kernels: the same deterministic two-stage
     reduction (chunks fixed by the shape) as the Triton backend."""
@@ -564,7 +591,8 @@ def _check_inputs(input, weight, bias, stride, padding, dilation, op=OP) -> Dept
 
 def _depthwise_triton(input, weight, bias, geom: DepthwiseGeometry, ops=TRITON_OPS):
     # The kernels take any strides; only overlapping or negative-stride views are copied.
-    return DepthwiseConv2dFunction.apply(dense_layout(input), weight, bias, None, *geom.op_args(), 0, ops)
+    return DepthwiseConv2dFunction.apply(dense_layout(input), weight, bias, None, *geom.op_args(), 0, ops,
+                                         DEFAULT_NEGATIVE_SLOPE)
 
 
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -637,15 +665,16 @@ FUSED_PASSES = ConvPasses(
 FUSED_OPS = define_fused_ops(FUSED_OP, FUSED_PASSES)
 
 
-def _eval_conv(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int):
-    return DepthwiseConv2dFunction.apply(input, weight, bias, residual, *geom.op_args(), activation, TRITON_OPS)
+def _eval_conv(input, weight, bias, residual, geom: DepthwiseGeometry, activation: int, negative_slope: float):
+    return DepthwiseConv2dFunction.apply(input, weight, bias, residual, *geom.op_args(), activation, TRITON_OPS,
+                                         negative_slope)
 
 
 def _fused_triton(input, weight, bn_weight, bn_bias, running_mean, running_var, geom: DepthwiseGeometry, *,
-                  training, momentum, eps, activation, residual):
+                  training, momentum, eps, activation, residual, negative_slope):
     return run_fused_triton(FUSED_OPS, _eval_conv, dense_layout(input), weight, bn_weight, bn_bias, running_mean,
                             running_var, geom, geom.c_in, training=training, momentum=momentum, eps=eps,
-                            activation=activation, residual=residual)
+                            activation=activation, residual=residual, negative_slope=negative_slope)
 
 
 FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_depthwise_bn_act}
@@ -653,7 +682,8 @@ FUSED_IMPLS = {"triton": _fused_triton, "torch": reference.fused_depthwise_bn_ac
 
 def fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1,
                            padding=0, dilation=1, training=True, momentum=0.1, eps=1e-5,
-                           activation: Optional[str] = "relu6", residual: Optional[torch.Tensor] = None):
+                           activation: Optional[str] = "relu6", residual: Optional[torch.Tensor] = None,
+                           negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
     """``act(batch_norm(depthwise_conv2d(input, weight)) + residual)`` as one op, with the
     argument conventions of :func:`vhist.ops.fused_conv_bn_act` (MobileNet's dw-BN-ReLU6).
 
@@ -672,8 +702,9 @@ def fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, runn
         stride, padding, dilation: as :func:`depthwise_conv2d`.
         training: batch statistics (and running-stat update) or the running ones.
         momentum, eps: as ``F.batch_norm``.
-        activation: "relu", "relu6" or None.
+        activation: a name of :data:`~vhist.ops.common.ACTIVATION_CODES`.
         residual: optional tensor of the output's shape added before the activation.
+        negative_slope: leaky relu's slope, as ``F.leaky_relu``'s.
 
     Returns:
         (N, C_out, OH, OW) in the input's memory format.
@@ -683,7 +714,9 @@ def fused_depthwise_bn_act(input, weight, bn_weight, bn_bias, running_mean, runn
     activation_code(FUSED_OP, activation)
     check_fused_args(FUSED_OP, geom, input, bn_weight, bn_bias, running_mean, running_var, training, residual)
     impl = dispatch(FUSED_OP, FUSED_IMPLS, input.device)
-    kwargs = dict(training=training, momentum=momentum, eps=eps, activation=activation, residual=residual)
+    negative_slope = check_negative_slope(FUSED_OP, negative_slope)
+    kwargs = dict(training=training, momentum=momentum, eps=eps, activation=activation, residual=residual,
+                  negative_slope=negative_slope)
     if impl is reference.fused_depthwise_bn_act:
         return impl(input, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
                     padding=padding, dilation=dilation, **kwargs)

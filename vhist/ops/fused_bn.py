@@ -7,8 +7,8 @@ the epilogue, input gradient, weight gradient) and gets the rest:
 * training forward: the conv pass writes the conv output and per-tile (count, mean,
   M2) partials; ``bn_finalize`` merges them (Chan et al.) and updates the running
   statistics; one ``bn_apply`` pass applies scale, shift, residual and activation;
-* training backward: ``bn_grad_sums`` recomputes the activation mask from the saved
-  conv output and sums dz and dz * x_hat per channel (with a residual whose gradient is
+* training backward: ``bn_grad_sums`` recomputes the activation's derivative from the
+  saved conv output and sums dz and dz * x_hat per channel (with a residual whose gradient is
   wanted, it also writes dz, that gradient), ``bn_grad_input`` writes dy_conv (reading
   dz when it was written), then the conv's input- and weight-gradient passes;
 * eval: BN folded into the weight and a bias (:func:`fold_bn`), one conv launch with
@@ -77,6 +77,7 @@ def _fused_fwd(passes: ConvPasses):
         momentum: float,
         eps: float,
         activation: int,
+        negative_slope: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training forward of conv + BN (batch statistics) + residual + activation.
 
@@ -86,11 +87,12 @@ def _fused_fwd(passes: ConvPasses):
         geom = passes.geometry(input.shape, weight.shape, stride, padding, dilation, groups)
         conv_out, partials = passes.forward_with_stats(input, weight, geom)
         mean, rstd = bn_finalize(*partials, running_mean, running_var, momentum, eps)
-        out = bn_apply(conv_out, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation)
+        out = bn_apply(conv_out, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
+                       negative_slope=negative_slope)
         return out, conv_out, mean, rstd
 
     def fake(input, weight, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, dilation,
-             groups, momentum, eps, activation):
+             groups, momentum, eps, activation, negative_slope):
         geom = passes.geometry(input.shape, weight.shape, stride, padding, dilation, groups)
         acc = acc_dtype(input.dtype)
         return (passes.empty_output(input, geom.out_shape), passes.empty_output(input, geom.out_shape),
@@ -116,6 +118,7 @@ def _fused_bwd(passes: ConvPasses):
         groups: int,
         eps: float,
         activation: int,
+        negative_slope: float,
         output_mask: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training backward of the fused forward.
@@ -130,7 +133,8 @@ def _fused_bwd(passes: ConvPasses):
         want_dx, want_dw, want_dgamma, want_dbeta, want_dres = output_mask
         dy_conv, dgamma, dbeta, dres = bn_act_backward(
             grad_output, conv_output, mean, rstd, bn_weight, bn_bias, eps, residual=residual, activation=activation,
-            want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta, want_dresidual=want_dres)
+            negative_slope=negative_slope, want_dx=want_dx or want_dw, want_dweight=want_dgamma, want_dbias=want_dbeta,
+            want_dresidual=want_dres)
         dx = dw = None
         if want_dx or want_dw:
             if want_dx and want_dw and passes.grad_input_and_weight is not None:
@@ -143,7 +147,7 @@ def _fused_bwd(passes: ConvPasses):
         return op_outputs(input, dx, dw, dgamma, dbeta, dres)
 
     def fake(grad_output, input, weight, conv_output, mean, rstd, bn_weight, bn_bias, residual, stride, padding,
-             dilation, groups, eps, activation, output_mask):
+             dilation, groups, eps, activation, negative_slope, output_mask):
         c = weight.shape[0]
 
         def empty():
@@ -182,12 +186,12 @@ class FusedConvBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                stride, padding, dilation, groups, momentum, eps, activation, ops):
+                stride, padding, dilation, groups, momentum, eps, activation, negative_slope, ops):
         fwd, bwd = ops
         out, conv_out, mean, rstd = fwd(input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                                        stride, padding, dilation, groups, momentum, eps, activation)
+                                        stride, padding, dilation, groups, momentum, eps, activation, negative_slope)
         ctx.save_for_backward(input, weight, conv_out, mean, rstd, bn_weight, bn_bias, residual)
-        ctx.args = (stride, padding, dilation, groups, eps, activation)
+        ctx.args = (stride, padding, dilation, groups, eps, activation, negative_slope)
         ctx.bwd = bwd
         return out
 
@@ -202,7 +206,7 @@ class FusedConvBNFunction(torch.autograd.Function):
                 dgamma if mask[2] and bn_weight is not None else None,
                 dbeta if mask[3] and bn_bias is not None else None,
                 None, None, dres if mask[4] else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def check_fused_args(op: str, geom: ConvGeometryBase, input, bn_weight, bn_bias, running_mean, running_var,
@@ -217,17 +221,19 @@ def check_fused_args(op: str, geom: ConvGeometryBase, input, bn_weight, bn_bias,
 
 def run_fused_triton(ops, eval_conv: Callable, input, weight, bn_weight, bn_bias, running_mean, running_var,
                      geom: ConvGeometryBase, groups: int, *, training: bool, momentum: float, eps: float,
-                     activation: Optional[str], residual: Optional[torch.Tensor]) -> torch.Tensor:
+                     activation: Optional[str], residual: Optional[torch.Tensor],
+                     negative_slope: float) -> torch.Tensor:
     """The triton backend of a fused op on checked arguments.
 
     Args:
         ops: ``(fwd, bwd)`` from :func:`define_fused_ops`, run when training.
-        eval_conv: ``(input, weight, bias, residual, geom, activation_code)`` -> the conv
-            with its epilogue (autograd included), run on the folded BN in eval.
+        eval_conv: ``(input, weight, bias, residual, geom, activation_code,
+            negative_slope)`` -> the conv with its epilogue (autograd included), run on the
+            folded BN in eval.
     """
     code = ACTIVATION_CODES[activation]
     if training:
         return FusedConvBNFunction.apply(input, weight, bn_weight, bn_bias, running_mean, running_var, residual,
-                                         *geom.op_args(), groups, momentum, eps, code, ops)
+                                         *geom.op_args(), groups, momentum, eps, code, negative_slope, ops)
     folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps)
-    return eval_conv(input, folded_weight, folded_bias, residual, geom, code)
+    return eval_conv(input, folded_weight, folded_bias, residual, geom, code, negative_slope)

@@ -52,7 +52,8 @@ ROLES: dict[str, dict[str, Role]] = {
     "_bn_bwd_merge_kernel": {"PartSumDy": "r", "PartSumDyXhat": "r", "GroupSumDy": "w", "GroupSumDyXhat": "w"},
     "_bn_bwd_finalize_kernel": {"PartSumDy": "r", "PartSumDyXhat": "r", "SumDy": "w", "SumDyXhat": "w",
                                 "DW": ("w", _on("WRITE_DW")), "DB": ("w", _on("WRITE_DB"))},
-    "_bn_bwd_dx_kernel": {"DY": "r", "X": ("r", lambda c: c.get("TRAINING") or c.get("ACTIVATION")),
+    "_bn_bwd_dx_kernel": {"DY": "r",
+                          "X": ("r", lambda c: c.get("TRAINING") or c.get("ACTIVATION") or c.get("X_ACTIVATION")),
                           "DX": "w", "Mean": "r", "Rstd": "r", "W": ("r", _on("HAS_W")),
                           "SumDy": ("r", _on("TRAINING")), "SumDyXhat": ("r", _on("TRAINING")),
                           "Bias": ("r", lambda c: c.get("HAS_B") and c.get("ACTIVATION")),
@@ -60,10 +61,10 @@ ROLES: dict[str, dict[str, Role]] = {
                           "DRes": ("w", _on("WRITE_DRES"))},
     # kernels/conv.py
     "_conv2d_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")), "Res": ("r", _on("HAS_RESIDUAL")),
-                           "Y": "w", "PartMean": ("w", _on("STATS")), "PartM2": ("w", _on("STATS")),
-                           "PartCount": ("w", _on("STATS")), "PreMean": ("r", _on("PROLOGUE")),
-                           "PreRstd": ("r", _on("PROLOGUE")), "PreW": ("r", _on("PRE_HAS_W")),
-                           "PreB": ("r", _on("PRE_HAS_B"))},
+                           "Y": "w", "Z": ("w", _on("WRITE_PRE")), "PartMean": ("w", _on("STATS")),
+                           "PartM2": ("w", _on("STATS")), "PartCount": ("w", _on("STATS")),
+                           "PreMean": ("r", _on("PROLOGUE")), "PreRstd": ("r", _on("PROLOGUE")),
+                           "PreW": ("r", _on("PRE_HAS_W")), "PreB": ("r", _on("PRE_HAS_B"))},
     "_conv2d_bwd_dgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_conv2d_bwd_wgrad_kernel": {"DY": "r", "Y": ("r", _ACT), "X": "r", "PartDW": "w",
                                  "PartDB": ("w", _on("HAS_DBIAS")), "PreMean": ("r", _on("PROLOGUE")),
@@ -73,7 +74,8 @@ ROLES: dict[str, dict[str, Role]] = {
     "_conv2d_fwd_pad_kernel": {"X": "r", "Y": "w"},
     # kernels/depthwise.py
     "_depthwise_fwd_kernel": {"X": "r", "Wt": "r", "Bias": ("r", _on("HAS_BIAS")),
-                              "Res": ("r", _on("HAS_RESIDUAL")), "Y": "w", "PartMean": ("w", _on("STATS")),
+                              "Res": ("r", _on("HAS_RESIDUAL")), "Y": "w", "Z": ("w", _on("WRITE_PRE")),
+                              "PartMean": ("w", _on("STATS")),
                               "PartM2": ("w", _on("STATS")), "PartCount": ("w", _on("STATS"))},
     "_depthwise_bwd_input_kernel": {"DY": "r", "Y": ("r", _ACT), "Wt": "r", "DX": "w"},
     "_depthwise_bwd_weight_reduce_kernel": {"DY": "r", "Out": ("r", _ACT), "X": "r", "Part": "w"},
@@ -266,10 +268,10 @@ def _drive(op: str, shape, conv: Optional[dict], channels_last: bool, dtype, act
     if res is not None and channels_last:
         res = res.to(memory_format=torch.channels_last)
     y, conv_out, mean, rstd = fwd(x, weight, w, b, rm, rv, res, stride_l, padding_l, dilation_l, groups, 0.1,
-                                  1e-5, activation)
+                                  1e-5, activation, 0.01)
     tensors = [x, y] + ([res] if res is not None else [])
     return tensors, lambda: bwd(torch.empty_like(y), x, weight, conv_out, mean, rstd, w, b, res, stride_l,
-                                padding_l, dilation_l, groups, 1e-5, activation,
+                                padding_l, dilation_l, groups, 1e-5, activation, 0.01,
                                 [True, True, True, True, res is not None])
 
 

@@ -119,11 +119,10 @@ def selected_weights(state: dict) -> tuple[dict, str]:
 
 
 def build_model(state: dict) -> torch.nn.Module:
-    """The zoo model a loaded checkpoint trained (its model, classes and input size), with
+    """The model (zoo, or torchvision / timm converted) a loaded checkpoint trained (its model, classes and input size), with
     the weights best-epoch selection chose (:func:`selected_weights`)."""
-    import vhist
+    from vhist.convert.external import build
 
-    model = vhist.create_model(state["train_config"]["model"], num_classes=state["num_classes"],
-                               image_size=state["image_size"])
+    model = build(state["train_config"]["model"], num_classes=state["num_classes"], image_size=state["image_size"])
     model.load_state_dict(selected_weights(state)[0])
     return model

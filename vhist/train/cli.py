@@ -75,7 +75,8 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
         "train", help="train a model (recipes: " + ", ".join(RECIPES) + ")",
         description="Train a zoo model on Imagenette, CIFAR, any image-folder tree or synthetic data.",
         epilog=TRAIN_EPILOG.format(recipes=describe_recipes()), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model name (list them with: vhist models)")
+    p.add_argument("--model", help="model name (list them with: vhist models), or torchvision:NAME / timm:NAME "
+                                   "(converted with vhist.convert; needs that package)")
     p.add_argument("--data", help="dataset spec (see below)")
     p.add_argument("--recipe", default="modern", choices=list(RECIPES), help="named recipe (default: modern)")
     p.add_argument("--pretrained", metavar="FILE",
@@ -110,6 +111,9 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
                    help="only measure the data loader's img/s over BATCHES batches, then exit")
     d.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step in a CUDA graph and replay it (CUDA only)")
+    d.add_argument("--compile", action="store_true",
+                   help="torch.compile(model, backend=\"vhist\"): vhist's rewrite on each captured graph, the rest "
+                        "by Inductor")
     d.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (needed for bitwise resume on GPU)")
     p.set_defaults(run=run_train)
@@ -164,7 +168,8 @@ def run_train(args) -> int:
                       channels_last=args.channels_last, sync_bn=args.sync_bn, cache=args.cache,
                       cache_dir=args.cache_dir, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
                       bench_loader=args.bench_loader, deterministic=args.deterministic, log_every=args.log_every,
-                      eval_finished=args.eval, cuda_graph=args.cuda_graph, pretrained=args.pretrained)
+                      eval_finished=args.eval, cuda_graph=args.cuda_graph, pretrained=args.pretrained,
+                      compile=args.compile)
     return train(cfg)["exit_code"]
 
 

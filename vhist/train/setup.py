@@ -54,6 +54,7 @@ class TrainConfig:
     eval_finished: bool = False                    # --eval: re-evaluate a finished run on --resume
     cuda_graph: bool = False                       # --cuda-graph: replay the captured training step
     pretrained: Optional[str] = None               # --pretrained: torchvision/timm weights file to start from
+    compile: bool = False                          # --compile: torch.compile(backend="vhist") the model
 
 
 @dataclass
@@ -188,7 +189,9 @@ def load_resume(cfg: TrainConfig) -> Optional[dict]:
         if not cfg.model or not cfg.data:
             missing = " and ".join(f for f, v in (("--model", cfg.model), ("--data", cfg.data)) if not v)
             raise ValueError(f"vhist train needs {missing} (or --resume CHECKPOINT)")
-        vhist.models.model_config(cfg.model)
+        from vhist.convert.external import check_model
+
+        check_model(cfg.model)
         if cfg.pretrained and not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"pretrained weights {cfg.pretrained} do not exist")
         return None
@@ -230,6 +233,7 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     """The seeded zoo model, initialized with the recipe's ``init``, on ``device`` and what
     runs its forward (DDP under torchrun)."""
     import vhist
+    from vhist.convert.external import build, is_external
     from vhist.models import DropPath
 
     torch.manual_seed(cfg.seed)
@@ -239,8 +243,9 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     no_drop_path = ValueError(f"--drop-path: model {cfg.model} has no stochastic depth (resnet*, inception_resnet_*, "
                               "vit_* have it)")
     try:
-        model = vhist.create_model(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size,
-                                   init=recipe.init, **extra)
+        # A torchvision / timm model keeps its library's initialization; a zoo model takes the recipe's.
+        init = {} if is_external(cfg.model) else {"init": recipe.init}
+        model = build(cfg.model, num_classes=data.num_classes, image_size=recipe.image_size, **init, **extra)
     except TypeError as exc:
         if "drop_path_rate" not in str(exc):
             raise
@@ -260,6 +265,12 @@ def build_model(cfg: TrainConfig, data: DataBundle, recipe: Recipe, device: torc
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        from vhist.convert.dynamo import prime
+
+        prime(device)
+        # vhist.convert's rewrite on each captured graph, the rest by Inductor (vhist.convert.dynamo).
+        net = torch.compile(net, backend="vhist")
     return model, net
 
 
@@ -311,6 +322,8 @@ def setup_run(cfg: TrainConfig, device: torch.device, dist: D.DistInfo, resume_s
     """Validates the backend and recipe, loads the data and builds the model, loaders and
     optimizer. The run folder is not created here."""
     if cfg.cuda_graph:
+        if cfg.compile:
+            raise ValueError("--compile and --cuda-graph: give one of them")
         check_cuda_graph(device, distributed=dist.enabled)
     check_backend(device, cfg.backend)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed)
@@ -379,7 +392,7 @@ def create_run_dir(run: Run) -> Path:
     if cfg.resume:
         run_dir = Path(cfg.resume).resolve().parent
     else:
-        name = cfg.run_name or f"{cfg.model}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run_name or f"{cfg.model.replace(':', '-')}-{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
         if dist.enabled:
             box = [name]
             torch.distributed.broadcast_object_list(box, src=0)
