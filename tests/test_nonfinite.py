@@ -171,8 +171,6 @@ def _assert_same_nonfinite(actual, expected, name):
 #   it forms x * 0 for outputs that do not exist (Inf * 0 = NaN where PyTorch has none)
 #   and never forms dy * 0 for the zero padding (no NaN where PyTorch's has one).
 KNOWN_DEVIATIONS = {
-    ("fused_conv_bn_act", act, "inf", "grad", False) for act in ACTIVATIONS} | {
-    ("conv_bn_deferred", act, "inf", "grad", False) for act in ("relu", "relu6")} | {
     ("fused_depthwise_bn_act", act, "inf", where, False) for act in ACTIVATIONS for where in WHERE} - {
     ("fused_depthwise_bn_act", "relu6", "inf", "input", False)} | {
     ("depthwise_conv2d", None, "inf", where, True) for where in WHERE}
