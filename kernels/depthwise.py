@@ -316,10 +316,11 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 # Input and weight gradients in one pass over dy (the plain op's backward, and the fused
 # op's after dz): a program walks its chunk of *input* pixels, the zero padding included
-# (the GH x GW gather grid), in [BLOCK_P, BLOCK_C] tiles (channels ci) and gathers, for every (multiplier m, tap) pair j at once, the dy
-# value that pair meets as one [BLOCK_J, BLOCK_P, BLOCK_C] load: co = ci*MULT + m at
-# oh = (ih + pad_h - kh*dil_h) / conv_stride_h where that division is exact and in range
-# (likewise ow), zero elsewhere. The same gathered values give both gradients:
+# (the GH x GW gather grid), in [BLOCK_P, BLOCK_C] tiles (channels ci) and gathers, for
+# every (multiplier m, tap) pair j at once, the dy value that pair meets as one
+# [BLOCK_J, BLOCK_P, BLOCK_C] load: co = ci*MULT + m at oh = (ih + pad_h - kh*dil_h) /
+# conv_stride_h where that division is exact and in range (likewise ow), zero elsewhere.
+# The same gathered values give both gradients:
 #   dx[i, ci]      = sum_j w[co_j, tap_j] * dy[o_j(i), co_j]      (the transposed conv)
 #   dw[co_j, tap_j] += x[i, ci] * dy[o_j(i), co_j]                (summed over the chunk)
 # since, for a fixed tap, o -> i = o*s - pad + tap*d is a bijection between the output
@@ -328,7 +329,7 @@ def _depthwise_bwd_weight_finalize_kernel(
 # formed for the taps in the padding (x = 0 there; NaN for a non-finite dy, as PyTorch
 # gives) and x * dy only for outputs that exist (never an Inf x times a masked 0). The
 # padding ring costs (GH*GW)/(H*W) - 1 more pixel tiles (a 3x3 at 56x56: 7%, at 7x7:
-# 65%), dy halo reads from L1/L2 and no x or dx traffic. So dy
+# 65%): dy halo reads from L1/L2, no x or dx traffic. So dy
 # is read once from DRAM (the taps re-read its halo through L1/L2), x once, dx written
 # once: the 3 passes of the README's minimum, where the two kernels above make 4. dy is
 # masked by the activation's gradient (ACTIVATION, from the forward output Y, gathered

@@ -216,7 +216,8 @@ def test_depthwise_weight_grad_merge_tree(monkeypatch, combined):
             cache = dw_ops._WEIGHT_GRAD_PLANS
         first, second = run(), run()
         (plan,) = cache.values()
-        assert plan.chunks == (6 if combined else 5) and [groups for _, groups in plan.merges] == [3, 2], (plan.chunks, plan.merges)
+        assert plan.chunks == (6 if combined else 5), plan.chunks
+        assert [groups for _, groups in plan.merges] == [3, 2], plan.merges
     finally:
         launch_cache.clear()
     dw_ref, db_ref = _reference(x, weight, dy, geom)

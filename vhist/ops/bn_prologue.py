@@ -43,7 +43,7 @@ from vhist.ops._dispatch import autocast_inputs, dispatch
 from vhist.ops.batch_norm import BNActFunction, bn_act_backward, bn_finalize
 from vhist.ops.common import ACTIVATION_CODES, acc_dtype, check_bn_args, op_outputs, to_channels_last
 from vhist.ops.conv import (FUSED_OPS, ConvGeometry, Conv2dFunction, check_conv_inputs, conv_fwd_launch,
-                            dgrad_launch, geometry_from_lists, is_stem, wgrad_launch)
+                            dgrad_launch, folded_eval_conv, geometry_from_lists, is_stem, wgrad_launch)
 from vhist.ops.conv_common import fold_bn
 from vhist.ops.fused_bn import run_fused_triton
 from vhist.ops.op_call import custom_op
@@ -228,7 +228,7 @@ def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, runn
     if not training and bias is None:
         # Eval: BN folded into the conv, one launch with the activation; the backward is
         # PyTorch's unfolded chain (vhist.ops.fused_bn.FusedConvBNEvalFunction).
-        return run_fused_triton(FUSED_OPS, _fold_eval_conv, to_channels_last(as_tensor(input)), weight, bn_weight,
+        return run_fused_triton(FUSED_OPS, folded_eval_conv, to_channels_last(as_tensor(input)), weight, bn_weight,
                                 bn_bias, running_mean, running_var, g, g.groups, training=False, momentum=momentum,
                                 eps=eps, activation=activation, residual=None)
     if not training:
@@ -254,10 +254,6 @@ def _deferred_reference(input, weight, bias, bn_weight, bn_bias, running_mean, r
     y = torch.nn.functional.conv2d(x, weight, bias, g.stride, 0, g.dilation, g.groups)
     y = torch.nn.functional.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     return reference.activate(y, activation)
-
-
-def _fold_eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int):
-    return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation)
 
 
 IMPLS = {"triton": _deferred_triton, "torch": _deferred_reference}

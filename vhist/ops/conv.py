@@ -581,14 +581,16 @@ def _conv2d_triton(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
                                 ACTIVATION_CODES[activation])
 
 
-def _eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int):
+def folded_eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int):
+    """The eval fused op's conv on BN folded into ``weight`` and ``bias`` (with its
+    epilogue), as :func:`vhist.ops.fused_bn.run_fused_triton` takes it."""
     return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation)
 
 
 def _fused_triton(input, weight, bn_weight, bn_bias, running_mean, running_var, *, stride=1, padding=0,
                   dilation=1, groups=1, training=True, momentum=0.1, eps=1e-5, activation="relu", residual=None):
     g = conv_geometry(FUSED_OP, input.shape, weight.shape, stride, padding, dilation, groups)
-    return run_fused_triton(FUSED_OPS, _eval_conv, to_channels_last(input), weight, bn_weight, bn_bias,
+    return run_fused_triton(FUSED_OPS, folded_eval_conv, to_channels_last(input), weight, bn_weight, bn_bias,
                             running_mean, running_var, g, g.groups, training=training, momentum=momentum, eps=eps,
                             activation=activation, residual=residual)
 

@@ -398,7 +398,8 @@ def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_stri
     dx_strides = channels_last_strides(input_shape) if channels_last else contiguous_strides(input_shape)
     grad = Launch(kernels.depthwise_bwd, (cdiv(geom.c_in, block_c), chunks),
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
-                   grid_h, grid_w, *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
+                   grid_h, grid_w, *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides,
+                   *geom.conv_args()),
                   KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias, ACTIVATION=activation,
                   ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps)
     return _WeightGradPlan(chunks, geom.kh * geom.kw + int(has_bias), grad,
