@@ -70,6 +70,12 @@ def _depthwise(x, params, stats, activation, training):
     return VF.depthwise_conv2d(x, w, b, padding=1)
 
 
+def _depthwise_stride2(x, params, stats, activation, training):
+    # Stride 2 on (6, 5): the last output's taps reach the end padding along W, not along H.
+    w, b = params
+    return VF.depthwise_conv2d(x, w, b, stride=2, padding=1)
+
+
 def _fused_conv(x, params, stats, activation, training):
     (w, g, b), (rm, rv) = params, stats[0]
     return VF.fused_conv_bn_act(x, w, g, b, rm, rv, padding=1, training=training,
@@ -101,7 +107,7 @@ def _make_params(op):
     if op == "conv2d":
         w, b = _tensors(1, (5, 3, 3, 3), (5,))
         return [w * 0.4, b], []
-    if op == "depthwise_conv2d":
+    if op in ("depthwise_conv2d", "depthwise_conv2d_stride2"):
         w, b = _tensors(1, (4, 1, 3, 3), (4,))
         return [w * 0.4, b], []
     if op == "fused_conv_bn_act":
@@ -123,6 +129,7 @@ OPS = {
     "conv2d": ((2, 3, 5, 5), _conv2d, ACTIVATIONS),                 # activation epilogue
     "fused_conv_bn_act": ((2, 3, 5, 5), _fused_conv, ACTIVATIONS),
     "depthwise_conv2d": ((2, 4, 5, 5), _depthwise, [None]),
+    "depthwise_conv2d_stride2": ((2, 4, 6, 5), _depthwise_stride2, [None]),
     "fused_depthwise_bn_act": ((2, 4, 5, 5), _fused_depthwise, ACTIVATIONS),
     "conv_bn_deferred": ((2, 3, 5, 5), _deferred, ACTIVATIONS),     # BN + act in the next conv's prologue
     "local_response_norm": ((2, 5, 3, 3), _lrn, [None]),
@@ -135,7 +142,7 @@ def _run(op, activation, value, where, backend, training):
     (x,) = _tensors(0, shape)
     if where == "input":
         x = _poison(x, value)
-    if op in ("depthwise_conv2d", "fused_depthwise_bn_act"):
+    if op in ("depthwise_conv2d", "depthwise_conv2d_stride2", "fused_depthwise_bn_act"):
         x = x.contiguous(memory_format=torch.channels_last)
     leaves = [x.to(DEVICE).requires_grad_()]
     params = [p.to(DEVICE).requires_grad_() for p in params]
