@@ -320,15 +320,21 @@ def _depthwise_bwd_weight_finalize_kernel(
 
 
 # Input and weight gradients in one pass over dy (the plain op's backward, and the fused
-# op's after dz): a program walks its chunk of *input* pixels in [BLOCK_P, BLOCK_C]
-# tiles (channels ci) and gathers, for every (multiplier m, tap) pair j at once, the dy
-# value that pair meets as one [BLOCK_J, BLOCK_P, BLOCK_C] load: co = ci*MULT + m at
-# oh = (ih + pad_h - kh*dil_h) / conv_stride_h where that division is exact and in range
-# (likewise ow), zero elsewhere. The same gathered values give both gradients:
+# op's after dz): a program walks its chunk of *input* pixels, the zero padding included
+# (the GH x GW gather grid), in [BLOCK_P, BLOCK_C] tiles (channels ci) and gathers, for
+# every (multiplier m, tap) pair j at once, the dy value that pair meets as one
+# [BLOCK_J, BLOCK_P, BLOCK_C] load: co = ci*MULT + m at oh = (ih + pad_h - kh*dil_h) /
+# conv_stride_h where that division is exact and in range (likewise ow), zero elsewhere.
+# The same gathered values give both gradients:
 #   dx[i, ci]      = sum_j w[co_j, tap_j] * dy[o_j(i), co_j]      (the transposed conv)
 #   dw[co_j, tap_j] += x[i, ci] * dy[o_j(i), co_j]                (summed over the chunk)
 # since, for a fixed tap, o -> i = o*s - pad + tap*d is a bijection between the output
-# pixels whose input is inside the image and the input pixels whose output exists. So dy
+# pixels and the grid pixels whose output exists. The sum over j thus ranges over exactly
+# the (output, tap) pairs of PyTorch's conv backward (an unfold, then a GEMM): dy * 0 is
+# formed for the taps in the padding (x = 0 there; NaN for a non-finite dy, as PyTorch
+# gives) and x * dy only for outputs that exist (never an Inf x times a masked 0). The
+# padding ring costs (GH*GW)/(H*W) - 1 more pixel tiles (a 3x3 at 56x56: 7%, at 7x7:
+# 65%): dy halo reads from L1/L2, no x or dx traffic. So dy
 # is read once from DRAM (the taps re-read its halo through L1/L2), x once, dx written
 # once: the 3 passes of the README's minimum, where the two kernels above make 4. dy is
 # multiplied by the activation's derivative (ACTIVATION, at Y as in the input-gradient
@@ -347,6 +353,7 @@ def _depthwise_bwd_kernel(
     DX,    # (N, C_IN, H, W) input gradient
     Part,  # (num_chunks, KH*KW + HAS_BIAS, C_OUT) weight/bias partial sums, accumulation dtype
     N, C_IN, H, W, C_OUT, OH, OW, MULT, CHUNK, OUT_CHUNK,
+    GH, GW,  # the gather grid: the input padded by (pad_h, pad_w) before, to every row/column a tap reaches
     stride_dyn, stride_dyc, stride_dyh, stride_dyw,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wo, stride_wh, stride_ww,
@@ -373,14 +380,17 @@ def _depthwise_bwd_kernel(
     jc_mask = j_ok[:, None] & c_mask[None, :]
     w = tl.load(Wt + co * stride_wo + (kh * stride_wh + kw * stride_ww)[:, None], mask=jc_mask, other=0.0).to(ACC)
     dy_c = (co.to(tl.int64) * stride_dyc)[:, None, :]
-    total = N * H * W
+    total = N * GH * GW
     p_start = chunk * CHUNK
     p_end = tl.minimum(p_start + CHUNK, total)
     acc = tl.zeros([BLOCK_J, BLOCK_P, BLOCK_C], dtype=ACC)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_mask = p < p_end
-        n, ih, iw = _pixel_coords(p, H * W, W)
+        n, ih, iw = _pixel_coords(p, GH * GW, GW)
+        ih -= pad_h
+        iw -= pad_w
+        inside = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         th = ih[None, :] + pad_h - (kh * dil_h)[:, None]  # [BLOCK_J, BLOCK_P]
         thc = tl.maximum(th, 0)
         oh = thc // conv_stride_h
@@ -396,14 +406,15 @@ def _depthwise_bwd_kernel(
         if ACTIVATION != 0:
             y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
             dz = activation_grad(y, dz, ACTIVATION, NEG_SLOPE)
-        pc_mask = p_mask[:, None] & c_mask[None, :]
+        pc_mask = inside[:, None] & c_mask[None, :]
         dx_offs = (n.to(tl.int64) * stride_dxn + ih.to(tl.int64) * stride_dxh
                    + iw.to(tl.int64) * stride_dxw)[:, None] + ci.to(tl.int64)[None, :] * stride_dxc
         tl.store(DX + dx_offs, tl.sum(dz * w[:, None, :], axis=0).to(DX.dtype.element_ty), mask=pc_mask)
         x_offs = (n.to(tl.int64) * stride_xn + ih.to(tl.int64) * stride_xh
                   + iw.to(tl.int64) * stride_xw)[:, None] + ci.to(tl.int64)[None, :] * stride_xc
         x = tl.load(X + x_offs, mask=pc_mask, other=0.0).to(ACC)
-        acc += dz * x[None, :, :]
+        # Only the (output, tap) pairs that exist: an x (Inf) never meets a masked dz.
+        acc += tl.where(mask, dz * x[None, :, :], 0.0)
     part_base = Part + chunk.to(tl.int64) * TAPS * C_OUT
     tl.store(part_base + tap[:, None] * C_OUT + co, tl.sum(acc, axis=1), mask=jc_mask)
     if HAS_BIAS:

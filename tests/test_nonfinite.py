@@ -8,8 +8,11 @@ an Inf batch mean (and running mean) and a NaN variance.
 
 Training mode makes a whole channel non-finite once one conv output is (its batch
 statistics are), so the eval cases (running statistics, BN folded) are the
-position-sensitive ones for the forward activation. The cases that still differ are
-strict xfails, each explained at KNOWN_DEVIATIONS."""
+position-sensitive ones for the forward activation. The parameter gradients with an
+Inf are the position-sensitive ones for the backward: the eval fused ops must not
+differentiate through the BN fold (Inf - Inf), and the depthwise weight gradient must
+sum over exactly the (output, tap) pairs PyTorch's conv backward does (dy * 0 over
+the zero padding, never x * 0 for an output that does not exist)."""
 import pytest
 import torch
 
@@ -69,6 +72,12 @@ def _depthwise(x, params, stats, activation, training):
     return VF.depthwise_conv2d(x, w, b, padding=1)
 
 
+def _depthwise_stride2(x, params, stats, activation, training):
+    # Stride 2 on (6, 5): the last output's taps reach the end padding along W, not along H.
+    w, b = params
+    return VF.depthwise_conv2d(x, w, b, stride=2, padding=1)
+
+
 def _fused_conv(x, params, stats, activation, training):
     (w, g, b), (rm, rv) = params, stats[0]
     return VF.fused_conv_bn_act(x, w, g, b, rm, rv, padding=1, training=training,
@@ -100,7 +109,7 @@ def _make_params(op):
     if op == "conv2d":
         w, b = _tensors(1, (5, 3, 3, 3), (5,))
         return [w * 0.4, b], []
-    if op == "depthwise_conv2d":
+    if op in ("depthwise_conv2d", "depthwise_conv2d_stride2"):
         w, b = _tensors(1, (4, 1, 3, 3), (4,))
         return [w * 0.4, b], []
     if op == "fused_conv_bn_act":
@@ -122,6 +131,7 @@ OPS = {
     "conv2d": ((2, 3, 5, 5), _conv2d, ACTIVATIONS),                 # activation epilogue
     "fused_conv_bn_act": ((2, 3, 5, 5), _fused_conv, ACTIVATIONS),
     "depthwise_conv2d": ((2, 4, 5, 5), _depthwise, [None]),
+    "depthwise_conv2d_stride2": ((2, 4, 6, 5), _depthwise_stride2, [None]),
     "fused_depthwise_bn_act": ((2, 4, 5, 5), _fused_depthwise, ACTIVATIONS),
     "conv_bn_deferred": ((2, 3, 5, 5), _deferred, ACTIVATIONS),     # BN + act in the next conv's prologue
     "local_response_norm": ((2, 5, 3, 3), _lrn, [None]),
@@ -134,7 +144,7 @@ def _run(op, activation, value, where, backend, training):
     (x,) = _tensors(0, shape)
     if where == "input":
         x = _poison(x, value)
-    if op in ("depthwise_conv2d", "fused_depthwise_bn_act"):
+    if op in ("depthwise_conv2d", "depthwise_conv2d_stride2", "fused_depthwise_bn_act"):
         x = x.contiguous(memory_format=torch.channels_last)
     leaves = [x.to(DEVICE).requires_grad_()]
     params = [p.to(DEVICE).requires_grad_() for p in params]
@@ -163,25 +173,8 @@ def _assert_same_nonfinite(actual, expected, name):
     torch.testing.assert_close(actual, expected, atol=2e-4, rtol=2e-4, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
-# Known deviations, all in parameter gradients with an Inf about (the fused ops in eval,
-# the plain depthwise conv):
-# - eval folds BN into the conv (fold_bn) and autograd flows through the fold, so
-#   dgamma = sum_taps(dW_folded * w) * rstd - mean * rstd * dbias_folded, where Inf - Inf
-#   gives NaN that PyTorch's sum(dy * (conv_out - mean)) * rstd does not form;
-# - the depthwise single-pass backward (input and weight gradients from one gather of
-#   dy, kernels/depthwise.py) pairs each input pixel with the outputs its taps reach:
-#   it forms x * 0 for outputs that do not exist (Inf * 0 = NaN where PyTorch has none)
-#   and never forms dy * 0 for the zero padding (no NaN where PyTorch's has one).
-KNOWN_DEVIATIONS = {
-    ("fused_conv_bn_act", act, "inf", "grad", False) for act in ACTIVATIONS} | {
-    ("conv_bn_deferred", act, "inf", "grad", False) for act in ("relu", "relu6")} | {
-    ("fused_depthwise_bn_act", act, "inf", where, False) for act in ACTIVATIONS for where in WHERE} - {
-    ("fused_depthwise_bn_act", "relu6", "inf", "input", False)} | {
-    ("depthwise_conv2d", None, "inf", where, True) for where in WHERE}
 # Eval only for the ops with BatchNorm (the others have no mode).
-CASES = [pytest.param(op, act, value, where, training,
-                      marks=[pytest.mark.xfail(strict=True, reason="eval fold / depthwise one-pass backward")]
-                      if (op, act, value, where, training) in KNOWN_DEVIATIONS else [])
+CASES = [pytest.param(op, act, value, where, training)
          for op, (_, _, acts) in OPS.items() for act in acts
          for value in VALUES for where in WHERE
          for training in ((True, False) if _make_params(op)[1] else (True,))]

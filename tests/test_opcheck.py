@@ -75,6 +75,9 @@ def _fused_conv_samples(device):
         "fused_conv_bn_relu_fwd": (x, w, gamma, beta, *stats, residual, *geom, 0.1, 1e-5, 2, 0.01),
         "fused_conv_bn_relu_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, beta, residual,
                                    *geom, 1e-5, 2, 0.01, [True, True, True, True, True]),
+        # eval: the running statistics, every gradient (the residual's included)
+        "fused_conv_bn_relu_eval_bwd": (_cl(torch.randn_like(out)), x, w, gamma, beta, *stats, residual, *geom,
+                                        1e-5, 2, 0.01, [True, True, True, True, True]),
     }
 
 
@@ -158,6 +161,9 @@ def _fused_depthwise_samples(device):
         "fused_depthwise_bn_act_fwd": (x, w, None, beta, *stats, None, *geom, 3, 0.1, 1e-5, 1, 0.01),
         "fused_depthwise_bn_act_bwd": (_cl(torch.randn_like(out)), x, w, conv_out, mean, rstd, gamma, None,
                                        None, *geom, 3, 1e-5, 1, 0.01, [True, True, True, False, False]),
+        # eval, no BN bias, the weight gradient alone (the reduce kernel, not the one-pass)
+        "fused_depthwise_bn_act_eval_bwd": (_cl(torch.randn_like(out)), x, w, gamma, None, *stats, None, *geom, 3,
+                                            1e-5, 1, 0.01, [False, True, True, False, False]),
     }
 
 

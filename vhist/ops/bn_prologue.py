@@ -45,10 +45,11 @@ from vhist.ops._dispatch import autocast_inputs, dispatch
 from vhist.ops.batch_norm import bn_act_backward, bn_finalize
 from vhist.ops.common import (ACTIVATION_CODES, DEFAULT_NEGATIVE_SLOPE, acc_dtype, check_bn_args,
                               check_negative_slope, op_outputs, to_channels_last)
-from vhist.ops.conv import (ConvGeometry, check_conv_inputs, conv_fwd_launch, dgrad_launch, eval_conv,
+from vhist.ops.conv import (FUSED_OPS, ConvGeometry, check_conv_inputs, conv_fwd_launch, dgrad_launch, eval_conv,
                             geometry_from_lists, is_stem, wgrad_launch)
 from vhist.ops.conv_common import check_residual, fold_bn
 from vhist.ops.deferred import DeferredBNAct, as_tensor
+from vhist.ops.fused_bn import run_fused_triton
 from vhist.ops.op_call import custom_op
 
 OP = "conv_bn_deferred"
@@ -190,8 +191,16 @@ class ConvBNStatsFunction(torch.autograd.Function):
 def _deferred_triton(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, g: ConvGeometry, *,
                      training, momentum, eps, activation, negative_slope):
     code = ACTIVATION_CODES[activation]
+    if not training and bias is None:
+        # Eval: BN folded into the conv, one launch with the activation; the backward is
+        # PyTorch's unfolded chain (vhist.ops.fused_bn.FusedConvBNEvalFunction).
+        return run_fused_triton(FUSED_OPS, eval_conv, to_channels_last(as_tensor(input)), weight, bn_weight,
+                                bn_bias, running_mean, running_var, g, g.groups, training=False, momentum=momentum,
+                                eps=eps, activation=activation, residual=None, negative_slope=negative_slope)
     if not training:
-        # Eval: BN (and the conv's bias) folded into the conv, one launch with the activation.
+        # Eval with a conv bias: BN and the bias folded into the conv, autograd through
+        # the fold (an Inf in a parameter gradient can meet an Inf of the other sign
+        # there, where PyTorch's unfolded backward has none).
         folded_weight, folded_bias = fold_bn(weight, bn_weight, bn_bias, running_mean, running_var, eps,
                                              conv_bias=bias)
         return eval_conv(to_channels_last(as_tensor(input)), folded_weight, folded_bias, None, g, code,

@@ -618,7 +618,8 @@ def _conv2d_triton(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
 def eval_conv(input, weight, bias, residual, g: ConvGeometry, activation: int,
               negative_slope: float = DEFAULT_NEGATIVE_SLOPE):
     """``act(conv2d(input, weight) + bias + residual)`` on checked arguments, autograd
-    included (a fused op's eval path, BN folded into ``weight`` and ``bias``)."""
+    included (a fused op's eval path, BN folded into ``weight`` and ``bias``, as
+    :func:`vhist.ops.fused_bn.run_fused_triton` takes it)."""
     return Conv2dFunction.apply(input, weight, bias, residual, *g.op_args(), g.groups, activation, negative_slope)
 
 

@@ -389,6 +389,18 @@ def depthwise_conv2d_bwd(grad_output: torch.Tensor, output: Optional[torch.Tenso
                      negative_slope)
 
 
+def _gather_grid(geom: DepthwiseGeometry) -> tuple[int, int]:
+    """(GH, GW) of :func:`vhist.kernels.depthwise._depthwise_bwd_kernel`'s gather grid: the
+    input with its begin padding and every row / column past the image a tap of an output
+    reaches (the end padding the conv uses), so that the weight gradient sums dy * 0 over
+    the padding as PyTorch's conv backward does."""
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    top, left = geom.padding[0], geom.padding[2]
+    last_h = (geom.oh - 1) * sh - top + (geom.kh - 1) * dh
+    last_w = (geom.ow - 1) * sw - left + (geom.kw - 1) * dw
+    return top + max(geom.h, last_h + 1), left + max(geom.w, last_w + 1)
+
+
 def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_strides, channels_last, activation,
                             negative_slope, has_bias, device) -> _WeightGradPlan:
     from vhist.kernels import depthwise as kernels
@@ -396,14 +408,16 @@ def _input_weight_grad_plan(geom: DepthwiseGeometry, dtype, grad_strides, x_stri
     tl_acc = _tl_acc(dtype)
     block_j, block_p, block_c, num_warps = kernels.input_weight_grad_tiling(geom.kh, geom.kw, geom.multiplier,
                                                                             channels_last)
-    # Chunks of input pixels (the gather's), and as many chunks of output pixels for db.
-    chunk, chunks = weight_chunks(geom.n * geom.h * geom.w, geom.c_in, device)
+    # Chunks of the gather grid's pixels, and as many chunks of output pixels for db.
+    grid_h, grid_w = _gather_grid(geom)
+    chunk, chunks = weight_chunks(geom.n * grid_h * grid_w, geom.c_in, device)
     out_chunk = cdiv(geom.n * geom.oh * geom.ow, chunks)
     input_shape = (geom.n, geom.c_in, geom.h, geom.w)
     dx_strides = channels_last_strides(input_shape) if channels_last else contiguous_strides(input_shape)
     grad = Launch(kernels.depthwise_bwd, (cdiv(geom.c_in, block_c), chunks),
                   (geom.n, geom.c_in, geom.h, geom.w, geom.c_out, geom.oh, geom.ow, geom.multiplier, chunk, out_chunk,
-                   *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides, *geom.conv_args()),
+                   grid_h, grid_w, *grad_strides, *x_strides, *_taps_major_strides(geom), *dx_strides,
+                   *geom.conv_args()),
                   KH=geom.kh, KW=geom.kw, UNIT_MULT=geom.multiplier == 1, HAS_BIAS=has_bias,
                   **activation_constexprs(activation, negative_slope), ACC=tl_acc, BLOCK_J=block_j, BLOCK_P=block_p,
                   BLOCK_C=block_c, num_warps=num_warps)
