@@ -207,7 +207,7 @@ def test_depthwise_weight_grad_merge_tree(monkeypatch, combined):
     launch_cache.clear()
     try:
         x, weight, dy, geom = _inputs(CASES[-1], "channels_last")
-        args = list(geom.stride), list(geom.padding), list(geom.dilation), 0, True
+        args = list(geom.stride), list(geom.padding), list(geom.dilation), 0, 0.01, True
         if combined:
             run = lambda: torch.ops.vhist.depthwise_conv2d_bwd(dy, None, x, weight, *args)[1:]  # noqa: E731
             cache = dw_ops._INPUT_WEIGHT_GRAD_PLANS

@@ -187,13 +187,7 @@ CASES = [pytest.param(op, act, value, where, training)
 NEW_GRID = [("conv2d", True, where) for where in WHERE] + [
     ("fused_conv_bn_act", False, "input"), ("fused_depthwise_bn_act", False, "input"),
     ("fused_conv_bn_act", True, "grad"), ("conv_bn_deferred", True, "grad")]
-# The depthwise single-pass backward's known deviation (above) with an Inf input in eval,
-# where the activation passes a gradient at the Inf outputs (as relu does and relu6 at +Inf
-# does not; silu, gelu and the sigmoids give NaN or 0 there, like PyTorch's).
-NEW_KNOWN_DEVIATIONS = {("fused_depthwise_bn_act", act, "inf", "input", False) for act in ("hardswish", "leaky_relu")}
-CASES += [pytest.param(op, act, value, where, training,
-                       marks=[pytest.mark.xfail(strict=True, reason="depthwise one-pass backward")]
-                       if (op, act, value, where, training) in NEW_KNOWN_DEVIATIONS else [])
+CASES += [pytest.param(op, act, value, where, training)
           for act in NEW_ACTIVATIONS for op, training, where in NEW_GRID for value in VALUES]
 
 
