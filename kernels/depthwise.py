@@ -23,7 +23,9 @@ from .common import activate, activation_grad, chan_merge
 # channel tile and the warps are tuned, and not with STATS: the epilogue's tl.sum over a
 # tile's pixels adds them in a tree that the layout (BLOCK_C, warps) sets, so a launch
 # with STATS runs the first config only (kernels/_config.py: STATS_EPILOGUE_KERNELS).
-FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w) for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8))]
+# (32, 8) is last: the tile of the BN-statistics epilogue (kernels/_config.py).
+FWD_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
+               for bc, w in ((32, 4), (64, 4), (16, 2), (128, 8), (64, 8), (32, 8))]
 BWD_CONFIGS = [triton.Config({"BLOCK_P": bp, "BLOCK_C": bc}, num_warps=w)
                for bp, bc, w in ((64, 32, 4), (32, 64, 4), (128, 16, 4), (64, 64, 8), (16, 128, 4))]
 # Everything that changes the best tile: the batch, sizes, filter and conv geometry, and
@@ -414,7 +416,7 @@ def _depthwise_bwd_kernel(
                   + iw.to(tl.int64) * stride_xw)[:, None] + ci.to(tl.int64)[None, :] * stride_xc
         x = tl.load(X + x_offs, mask=pc_mask, other=0.0).to(ACC)
         # Only the (output, tap) pairs that exist: an x (Inf) never meets a masked dz.
-        acc += tl.where(mask, dz * x[None, :, :], 0.0)
+        acc += dz * tl.where(mask, x[None, :, :], 0.0)
     part_base = Part + chunk.to(tl.int64) * TAPS * C_OUT
     tl.store(part_base + tap[:, None] * C_OUT + co, tl.sum(acc, axis=1), mask=jc_mask)
     if HAS_BIAS:

@@ -64,8 +64,9 @@ def test_shortlist_drops_depthwise_forward_tiles_that_spill_on_fp32():
     args = {"X": torch.empty(0, dtype=torch.bfloat16), "BLOCK_P": 64, "STATS": True}
     stats = [(c.kwargs["BLOCK_C"], c.num_warps) for c in config.shortlist("_depthwise_fwd_kernel", FWD_CONFIGS, args)]
     # and the statistics' bits must not depend on a pick: the first fitting config alone.
-    assert stats == [k for k in per_thread if per_thread[k] <= 16 and k[1] >= 4][:1]
-    assert (128, 8) not in stats and (16, 2) not in stats
+    # With the activations of issue 23 in the epilogue, 16 per thread at 4 warps gave an
+    # 8-byte frame at MobileNetV1's first depthwise layer (triton 3.9): 8 per thread.
+    assert stats == [k for k in per_thread if per_thread[k] <= 8 and k[1] >= 4][:1] == [(32, 8)]
 
 
 def test_shortlist_counts_programs_off_the_launch_grid():
