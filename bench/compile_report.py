@@ -42,8 +42,8 @@ from common import git_sha  # noqa: E402
 from vhist.tools import compile_report as report  # noqa: E402
 from vhist.tools.launches import record_launches  # noqa: E402
 
-SUITE_OPS = ("conv", "batch_norm", "depthwise", "local_response_norm", "bn_prologue", "layer_norm", "bias_gelu",
-             "attention")
+SUITE_OPS = ("conv", "batch_norm", "depthwise", "local_response_norm", "bn_prologue", "layer_orders", "layer_norm",
+             "bias_gelu", "attention")
 MODELS = ("resnet50", "mobilenet_v2", "alexnet", "vgg16", "inception_v3")
 MODEL_BATCH = 128
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -31,6 +31,7 @@ from suites import bn_prologue  # noqa: E402
 from suites import conv  # noqa: E402
 from suites import depthwise  # noqa: E402
 from suites import layer_norm  # noqa: E402
+from suites import layer_orders  # noqa: E402
 from suites import local_response_norm  # noqa: E402
 
 SUITES = {
@@ -39,6 +40,7 @@ SUITES = {
     "depthwise": depthwise.cases,
     "local_response_norm": local_response_norm.cases,
     "bn_prologue": bn_prologue.cases,
+    "layer_orders": layer_orders.cases,
     "layer_norm": layer_norm.cases,
     "bias_gelu": bias_gelu.cases,
     "attention": attention.cases,
@@ -50,6 +52,8 @@ QUICK = {
     "depthwise": {"v2.features4", "v1.dw7-11", "tiny-s1"},
     "local_response_norm": {"alexnet.lrn1", "tiny"},
     "bn_prologue": {"resnet50.layer1.conv1+conv2", "resnet50.layer3.0.conv1+conv2", "tiny.1x1+3x3"},
+    "layer_orders": {"convmixer_768_32.pointwise", "densenet121.denseblock1.denselayer6.conv1", "tiny.conv_act_bn",
+                     "tiny.bn_act_conv"},
     "layer_norm": {"vit_s.add_ln", "vit_b.ln", "tiny"},
     "bias_gelu": {"vit_s.mlp", "tiny"},
     "attention": {"vit_s.attn", "vit_b.attn", "tiny"},

@@ -24,7 +24,7 @@ __all__ += ["SyncBatchNormFunction", "sync_batch_norm"]
 __all__ += ["LayerNormFunction", "add_layer_norm", "layer_norm", "layer_norm_2d"]
 __all__ += ["DepthwiseConv2dFunction", "FusedConvBNFunction", "FusedDepthwiseBNActFunction"]
 # BN + activation in the next conv's prologue (vhist.ops.bn_prologue).
-__all__ += ["conv_bn_deferred", "DeferredBNAct", "ConvBNStatsFunction", "BNActFunction", "as_tensor"]
+__all__ += ["conv_bn_deferred", "DeferredBNAct", "ConvBNStatsFunction", "BNActFunction"]
 # The activations every op with an ``activation=`` argument takes (names -> kernel codes).
 __all__ += ["ACTIVATION_CODES"]
 # The other layer orders: conv -> act -> BN (vhist.ops.conv_act_bn), BN -> act -> conv on
