@@ -70,7 +70,10 @@ def check_float_dtype(op: str, name: str, tensor: torch.Tensor | None) -> None:
         )
 
 
-_AUTOCAST_AVAILABLE: dict[str, bool] = {}  # per device type, read once
+# Per device type, read once. cpu, cuda and meta are filled at import: a first fill
+# inside a frame Dynamo traces would fail its guards ("Guard failed on the same frame it
+# was created"); other device types are read on first use.
+_AUTOCAST_AVAILABLE: dict[str, bool] = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta")}
 
 
 def autocast_inputs(*tensors: torch.Tensor | None) -> tuple:
