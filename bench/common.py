@@ -208,3 +208,14 @@ def report(name: str, meta: dict, rows: list[dict], columns: list[str], out_dir:
     print_table(rows, columns)
     for path in write_results(name, meta, rows, out_dir):
         print("wrote", path)
+
+
+def max_chain_error(run, providers=("triton", "torch")) -> float:
+    """Max abs difference between two providers' training chains, output and every
+    gradient (upstream gradient cos(y)): ``run(provider)`` returns the output and the
+    leaves it was computed from."""
+    results = []
+    for name in providers:
+        y, leaves = run(name)
+        results.append((y, *torch.autograd.grad(y, leaves, torch.cos(y.detach()))))
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(*results))
